@@ -1,0 +1,26 @@
+"""lbm-registry: registry-backed LoRA tooling for LBM (Latent Bridge Matching) models.
+
+Heavy modules (torch, diffusers, mlflow) are imported lazily so that the CLI answers fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lbm_registry.lbm.pipeline import LBMPipeline
+
+
+def load(ref: str, **kwargs: Any) -> LBMPipeline:
+    """Resolve ``ref`` (e.g. ``"relight-v3@latest"``) and return a ready image pipeline.
+
+    See :func:`lbm_registry.api.infer.load` for the keyword arguments.
+    """
+    from lbm_registry.api.infer import load as _load
+
+    return _load(ref, **kwargs)
+
+
+__all__ = ["__version__", "load"]

@@ -1,0 +1,94 @@
+"""Create the exact LBM base checkpoint (optionally registering it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lbm_registry.registry.settings import WorkspaceSettings
+
+
+def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae: str | Path | None = None,
+                seed: int = 0, dtype: str = "fp32", output: str | Path | None = None,
+                register: str | None = None, settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """Build the exact base and write it to ``output`` and/or register it as ``register``.
+
+    Without ``sdxl_unet`` the denoiser is a seeded random init (tests, demo). Without ``vae`` the
+    VAE is a seeded random init too. Returns counts of copied/sliced/padded/dropped tensors.
+    """
+    import tempfile
+
+    import torch
+
+    from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
+    from lbm_registry.lbm.config import load_config
+    from lbm_registry.lbm.exact_base import BaseReport, adapt_sdxl_unet, read_sdxl_unet
+    from lbm_registry.lbm.loading import save_lbm
+    from lbm_registry.lbm.model import DENOISER_PREFIX, build_model, pick_dtype
+
+    cfg = load_config(config)
+    if register:
+        from lbm_registry.api.registry import validate_name
+
+        validate_name(register)
+    model = build_model(cfg, seed=seed)
+    report = BaseReport()
+    target = {k: tuple(v.shape) for k, v in model.denoiser.state_dict().items()}
+    if sdxl_unet is not None:
+        sdxl = read_sdxl_unet(sdxl_unet)
+        for k, t in sdxl.items():
+            check_finite(k, t, sdxl_unet)
+        adapted, report = adapt_sdxl_unet(sdxl, target, str(sdxl_unet))
+        model.denoiser.load_state_dict(adapted, strict=True)
+    else:
+        report.initialised.extend(DENOISER_PREFIX + k for k in target)
+    if vae is not None:
+        from lbm_registry.lbm.checkpoint import check_architecture
+
+        reader = CheckpointReader(vae)
+        sd = reader.state_dict()
+        for prefix in ("vae.vae_model.", "vae."):
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                break
+        want = {k: tuple(v.shape) for k, v in model.vae.vae_model.state_dict().items()}
+        check_architecture({k: tuple(v.shape) for k, v in sd.items()}, want, vae, "AutoencoderKL VAE")
+        model.vae.vae_model.load_state_dict(sd, strict=True)
+        report.copied.extend("vae.vae_model." + k for k in sd)
+    else:
+        report.initialised.extend("vae.vae_model." + k for k in model.vae.vae_model.state_dict())
+
+    store_dtype = pick_dtype(dtype, torch.device("cpu"))
+    meta = {"lbm_registry_base": "exact", "seed": str(seed),
+            "sdxl_unet": str(sdxl_unet or ""), "base_report": str(report.summary())}
+    if output is not None:
+        out_path = save_lbm(model, output, dtype=store_dtype, metadata=meta)
+    else:
+        tmpdir = Path(tempfile.mkdtemp(prefix="lbm-base-"))
+        out_path = save_lbm(model, tmpdir / f"{register}.safetensors", dtype=store_dtype, metadata=meta)
+
+    examples = {
+        "copied": [k for k in report.copied[:3]],
+        "sliced": [f"{k} {a}->{b}" for k, a, b in report.sliced],
+        "padded": [f"{k} {a}->{b}" for k, a, b in report.padded],
+        "dropped": list(report.dropped),
+        "initialised": report.initialised[:3],
+    }
+    result: dict[str, Any] = {"path": str(out_path), "size": out_path.stat().st_size,
+                              "counts": report.summary(), "examples": examples, "config": cfg.name}
+    if register:
+        from lbm_registry.api.registry import register_asset
+
+        asset = register_asset(out_path, name=register, kind="base", settings=settings or WorkspaceSettings.resolve(),
+                               config=cfg.to_dict(), facts={"base_report": report.summary(), "seed": seed,
+                                                            "sdxl_unet": str(sdxl_unet or "")})
+        result.update(ref=f"{asset.name}@{asset.version}", sha256=asset.sha256)
+        if output is None:
+            out_path.unlink(missing_ok=True)
+            out_path.parent.rmdir()
+            result["path"] = str(asset.path)
+    else:
+        from lbm_registry.registry.blobs import sha256_file
+
+        result["sha256"] = sha256_file(out_path)
+    return result

@@ -1,0 +1,1 @@
+"""The ``lbm-reg`` command line. Modules here only parse and render; work happens in ``api``."""

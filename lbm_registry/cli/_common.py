@@ -1,0 +1,52 @@
+"""Shared CLI plumbing: the Rich console, workspace settings, JSON output, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import typer
+
+from lbm_registry.registry.settings import WorkspaceSettings
+
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+
+
+def console(stderr: bool = False):  # -> rich.console.Console
+    """A Rich console (imported lazily: rich costs ~50 ms)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def settings(ctx: typer.Context) -> WorkspaceSettings:
+    """The workspace chosen by the global ``--home/--catalog-url/--tracking-uri`` options."""
+    obj = ctx.find_root().obj
+    if isinstance(obj, WorkspaceSettings):
+        return obj
+    return WorkspaceSettings.resolve()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str, sort_keys=False) + "\n")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One clear line on stderr, non-zero exit."""
+    from rich.markup import escape
+
+    console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def not_implemented(what: str) -> NoReturn:
+    fail(f"'{what}' is not implemented yet")

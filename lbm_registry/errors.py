@@ -1,0 +1,44 @@
+"""Exception types. Every user-facing failure is an :class:`LBMError` with a one-line message.
+
+The CLI prints ``error: <message>`` and exits non-zero for these; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LBMError(Exception):
+    """Base class for expected, user-facing errors (bad input, unknown reference...)."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(super().__str__().split())
+
+
+class ConfigError(LBMError):
+    """A YAML config is missing, malformed, or has unknown/wrong fields."""
+
+
+class CheckpointError(LBMError):
+    """A weight file is missing, truncated, not safetensors, a pickle, or has NaN/Inf."""
+
+
+class ArchitectureError(LBMError):
+    """A checkpoint does not match the expected LBM architecture (keys or shapes)."""
+
+
+class LoRAError(LBMError):
+    """A LoRA file is malformed, targets unknown layers, or was made for another base."""
+
+
+class RefError(LBMError):
+    """An asset reference (name, version, alias, hash) cannot be resolved."""
+
+
+class RegistryError(LBMError):
+    """The catalog, MLflow or the blob store refused an operation."""
+
+
+class DataError(LBMError):
+    """A dataset shard or image cannot be read."""

@@ -1,0 +1,1 @@
+"""The LBM model: config, construction, checkpoint IO, exact base, sampler, imaging."""

@@ -1,0 +1,237 @@
+"""Checkpoint IO: streaming safetensors reads, safe Lightning ``.ckpt`` loading, atomic writes.
+
+Why streaming: an LBM checkpoint is ~5 GB; extraction and validation read one tensor at a
+time from a memory-mapped file instead of materialising whole models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lbm_registry.errors import ArchitectureError, CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DROP_PREFIXES = ("lpips_loss.",)
+
+
+def _check_safetensors_header(path: Path) -> dict[str, Any]:
+    """Validate the header and that the file is as long as the header says (catches truncation)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (too short, {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header at {key!r}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})"
+        )
+    return header
+
+
+class CheckpointReader:
+    """Read-only, tensor-by-tensor view of a checkpoint.
+
+    safetensors files are memory-mapped (nothing is loaded until ``get``). Lightning ``.ckpt``
+    files are opened with ``torch.load(weights_only=True, mmap=True)``: a pickle that needs
+    arbitrary code is refused. ``model.`` prefixes are stripped and ``lpips_loss.*`` dropped.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"file not found: {self.path}")
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a directory, expected a weight file")
+        self.metadata: dict[str, str] = {}
+        self._st = None
+        self._sd: dict[str, torch.Tensor] | None = None
+        self._rename: dict[str, str] = {}
+        if self.path.suffix in CKPT_SUFFIXES:
+            self._open_ckpt()
+        else:
+            self._open_safetensors()
+
+    # -- opening ---------------------------------------------------------------------------
+    def _open_safetensors(self) -> None:
+        from safetensors import safe_open
+
+        header = _check_safetensors_header(self.path)
+        self.metadata = dict(header.get("__metadata__") or {})
+        try:
+            self._st = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{self.path}: unreadable safetensors file ({exc})") from None
+        self._rename = self._normalise(self._st.keys())
+
+    def _open_ckpt(self) -> None:
+        import pickle
+
+        try:
+            obj = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "weights_only" in str(exc) or "Unsupported" in str(exc) or isinstance(exc, pickle.UnpicklingError):
+                raise CheckpointError(
+                    f"{self.path}: refusing a pickle checkpoint that needs arbitrary code "
+                    "(only weights_only loading is allowed; convert it to .safetensors)"
+                ) from None
+            raise CheckpointError(f"{self.path}: unreadable checkpoint ({first})") from None
+        except EOFError:
+            raise CheckpointError(f"{self.path}: truncated checkpoint") from None
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{self.path}: not a state dict of tensors")
+        self._sd = sd
+        self._rename = self._normalise(sd.keys())
+
+    @staticmethod
+    def _normalise(keys: Iterable[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for k in keys:
+            name = k[len("model."):] if k.startswith("model.") else k
+            if name.startswith(DROP_PREFIXES):
+                continue
+            out[name] = k
+        return out
+
+    # -- access ----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._rename)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rename
+
+    def __len__(self) -> int:
+        return len(self._rename)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raw = self._rename[key]
+        if self._st is not None:
+            return tuple(self._st.get_slice(raw).get_shape())
+        return tuple(self._sd[raw].shape)
+
+    def dtype_name(self, key: str) -> str:
+        raw = self._rename[key]
+        if self._st is not None:
+            return str(self._st.get_slice(raw).get_dtype())
+        return str(self._sd[raw].dtype).replace("torch.", "")
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            raw = self._rename[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: missing key {key!r}") from None
+        if self._st is not None:
+            return self._st.get_tensor(raw)
+        return self._sd[raw]
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self._rename:
+            if k.startswith(prefix):
+                yield k, self.get(k)
+
+    def state_dict(self, prefix: str = "", strip: bool = False) -> dict[str, torch.Tensor]:
+        """Materialise (lazily mmapped for safetensors) the tensors under ``prefix``."""
+        n = len(prefix) if strip else 0
+        return {k[n:]: v for k, v in self.items(prefix)}
+
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        return {k: self.shape(k) for k in self._rename if k.startswith(prefix)}
+
+    def close(self) -> None:
+        self._st = None
+        self._sd = None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    return CheckpointReader(path)
+
+
+def check_finite(name: str, tensor: torch.Tensor, source: str | Path) -> None:
+    """NaN/Inf weights are refused with the first bad key named."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{source}: tensor {name!r} contains NaN or Inf")
+
+
+def check_architecture(actual: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                       source: str | Path, what: str = "LBM checkpoint",
+                       allow_missing: Iterable[str] = ()) -> None:
+    """Strict key and shape check. The message names the first wrong keys."""
+    allow = set(allow_missing)
+    missing = [k for k in expected if k not in actual and k not in allow]
+    unexpected = [k for k in actual if k not in expected]
+    wrong = [k for k in expected if k in actual and tuple(actual[k]) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(actual[k])} vs {tuple(expected[k])})")
+    if not any(k in actual for k in expected):
+        raise ArchitectureError(f"{source}: not an {what} (none of its {len(expected)} keys found)")
+    raise ArchitectureError(f"{source}: does not match the {what} architecture: " + "; ".join(parts))
+
+
+@contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to ``dest``; rename onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], dest: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically (temp file + fsync + rename)."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(dest) as tmp:
+        save_file(clean, str(tmp), metadata=dict(metadata or {}))
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+    return dest

@@ -1,0 +1,91 @@
+"""Image IO and LBM's aspect buckets.
+
+Upstream LBM resizes inputs to the nearest of 11 ~1 MP aspect buckets; it forgets to resize
+the output back, we don't. Any PIL-readable bytes are accepted whatever the extension says.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lbm_registry.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+# (height, width) at base resolution 1024.
+BUCKETS_1024: tuple[tuple[int, int], ...] = (
+    (512, 2048), (1024, 1024), (2048, 512), (896, 1152), (1152, 896),
+    (512, 1920), (1920, 512), (640, 1536), (1536, 640), (768, 1280), (1280, 768),
+)
+
+
+def buckets(base_resolution: int = 1024, multiple: int = 32) -> list[tuple[int, int]]:
+    """The 11 buckets scaled to ``base_resolution``, sides rounded to ``multiple``."""
+    scale = base_resolution / 1024
+    out = []
+    for h, w in BUCKETS_1024:
+        out.append((max(multiple, round(h * scale / multiple) * multiple),
+                    max(multiple, round(w * scale / multiple) * multiple)))
+    return out
+
+
+def nearest_bucket(height: int, width: int, base_resolution: int = 1024, multiple: int = 32) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (ties: the first listed)."""
+    ratio = width / height
+    return min(buckets(base_resolution, multiple), key=lambda hw: abs(hw[1] / hw[0] - ratio))
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open any PIL-readable image (content sniffed, not the extension), honour EXIF
+    orientation, convert RGBA/grayscale/palette to RGB (alpha composited on white)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        with fh:
+            img = Image.open(fh)
+            img.load()
+    except FileNotFoundError:
+        raise DataError(f"image not found: {name}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"unreadable image {name}: {exc}") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img, mask=img.split()[-1])
+        return bg
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float in [-1, 1], resized (bicubic) to ``size`` = (h, w)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if size is not None and (img.height, img.width) != tuple(size):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def to_pil(tensor: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
+    """(1|3, H, W) or (1, 3, H, W) in [-1, 1] -> PIL RGB, resized back to ``size`` = (h, w)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    t = tensor.detach().float().cpu()
+    if t.ndim == 4:
+        t = t[0]
+    arr = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).numpy()))
+    if size is not None and (img.height, img.width) != tuple(size):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    return img

@@ -1,0 +1,165 @@
+"""Build the LBM model (denoiser, VAE, scheduler) from a config, with no network access.
+
+The module tree reproduces upstream LBM's state-dict layout exactly: ``denoiser.*`` is a
+diffusers ``UNet2DConditionModel``, ``vae.vae_model.*`` a diffusers ``AutoencoderKL``, and
+``num_iterations`` a scalar buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lbm_registry.lbm.config import LBMConfig
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+
+DENOISER_PREFIX = "denoiser."
+VAE_PREFIX = "vae.vae_model."
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def build_denoiser(config: LBMConfig) -> UNet2DConditionModel:
+    """The denoiser UNet, randomly initialised by diffusers (seed with ``torch.manual_seed``)."""
+    from diffusers import UNet2DConditionModel
+
+    with _quiet_diffusers():
+        return UNet2DConditionModel(**config.denoiser.diffusers_kwargs())
+
+
+def build_vae(config: LBMConfig) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    with _quiet_diffusers():
+        return AutoencoderKL(**config.vae.diffusers_kwargs())
+
+
+def build_scheduler(config: LBMConfig) -> FlowMatchEulerDiscreteScheduler:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with _quiet_diffusers():
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=config.scheduler.num_train_timesteps, shift=config.scheduler.shift
+        )
+
+
+class VAEWrapper(nn.Module):
+    """Holds the ``AutoencoderKL`` under ``vae_model`` like upstream, and does the scaling."""
+
+    def __init__(self, vae: AutoencoderKL, scaling_factor: float) -> None:
+        super().__init__()
+        self.vae_model = vae
+        self.scaling_factor = scaling_factor
+
+    def encode(self, images: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (the latent mean unless ``sample``)."""
+        dist = self.vae_model.encode(images).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return z * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae_model.decode(latents / self.scaling_factor).sample
+
+
+class LBMModel(nn.Module):
+    """Denoiser + VAE + scheduler. ``velocity`` is the only network call of the bridge."""
+
+    def __init__(self, config: LBMConfig, denoiser: nn.Module, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.config = config
+        self.denoiser = denoiser
+        self.vae = VAEWrapper(vae, config.vae.scaling_factor)
+        self.register_buffer("num_iterations", torch.zeros((), dtype=torch.int64))
+        self.scheduler = build_scheduler(config)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Bridge time ``sigma`` in [0, 1] -> the denoiser's timestep (sigma * T)."""
+        return sigma * self.config.scheduler.num_train_timesteps
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor,
+                 conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """v = denoiser(x, t). No encoder_hidden_states: attn2 acts as a second self-attention."""
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        inp = x if conditioning is None else torch.cat([x, conditioning], dim=1)
+        t = self.timestep(sigma).to(x.dtype)
+        return self.denoiser(inp, t, encoder_hidden_states=None).sample
+
+
+def build_model(config: LBMConfig, *, device: str | torch.device = "cpu", meta: bool = False,
+                seed: int | None = None) -> LBMModel:
+    """Build an LBM model from config.
+
+    ``meta=True`` builds on the meta device: no memory is allocated, so the full
+    2.4 B-parameter model can be inspected anywhere. ``seed`` makes the random init reproducible.
+    """
+    if meta:
+        with torch.device("meta"):
+            return LBMModel(config, build_denoiser(config), build_vae(config))
+    gen_state = None
+    if seed is not None:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+    try:
+        model = LBMModel(config, build_denoiser(config), build_vae(config))
+    finally:
+        if gen_state is not None:
+            torch.random.set_rng_state(gen_state)
+    return model.to(device)
+
+
+def weight_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The LoRA-able layers: every Linear/Conv2d whose ``.weight`` has ndim >= 2, by module name."""
+    return {
+        name: m for name, m in module.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.ndim >= 2
+    }
+
+
+def expected_shapes(config: LBMConfig) -> dict[str, tuple[int, ...]]:
+    """Full state-dict key -> shape of the model this config builds (computed on meta)."""
+    model = build_model(config, meta=True)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def denoiser_weight_layer_shapes(config: LBMConfig) -> dict[str, tuple[int, ...]]:
+    """Denoiser module name (no prefix) -> weight shape, for every LoRA-able layer."""
+    model = build_model(config, meta=True)
+    return {name: tuple(m.weight.shape) for name, m in weight_layers(model.denoiser).items()}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on GPU, fp32 on CPU."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        from lbm_registry.errors import ConfigError
+
+        raise ConfigError(f"unknown dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+    return table[dtype]

@@ -1,0 +1,4 @@
+"""Bookkeeping: workspace, catalog (SQLAlchemy), tracking (MLflow), references, blobs.
+
+Nothing in this package imports torch.
+"""
