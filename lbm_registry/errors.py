@@ -42,3 +42,7 @@ class RegistryError(LBMError):
 
 class DataError(LBMError):
     """A dataset shard or image cannot be read."""
+
+
+class TrainingError(LBMError):
+    """Training cannot start or continue (nothing to train, non-finite loss, no checkpoint to resume)."""

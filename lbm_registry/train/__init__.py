@@ -1,0 +1,1 @@
+"""Training: config, webdataset data, LoRA injection, objective, loop, synthetic data."""
