@@ -1,19 +1,41 @@
-"""Registry commands: init, import, list, show, lineage, alias, doctor, gc, ui."""
+"""Registry commands: init, import, list, show, lineage, alias, doctor, gc, ui.
+
+Parse, call :mod:`lbm_registry.api.registry`, render (Rich tables/trees or ``--json``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, not_implemented
+from lbm_registry.cli._common import JSON_OPTION, console, human_size, print_json, settings
 
-alias_app = typer.Typer(help="Manage aliases (e.g. prod, staging).", no_args_is_help=True)
+alias_app = typer.Typer(help="Manage aliases: movable names such as prod or staging.", no_args_is_help=True)
 
 
-def init(ctx: typer.Context) -> None:
+def _short(sha: str | None, n: int = 12) -> str:
+    return (sha or "")[:n]
+
+
+def _num(v: Any, fmt: str = "{:.4g}") -> str:
+    return "" if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
+
+
+def init(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Create (or upgrade) the workspace: catalog, MLflow DB, blob store."""
-    not_implemented("init")
+    from lbm_registry.api.registry import init_workspace
+
+    info = init_workspace(settings(ctx))
+    if as_json:
+        print_json(info)
+        return
+    con = console()
+    con.print(f"[green]workspace ready[/] {info['home']}")
+    con.print(f"  catalog   {info['catalog']} (schema {info['schema']})")
+    con.print(f"  mlflow    {info['tracking_uri']} (experiment lbm-registry, id {info['experiment_id']})")
+    con.print(f"  blobs     {info['blobs']}")
 
 
 def import_(
@@ -25,51 +47,239 @@ def import_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Register an existing full LBM checkpoint as a base or model."""
-    not_implemented("import")
+    from lbm_registry.api.registry import import_model
+
+    with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):
+        asset = import_model(file, name=name, kind=kind, settings=settings(ctx), config=config)
+    if as_json:
+        print_json({"ref": asset.ref, "kind": asset.kind, "sha256": asset.sha256, "path": str(asset.path),
+                    "size": asset.facts.get("size"), "dtype": asset.facts.get("dtype")})
+        return
+    console().print(f"[green]registered[/] {asset.ref} ({asset.kind}, {human_size(asset.facts.get('size', 0))}, "
+                    f"{asset.facts.get('dtype') or '?'}, sha256 {_short(asset.sha256)})")
 
 
 def list_(ctx: typer.Context, kind: str | None = typer.Option(None, "--kind", help="base, model or lora."),
           as_json: bool = JSON_OPTION) -> None:
     """List assets and their latest versions."""
-    not_implemented("list")
+    from lbm_registry.api.registry import list_assets
+
+    rows = list_assets(settings(ctx), kind)
+    if as_json:
+        print_json(rows)
+        return
+    con = console()
+    if not rows:
+        con.print(f"no assets in {settings(ctx).home}" + (f" of kind {kind}" if kind else ""))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"assets in {settings(ctx).home}", title_justify="left")
+    for col, just in (("name", "left"), ("kind", "left"), ("latest", "right"), ("versions", "right"),
+                      ("size", "right"), ("dtype", "left"), ("rank", "left"), ("mean err", "right"),
+                      ("aliases", "left"), ("sha256", "left"), ("created", "left")):
+        t.add_column(col, justify=just, no_wrap=col in ("name", "sha256"))
+    for r in rows:
+        rank = ""
+        if r["kind"] == "lora":
+            rank = "/".join(str(x) for x in (r["rank"], r["conv_rank"]) if x is not None) or (r["policy"] or "")
+        aliases = ", ".join(f"{a}→{n}" for a, n in r["aliases"].items())
+        t.add_row(r["name"], r["kind"], str(r["latest"]), str(r["versions"]), human_size(r["size"]),
+                  r["dtype"] or "", rank, _num(r["mean_error"]), aliases, _short(r["sha256"]),
+                  (r["created_at"] or "")[:16].replace("T", " "))
+    con.print(t)
 
 
 def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
     """All facts of one version: hashes, ranks, errors, lineage, aliases."""
-    not_implemented("show")
+    from lbm_registry.api.registry import show as api_show
+
+    info = api_show(ref, settings(ctx))
+    if as_json:
+        print_json(info)
+        return
+    from rich.table import Table
+
+    con = console()
+    t = Table(show_header=False, title=info["ref"], title_justify="left", box=None, padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    if info["kind"] == "file":
+        for k in ("kind", "path", "sha256", "dtype"):
+            t.add_row(k, str(info.get(k) or ""))
+        t.add_row("size", human_size(info["size"]))
+        con.print(t)
+        return
+    t.add_row("kind", info["kind"])
+    t.add_row("sha256", info["sha256"])
+    t.add_row("size", f"{human_size(info['size'])} ({info['size']:,} bytes)")
+    t.add_row("dtype", info["dtype"] or "?")
+    t.add_row("created", f"{info['created_at']} (lbm-registry {info['tool_version']})")
+    t.add_row("blob", info["path"] + ("" if info["integrity"] == "ok" else f"  [red]{info['integrity'].upper()}[/]"))
+    t.add_row("versions", ", ".join(str(v) for v in info["versions"]))
+    if info["asset_aliases"]:
+        t.add_row("aliases", ", ".join(f"{a}→{n}" for a, n in info["asset_aliases"].items()))
+    ml = info["mlflow"]
+    t.add_row("mlflow", f"model version {ml['model_version']}, run {ml['run_id']}")
+    lin = info["lineage"]
+    for role in ("base", "tuned", "parent"):
+        if role in lin:
+            e = lin[role]
+            t.add_row(role, f"{e['ref'] or '(unregistered)'}  sha256 {_short(e['sha256'])}")
+    if lin.get("datasets"):
+        t.add_row("datasets", f"{len(lin['datasets'])} shard(s): " +
+                  ", ".join(Path(d['path'] or '?').name for d in lin["datasets"][:4]))
+    if info["descendants"]:
+        t.add_row("used by", ", ".join(f"{d['ref']} ({d['role']})" for d in info["descendants"][:8]))
+    skip = {"size", "dtype", "base_sha256", "tuned_sha256", "parent_sha256", "training_config"}
+    for k, v in info["facts"].items():
+        if k in skip:
+            continue
+        if isinstance(v, list) and len(v) > 6:
+            v = f"[{len(v)} items]"
+        t.add_row(k, _num(v) if not isinstance(v, dict) else ", ".join(f"{a}={_num(b)}" for a, b in v.items()))
+    for k, v in info["tags"].items():
+        t.add_row(f"tag {k}", v)
+    con.print(t)
+    layers = info["layers"]
+    if layers:
+        worst = sorted((r for r in layers if r["rel_error"] is not None), key=lambda r: -r["rel_error"])[:5]
+        lt = Table(title=f"{len(layers)} layers; worst relative errors", title_justify="left")
+        for col in ("module", "kind", "shape", "rank", "rel_error", "energy"):
+            lt.add_column(col, justify="right" if col in ("rank", "rel_error", "energy") else "left")
+        for r in worst:
+            lt.add_row(r["module"], r["kind"] or "", r["shape"] or "", _num(r["rank"]), _num(r["rel_error"]),
+                       _num(r["energy"]))
+        con.print(lt)
+
+
+def _tree_label(node: dict[str, Any], role: str | None = None) -> str:
+    from rich.markup import escape
+
+    prefix = f"[dim]{role}:[/] " if role else ""
+    if node.get("name"):
+        return f"{prefix}[bold]{escape(node['ref'])}[/] ({node['kind']}) [dim]{_short(node.get('sha256'))}[/]"
+    what = node.get("path") or node.get("ref") or "?"
+    return f"{prefix}{escape(str(what))} [dim](unregistered) {_short(node.get('sha256'))}[/]"
 
 
 def lineage(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
     """The lineage tree: up to the base, down to descendants."""
-    not_implemented("lineage")
+    from lbm_registry.api.registry import lineage_tree
+
+    tree = lineage_tree(ref, settings(ctx))
+    if as_json:
+        print_json(tree)
+        return
+    from rich.tree import Tree
+
+    root = Tree(_tree_label(tree["node"]))
+    if tree["up"]:
+        up = root.add("[cyan]made from[/]")
+
+        def add_up(parent: Any, items: list[dict[str, Any]]) -> None:
+            for it in items:
+                add_up(parent.add(_tree_label(it, it["role"])), it.get("up") or [])
+
+        add_up(up, tree["up"])
+    if tree["down"]:
+        down = root.add("[magenta]descendants[/]")
+
+        def add_down(parent: Any, items: list[dict[str, Any]]) -> None:
+            for it in items:
+                add_down(parent.add(_tree_label(it, f"as {it['role']}")), it.get("down") or [])
+
+        add_down(down, tree["down"])
+    console().print(root)
 
 
 @alias_app.command("set")
 def alias_set(ctx: typer.Context, ref: str = typer.Argument(...), alias: str = typer.Argument(...)) -> None:
     """Point ALIAS at the version REF resolves to."""
-    not_implemented("alias set")
+    from lbm_registry.api.registry import set_alias
+
+    r = set_alias(ref, alias, settings(ctx))
+    moved = f" (was {r['name']}@{r['previous']})" if r["previous"] not in (None, r["version"]) else ""
+    console().print(f"{r['name']}@{r['alias']} → {r['name']}@{r['version']}{moved}")
 
 
 @alias_app.command("rm")
 def alias_rm(ctx: typer.Context, name: str = typer.Argument(...), alias: str = typer.Argument(...)) -> None:
     """Remove an alias."""
-    not_implemented("alias rm")
+    from lbm_registry.api.registry import remove_alias
+
+    r = remove_alias(name, alias, settings(ctx))
+    console().print(f"removed {r['name']}@{r['alias']} (pointed at {r['name']}@{r['version']})")
+
+
+def _render_report(report: dict[str, Any], title: str) -> None:
+    from rich.table import Table
+
+    con = console()
+    if not report["issues"]:
+        con.print(f"[green]{title}: no problems[/] ({report['home']})")
+        return
+    t = Table(title=f"{title}: {report['home']}", title_justify="left")
+    for col in ("problem", "subject", "detail", "action"):
+        t.add_column(col, overflow="fold")
+    for i in report["issues"]:
+        action = i["action"] or ("" if report["repair"] else "run with --repair")
+        style = "green" if i["fixed"] else "red"
+        t.add_row(f"[{style}]{i['kind']}[/]", i["subject"], i["detail"], action)
+    con.print(t)
+    con.print(f"{report['fixed']} fixed, {report['remaining']} remaining")
 
 
 def doctor(ctx: typer.Context, repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed."),
            as_json: bool = JSON_OPTION) -> None:
-    """Find drift between catalog, MLflow and blobs."""
-    not_implemented("doctor")
+    """Find drift between catalog, MLflow and blobs (exit 1 while problems remain)."""
+    from lbm_registry.api.registry import doctor as api_doctor
+
+    if as_json:
+        report = api_doctor(settings(ctx), repair=repair)
+        print_json(report)
+    else:
+        from rich.progress import Progress
+
+        with Progress(console=console(stderr=True), transient=True) as bar:
+            task = bar.add_task("checking", total=None)
+
+            def progress(what: str, done: int, total: int) -> None:
+                bar.update(task, description=what, completed=done, total=total or None)
+
+            report = api_doctor(settings(ctx), repair=repair, progress=progress)
+        _render_report(report, "doctor")
+    if report["remaining"]:
+        raise typer.Exit(1)
 
 
-def gc(ctx: typer.Context) -> None:
+def gc(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Remove unreferenced blobs and failed registrations."""
-    not_implemented("gc")
+    from lbm_registry.api.registry import gc as api_gc
+
+    report = api_gc(settings(ctx))
+    if as_json:
+        print_json(report)
+        return
+    if not report["issues"]:
+        console().print("[green]gc: nothing to remove[/]")
+        return
+    _render_report(report, "gc")
 
 
 def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(5000, "--port")) -> None:
     """Start the MLflow UI on this workspace."""
-    not_implemented("ui")
+    import os
+    import sys
+
+    from lbm_registry.api.registry import ui_command
+
+    cmd = ui_command(settings(ctx), host=host, port=port)
+    console(stderr=True).print(f"MLflow UI for {settings(ctx).home} at http://{host}:{port} (Ctrl-C to stop)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the server (no wrapper process): signals reach it directly, nothing is orphaned.
+    os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,351 @@
+"""Facade over the registry used by every other API module and by the CLI (contract).
+
+    resolve(ref, settings=None, kinds=None, relative_to=None) -> ResolvedAsset
+    register_asset(path, *, name, kind, settings, config=None, facts=None, lineage=None,
+                   params=None, metrics=None, artifacts=None, tags=None) -> ResolvedAsset
+    update_facts(asset, facts, settings, metrics=None, artifacts=None) -> None
+    validate_name(name) -> None
+    list_assets(settings, kind=None) -> list[dict]
+    show(ref, settings) -> dict
+    lineage_tree(ref, settings) -> dict
+    layer_table(asset, settings) -> list[dict]
+    set_alias(ref, alias, settings) -> dict / remove_alias(name, alias, settings) -> dict
+    import_model(path, *, name, kind, settings, config=None) -> ResolvedAsset
+    init_workspace(settings) -> dict / doctor(settings, repair=False) -> dict / gc(settings) -> dict
+
+Each call opens the workspace, does its work and closes it again (no global state). Nothing
+here imports torch, except :func:`import_model`, lazily, to verify the checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lbm_registry.errors import RefError, RegistryError
+from lbm_registry.registry.settings import WorkspaceSettings
+
+
+@dataclass
+class ResolvedAsset:
+    """What a reference points at. ``kind`` is base|model|lora, or ``file`` for an unregistered path.
+
+    For registered versions ``path`` is the (read-only) blob, ``ref`` is canonical ``name@N``,
+    ``facts`` includes ``base_sha256``/``tuned_sha256`` when known, ``size``, ``dtype``,
+    ``created_at`` and, for LoRAs, ``layers`` (the per-layer table), and ``lineage`` has
+    ``{"base"|"tuned"|"parent": {"sha256", "ref", "registered"}, "datasets": [...],
+    "training_config": {...}}`` for what is recorded.
+    """
+
+    ref: str
+    path: Path
+    sha256: str
+    kind: str
+    name: str | None = None
+    version: int | None = None
+    config: dict[str, Any] | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}" if self.name else str(self.path)
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSIONISH_RE = re.compile(r"[vV]?\d+")
+
+
+def validate_name(name: str) -> None:
+    """Names are path- and URL-safe, and never look like a version (``v2``, ``12``), which
+    would be ambiguous in ``compare A v2``."""
+    if not _NAME_RE.fullmatch(name or ""):
+        raise RegistryError(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' (max 128)")
+    if _VERSIONISH_RE.fullmatch(name):
+        raise RegistryError(f"invalid name {name!r}: it looks like a version number")
+
+
+def _settings(settings: WorkspaceSettings | None) -> WorkspaceSettings:
+    return settings if settings is not None else WorkspaceSettings.resolve()
+
+
+def _to_asset(ws: Any, rec: Any) -> ResolvedAsset:
+    from lbm_registry.registry import catalog, refs, views
+
+    path = refs.check_blob(ws, rec)
+    edges = catalog.edges(ws.db, rec.id)
+    lora = catalog.lora_facts(ws.db, rec.id)
+    facts = views.facts_of(rec, edges, lora)
+    facts.setdefault("created_at", views.iso(rec.created_at))
+    if rec.kind == "lora":
+        facts["layers"] = catalog.layers(ws.db, rec.id)
+    return ResolvedAsset(ref=rec.ref, path=path, sha256=rec.sha256, kind=rec.kind, name=rec.name,
+                         version=rec.number, config=rec.config, facts=facts,
+                         lineage=views.lineage_of(edges, rec.facts))
+
+
+def _check_kind(asset: ResolvedAsset, ref: str, kinds: tuple[str, ...] | None) -> ResolvedAsset:
+    if kinds and asset.kind != "file" and asset.kind not in kinds:
+        raise RefError(f"{ref} is a {asset.kind} ({asset.ref}), expected a {' or '.join(kinds)}")
+    return asset
+
+
+def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[str, ...] | None = None,
+            relative_to: ResolvedAsset | None = None) -> ResolvedAsset:
+    """Resolve a reference (see DESIGN.md "References") to a readable weight file.
+
+    ``relative_to``: a bare ``vN``/``N`` means version N of that asset (``compare A v2``);
+    without it, of the only LoRA asset. Registered blobs are size-checked and refused when
+    doctor found them damaged. Unregistered files are hashed (cached by path/size/mtime).
+    """
+    from lbm_registry.registry import refs
+    from lbm_registry.registry.workspace import Workspace
+
+    ws = Workspace.open_existing(_settings(settings))
+    try:
+        rel = relative_to.name if relative_to is not None and relative_to.kind != "file" else None
+        res = refs.resolve(ws, str(ref), relative_to=rel)
+        if res.record is not None:
+            return _check_kind(_to_asset(ws, res.record), str(ref), kinds)
+        size = res.path.stat().st_size
+        from lbm_registry.registry.blobs import sniff_dtype
+
+        facts = {"size": size}
+        dtype = sniff_dtype(res.path)
+        if dtype:
+            facts["dtype"] = dtype
+        return ResolvedAsset(ref=res.ref, path=res.path, sha256=res.sha256, kind="file", facts=facts)
+    finally:
+        if ws is not None:
+            ws.close()
+
+
+def register_asset(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings,
+                   config: dict[str, Any] | None = None, facts: Mapping[str, Any] | None = None,
+                   lineage: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
+                   metrics: Mapping[str, Any] | None = None, artifacts: Any = None,
+                   tags: Mapping[str, Any] | None = None) -> ResolvedAsset:
+    """Register ``path`` as the next version of ``name`` (all-or-nothing; see registry/register.py).
+
+    kind ``lora``: ``facts`` has rank, conv_rank, policy, alpha, dtype, mean_error, max_error,
+    optional functional_error, ``layers`` (list of {module, kind, shape, rank, rel_error,
+    energy}) and ``skipped``; ``lineage`` must have ``base``. ``lineage`` values for base/tuned/
+    parent are a ResolvedAsset, a sha256 string or a reference; ``datasets`` is a list of
+    {"path", "sha256"}; ``training_config`` a dict. ``artifacts``: {artifact path: file} or a
+    list of files, logged to the MLflow run next to the weights.
+    """
+    from lbm_registry.registry.register import register
+    from lbm_registry.registry.workspace import Workspace
+
+    validate_name(name)
+    with Workspace.open(_settings(settings)) as ws:
+        rec = register(ws, path, name=name, kind=kind, config=config, facts=facts, lineage=lineage,
+                       params=params, metrics=metrics, artifacts=artifacts, tags=tags)
+        return _to_asset(ws, rec)
+
+
+def update_facts(asset: ResolvedAsset, facts: Mapping[str, Any], settings: WorkspaceSettings | None = None,
+                 metrics: Mapping[str, Any] | None = None, artifacts: Any = None) -> None:
+    """Merge ``facts`` (e.g. validation results) into a registered version.
+
+    Top-level numeric facts and ``metrics`` are logged as metrics on the version's MLflow run,
+    ``artifacts`` are added to it, the catalog facts are merged (LoRA summary columns such as
+    ``functional_error`` follow; a ``layers`` list replaces the per-layer table) and an event is
+    appended to the log. ``asset.facts`` is updated in place too.
+    """
+    from lbm_registry.registry.register import update_version_facts
+    from lbm_registry.registry.workspace import Workspace
+
+    if asset.kind == "file" or not asset.name or asset.version is None:
+        raise RegistryError(f"{asset.ref} is not a registered version: register it first to record facts")
+    with Workspace.open(_settings(settings)) as ws:
+        new = update_version_facts(ws, asset.name, asset.version, facts, metrics=metrics, artifacts=artifacts)
+    asset.facts.update(new)
+
+
+def list_assets(settings: WorkspaceSettings | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+    """Every asset with its latest ready version (name, kind, latest, versions, sha256, size,
+    dtype, created_at, aliases, and LoRA rank/policy/mean_error)."""
+    from lbm_registry.registry import views
+    from lbm_registry.registry.catalog import KINDS
+    from lbm_registry.registry.workspace import Workspace
+
+    if kind is not None and kind not in KINDS:
+        raise RegistryError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
+    ws = Workspace.open_existing(_settings(settings))
+    try:
+        return views.list_assets(ws, kind)
+    finally:
+        if ws is not None:
+            ws.close()
+
+
+def _with_record(ref: str, settings: WorkspaceSettings | None, fn: Callable[[Any, Any], Any],
+                 on_file: Callable[[Any], Any] | None = None) -> Any:
+    from lbm_registry.registry import refs
+    from lbm_registry.registry.workspace import Workspace
+
+    s = _settings(settings)
+    ws = Workspace.open_existing(s)
+    try:
+        res = refs.resolve(ws, str(ref))
+        if res.record is None:
+            if on_file is None:
+                raise RefError(f"{ref} is an unregistered file")
+            return on_file(res)
+        return fn(ws, res.record)
+    finally:
+        if ws is not None:
+            ws.close()
+
+
+def show(ref: str, settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """All facts of one version: hashes, sizes, LoRA facts, per-layer table, lineage,
+    descendants, aliases, tags, MLflow ids, config. An unregistered file shows its hash."""
+    from lbm_registry.registry import views
+    from lbm_registry.registry.blobs import sniff_dtype
+
+    s = _settings(settings)
+
+    def on_file(res: Any) -> dict[str, Any]:
+        return {"ref": res.ref, "kind": "file", "path": str(res.path), "sha256": res.sha256,
+                "size": res.path.stat().st_size, "dtype": sniff_dtype(res.path)}
+
+    return _with_record(ref, s, lambda ws, rec: views.show_version(ws, rec, tracking_uri=s.effective_tracking_uri),
+                        on_file)
+
+
+def lineage_tree(ref: str, settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """``{"node": {...}, "up": [...], "down": [...]}``: up to the base, down to descendants."""
+    from lbm_registry.registry import views
+
+    return _with_record(ref, settings, views.lineage_tree)
+
+
+def layer_table(asset: ResolvedAsset | str, settings: WorkspaceSettings | None = None) -> list[dict[str, Any]]:
+    """The per-layer rows (module, kind, shape, rank, rel_error, energy) of a LoRA version."""
+    from lbm_registry.registry import catalog
+
+    ref = asset.ref if isinstance(asset, ResolvedAsset) else asset
+    return _with_record(ref, settings, lambda ws, rec: catalog.layers(ws.db, rec.id))
+
+
+def set_alias(ref: str, alias: str, settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """Point ``alias`` at the version ``ref`` resolves to (mirrored as an MLflow alias).
+    Returns {"name", "alias", "version", "previous"}."""
+    from lbm_registry.registry import aliases
+    from lbm_registry.registry.workspace import Workspace
+
+    aliases.validate_alias(alias)
+    with Workspace.open(_settings(settings)) as ws:
+        return aliases.set_alias(ws, ref, alias)
+
+
+def remove_alias(name: str, alias: str, settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """Remove ``NAME@ALIAS``. Returns {"name", "alias", "version"} (where it pointed)."""
+    from lbm_registry.registry import aliases
+    from lbm_registry.registry.workspace import Workspace
+
+    with Workspace.open(_settings(settings)) as ws:
+        return aliases.remove_alias(ws, name, alias)
+
+
+def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings | None = None,
+                 config: str | Path | None = None) -> ResolvedAsset:
+    """Register an existing full LBM checkpoint as a ``base`` or ``model``.
+
+    The file must match the architecture of its config (``config`` or the ``lbm_config``
+    metadata that ``save_lbm`` embeds) key for key and shape for shape, with finite weights.
+    Lightning ``.ckpt`` files are converted to safetensors first (blobs have no suffix and
+    must be safetensors to be readable).
+    """
+    from lbm_registry.errors import ConfigError
+
+    if kind not in ("base", "model"):
+        raise RegistryError(f"import --kind must be base or model, not {kind!r} (LoRAs come from extract/train)")
+    validate_name(name)
+    path = Path(path)
+    from lbm_registry.lbm.checkpoint import CKPT_SUFFIXES, CheckpointReader, check_finite, save_safetensors
+    from lbm_registry.lbm.config import load_config
+    from lbm_registry.lbm.loading import CONFIG_METADATA_KEY, config_from_checkpoint, verify_checkpoint
+
+    reader = CheckpointReader(path)
+    cfg = load_config(config) if config is not None else config_from_checkpoint(reader)
+    if cfg is None:
+        raise ConfigError(f"{path} carries no '{CONFIG_METADATA_KEY}' metadata: pass --config CFG")
+    verify_checkpoint(reader, cfg)
+    dtypes: dict[str, int] = {}
+    for key, tensor in reader.items():
+        check_finite(key, tensor, path)
+        dtypes[str(tensor.dtype).replace("torch.", "")] = dtypes.get(str(tensor.dtype).replace("torch.", ""), 0) + 1
+    facts = {"source": str(path.absolute()), "config_name": cfg.name, "tensors": len(reader),
+             "dtypes": dtypes}
+    s = _settings(settings)
+    if path.suffix in CKPT_SUFFIXES:
+        import json
+        import shutil
+        import tempfile
+
+        from lbm_registry.registry.workspace import Workspace
+
+        with Workspace.open(s) as ws:
+            tmpdir = Path(tempfile.mkdtemp(prefix="import-", dir=ws.staging_dir))
+        try:
+            converted = save_safetensors(reader.state_dict(), tmpdir / f"{path.stem}.safetensors",
+                                         {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"})
+            reader.close()
+            facts["converted_from"] = path.name
+            return register_asset(converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    reader.close()
+    return register_asset(path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts)
+
+
+def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """Create or upgrade the workspace: catalog (Alembic), MLflow DB + experiment, blob store."""
+    from lbm_registry.registry import schema
+    from lbm_registry.registry.tracking import Tracker
+    from lbm_registry.registry.views import mask_url
+    from lbm_registry.registry.workspace import Workspace
+
+    s = _settings(settings)
+    with Workspace.open(s) as ws:
+        tracker = Tracker(ws)
+        return {"home": str(ws.home), "catalog": mask_url(s.effective_catalog_url), "schema": schema.SCHEMA_HEAD,
+                "tracking_uri": mask_url(s.effective_tracking_uri), "experiment_id": tracker.experiment_id,
+                "blobs": str(ws.blobs_dir)}
+
+
+def doctor(settings: WorkspaceSettings | None = None, repair: bool = False,
+           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Catalog vs blobs vs MLflow. See :mod:`lbm_registry.registry.doctor`."""
+    from lbm_registry.registry import doctor as _doctor
+    from lbm_registry.registry.workspace import Workspace
+
+    with Workspace.open(_settings(settings)) as ws:
+        return _doctor.doctor(ws, repair=repair, progress=progress)
+
+
+def gc(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """Remove failed/abandoned registrations and blobs no version references."""
+    from lbm_registry.registry import doctor as _doctor
+    from lbm_registry.registry.workspace import Workspace
+
+    with Workspace.open(_settings(settings)) as ws:
+        return _doctor.gc(ws)
+
+
+def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The ``mlflow server`` command line serving this workspace (after creating it if needed)."""
+    import sys
+
+    s = _settings(settings)
+    if s.tracking_uri and not s.effective_tracking_uri.startswith("sqlite:"):
+        raise RegistryError(f"this workspace tracks to {s.effective_tracking_uri}: open that server's UI instead")
+    init_workspace(s)
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.effective_tracking_uri,
+            "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]

@@ -1,0 +1,177 @@
+"""Content-addressed blob store (``blobs/sha256/<2 hex>/<hash>``) and hashing.
+
+Why hard links: registering a 5 GB checkpoint should cost the hash and nothing more. The blob
+is a hard link to the registered file when both live on one file system (a copy otherwise,
+verified against the hash while copying). Blobs are read-only (0444) and written via temp file
++ fsync + rename, so a crash never leaves a half blob under a final name. A blob shares its
+inode with the file it was registered from: that file becomes read-only too, and editing it in
+place would be detected by ``lbm-reg doctor`` as a corrupt blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from lbm_registry.errors import RegistryError
+
+CHUNK = 8 * 1024 * 1024
+TMP_PREFIX = ".tmp-"
+READ_ONLY = 0o444
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 8 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def blob_relpath(sha256: str) -> str:
+    """Where a hash lives, relative to the workspace home (stored in the catalog)."""
+    return f"blobs/sha256/{sha256[:2]}/{sha256}"
+
+
+def blob_path(blobs_dir: Path, sha256: str) -> Path:
+    return blobs_dir / sha256[:2] / sha256
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _copy_hashing(src: Path, dst: Path) -> str:
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return h.hexdigest()
+
+
+def store_blob(src: Path, sha256: str, size: int, blobs_dir: Path, *, replace: bool = False) -> tuple[Path, str]:
+    """Put ``src`` (whose hash is ``sha256``) into the store; returns (blob path, how).
+
+    ``how`` is ``"existing"`` (same bytes already stored: nothing written), ``"link"`` or
+    ``"copy"``. ``replace`` overwrites a blob known to be damaged.
+    """
+    dest = blob_path(blobs_dir, sha256)
+    if not replace and dest.is_file() and dest.stat().st_size == size:
+        make_read_only(dest)
+        return dest, "existing"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        try:
+            os.link(src, tmp)
+            how = "link"
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError:
+            how = "copy"
+            got = _copy_hashing(src, tmp)
+            if got != sha256:
+                raise RegistryError(f"{src} changed while it was being registered (sha256 {got[:12]}, "
+                                    f"expected {sha256[:12]})") from None
+        if tmp.stat().st_size != size:
+            raise RegistryError(f"{src} changed while it was being registered (size)")
+        make_read_only(tmp)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest, how
+
+
+def make_read_only(path: Path) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o222:
+        os.chmod(path, READ_ONLY)
+
+
+def link_or_copy(src: Path, dst: Path) -> str:
+    """Hard link ``src`` at ``dst`` (copy only where linking fails; never a symlink)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError:
+        shutil.copyfile(src, dst)
+        return "copy"
+
+
+def iter_blob_files(blobs_dir: Path) -> Iterator[Path]:
+    """Every file in the store, including temp files left by crashed writers."""
+    if not blobs_dir.is_dir():
+        return
+    for sub in sorted(blobs_dir.iterdir()):
+        if sub.is_dir():
+            yield from sorted(p for p in sub.iterdir() if p.is_file())
+
+
+def tmp_owner_pid(path: Path) -> int | None:
+    """PID encoded in a temp blob's name (``.tmp-<pid>-<token>``)."""
+    if not path.name.startswith(TMP_PREFIX):
+        return None
+    try:
+        return int(path.name[len(TMP_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+_ST_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64", "F8_E4M3": "fp8_e4m3",
+              "F8_E5M2": "fp8_e5m2", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8"}
+
+
+def sniff_dtype(path: Path) -> str | None:
+    """The dominant floating dtype of a safetensors file, read from its JSON header only."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > 100 * 1024 * 1024:
+                return None
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    weight: dict[str, int] = {}
+    for key, info in header.items():
+        if key == "__metadata__" or not isinstance(info, dict):
+            continue
+        dt = str(info.get("dtype", ""))
+        if not dt.startswith(("F", "BF")):
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            continue
+        weight[dt] = weight.get(dt, 0) + int(end) - int(start)
+    if not weight:
+        return None
+    best = max(weight, key=lambda k: weight[k])
+    return _ST_DTYPES.get(best, best.lower())

@@ -1,0 +1,385 @@
+"""``doctor`` (find and optionally repair drift between catalog, blobs and MLflow) and ``gc``.
+
+What can drift, and what ``--repair`` does about it:
+
+- half-finished registrations (``pending`` rows whose process is gone, ``failed`` rows):
+  their MLflow run/model version is deleted and the rows removed (they were never visible);
+- blobs: missing or corrupt (full sha256 re-check) blobs are *recorded* on their versions even
+  without ``--repair``, so ``resolve`` refuses them from then on; repair restores a blob from an
+  intact MLflow artifact copy when there is one, else it stays refused until the original file
+  is registered again. Writable blobs are made read-only again;
+- orphan blobs (no catalog row) and temp files of dead writers are deleted;
+- MLflow: a ready version whose run or model version is missing is mirrored again from the
+  catalog; MLflow model versions the catalog does not know are deleted.
+
+Pending rows of live processes (same host, pid alive) are left alone, so doctor and gc are safe
+to run while others register.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lbm_registry.errors import LBMError
+from lbm_registry.registry import catalog
+from lbm_registry.registry.blobs import (
+    TMP_PREFIX,
+    blob_path,
+    iter_blob_files,
+    make_read_only,
+    sha256_file,
+    store_blob,
+    tmp_owner_pid,
+)
+from lbm_registry.registry.catalog import VersionRecord
+from lbm_registry.registry.db import with_retries
+from lbm_registry.registry.workspace import Workspace, actor
+
+STALE_S = 24 * 3600.0
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Issue:
+    kind: str
+    subject: str
+    detail: str
+    fixed: bool = False
+    action: str | None = None
+
+
+def _pid_alive(pid: int, since: float | None = None) -> bool:
+    """Is ``pid`` running (and, given ``since``, the same process that started before then)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped: doing no work
+            return False
+        if since is not None and proc.create_time() > since + 1.0:  # the pid was reused
+            return False
+    except Exception:
+        pass
+    return True
+
+
+def owner_alive(owner: str | None, since: float) -> bool:
+    """Is the process that inserted a pending row (``host:pid``) still at work?"""
+    if time.time() - since > STALE_S:
+        return False
+    if not owner or ":" not in owner:
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname()[:200]:
+        return True  # another machine's registration: only age can tell
+    try:
+        return _pid_alive(int(pid), since)
+    except ValueError:
+        return False
+
+
+class Doctor:
+    """One doctor/gc pass over a workspace."""
+
+    def __init__(self, ws: Workspace, *, repair: bool, progress: Progress | None = None) -> None:
+        self.ws = ws
+        self.repair = repair
+        self.progress = progress
+        self.issues: list[Issue] = []
+        self._tracker: Any = None
+        self._tracker_error: str | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def tracker(self) -> Any:
+        if self._tracker is None and self._tracker_error is None:
+            from lbm_registry.registry.tracking import Tracker
+
+            try:
+                self._tracker = Tracker(self.ws)
+            except LBMError as exc:
+                self._tracker_error = str(exc)
+        return self._tracker
+
+    def add(self, kind: str, subject: str, detail: str) -> Issue:
+        issue = Issue(kind, subject, detail)
+        self.issues.append(issue)
+        return issue
+
+    def _event(self, action: str, detail: dict[str, Any], rec: VersionRecord | None = None) -> None:
+        def txn() -> None:
+            with self.ws.db.transaction() as tx:
+                catalog.log_event(tx, action, name=rec.name if rec else None, number=rec.number if rec else None,
+                                  sha256=rec.sha256 if rec else None, actor=actor(), detail=detail)
+
+        with_retries(txn, "writing the event log")
+
+    # -- abandoned registrations -----------------------------------------------------------
+    def check_registrations(self) -> None:
+        for rec in catalog.all_versions(self.ws.db, status="pending"):
+            if owner_alive(rec.owner, rec.created_at):
+                continue
+            issue = self.add("pending", rec.ref, f"registration abandoned by {rec.owner or 'unknown process'} "
+                                                  f"(never became visible)")
+            if self.repair:
+                issue.action = self._drop(rec)
+                issue.fixed = True
+        for rec in catalog.all_versions(self.ws.db, status="failed"):
+            issue = self.add("failed", rec.ref, f"failed registration: {(rec.error or '?')[:120]}")
+            if self.repair:
+                issue.action = self._drop(rec)
+                issue.fixed = True
+
+    def _drop(self, rec: VersionRecord) -> str:
+        """Remove a never-visible version: its MLflow leftovers, then its rows."""
+        done: list[str] = []
+        tracker = self.tracker() if (rec.mlflow_run_id or rec.mlflow_version) else None
+        if tracker is not None:
+            done += tracker.discard(rec.name, rec.mlflow_run_id, rec.mlflow_version)
+
+        def txn() -> None:
+            with self.ws.db.transaction() as tx:
+                if tx.execute("UPDATE versions SET status = 'failed' WHERE id = :id AND status <> 'ready'",
+                              {"id": rec.id}) == 0:
+                    return  # became ready meanwhile: not ours to drop
+                catalog.delete_version(tx, rec.id)
+                catalog.delete_empty_assets(tx)
+                catalog.log_event(tx, "drop_registration", name=rec.name, number=rec.number, sha256=rec.sha256,
+                                  actor=actor(), detail={"status": rec.status, "mlflow": done})
+
+        with_retries(txn, f"dropping {rec.ref}")
+        return "removed" + (f" ({'; '.join(done)})" if done else "")
+
+    # -- blobs -----------------------------------------------------------------------------
+    def check_blobs(self, *, verify: bool) -> None:
+        files = list(iter_blob_files(self.ws.blobs_dir))  # list files before reading rows (see gc)
+        versions = catalog.all_versions(self.ws.db)
+        by_sha: dict[str, list[VersionRecord]] = {}
+        for rec in versions:  # in-flight registrations may not have stored their blob yet
+            if rec.status == "ready":
+                by_sha.setdefault(rec.sha256, []).append(rec)
+        referenced = catalog.referenced_shas(self.ws.db)
+        if verify:
+            total = len(by_sha)
+            for i, (sha, recs) in enumerate(sorted(by_sha.items())):
+                if self.progress:
+                    self.progress(f"verifying {recs[0].ref}", i, total)
+                self._check_blob(sha, recs)
+            if self.progress:
+                self.progress("verified", total, total)
+        for path in files:
+            name = path.name
+            if name.startswith(TMP_PREFIX):
+                pid = tmp_owner_pid(path)
+                age = time.time() - path.stat().st_mtime if path.exists() else 0
+                if (pid is not None and _pid_alive(pid)) and age < STALE_S:
+                    continue
+                issue = self.add("temp_file", str(path), "temp file of an interrupted blob write")
+                if self.repair:
+                    path.unlink(missing_ok=True)
+                    issue.fixed, issue.action = True, "deleted"
+            elif name not in referenced and path.exists():
+                if path.parent.name != name[:2]:
+                    self.add("unknown_file", str(path), "not a blob (left alone)")
+                    continue
+                issue = self.add("orphan_blob", name[:16], f"blob referenced by no version ({path.stat().st_size:,} "
+                                                           f"bytes)")
+                if self.repair:
+                    path.unlink(missing_ok=True)
+                    issue.fixed, issue.action = True, "deleted"
+
+    def _check_blob(self, sha: str, recs: list[VersionRecord]) -> None:
+        path = blob_path(self.ws.blobs_dir, sha)
+        refs = ", ".join(r.ref for r in recs[:4]) + (" ..." if len(recs) > 4 else "")
+        state = "ok"
+        if not path.is_file():
+            state = "missing"
+        elif path.stat().st_size != recs[0].size or sha256_file(path) != sha:
+            state = "corrupt"
+        if state == "ok":
+            if any(r.integrity != "ok" for r in recs):
+                self._set_integrity(sha, "ok", recs[0])
+            if os.stat(path).st_mode & 0o222:
+                issue = self.add("writable_blob", sha[:16], f"blob of {refs} is writable")
+                if self.repair:
+                    make_read_only(path)
+                    issue.fixed, issue.action = True, "made read-only"
+            return
+        issue = self.add(f"{state}_blob", sha[:16], f"blob of {refs} is {state}")
+        # Recorded whether or not we repair: from now on resolve refuses these versions.
+        if any(r.integrity != state for r in recs):
+            self._set_integrity(sha, state, recs[0])
+        if self.repair:
+            source = self._intact_copy(sha, recs, path)
+            if source is not None:
+                store_blob(source, sha, recs[0].size, self.ws.blobs_dir, replace=True)
+                self._set_integrity(sha, "ok", recs[0])
+                issue.fixed, issue.action = True, f"restored from {source}"
+            else:
+                issue.action = "cannot restore: register the original file again"
+
+    def _intact_copy(self, sha: str, recs: list[VersionRecord], blob: Path) -> Path | None:
+        """An MLflow artifact copy of the weights with the right hash (a copy, not a link)."""
+        artifacts = self.ws.artifacts_dir
+        try:
+            blob_ino = blob.stat().st_ino if blob.exists() else None
+        except OSError:
+            blob_ino = None
+        for rec in recs:
+            if not rec.mlflow_run_id:
+                continue
+            folder = artifacts / rec.mlflow_run_id / "artifacts" / "weights"
+            if not folder.is_dir():
+                continue
+            for cand in folder.iterdir():
+                try:
+                    st = cand.stat()
+                except OSError:
+                    continue
+                if st.st_ino == blob_ino or st.st_size != rec.size:
+                    continue
+                if sha256_file(cand) == sha:
+                    return cand
+        return None
+
+    def _set_integrity(self, sha: str, state: str, rec: VersionRecord) -> None:
+        def txn() -> None:
+            with self.ws.db.transaction() as tx:
+                tx.execute("UPDATE versions SET integrity = :i WHERE sha256 = :s", {"i": state, "s": sha})
+                catalog.log_event(tx, "blob_state", name=rec.name, number=rec.number, sha256=sha, actor=actor(),
+                                  detail={"integrity": state})
+
+        with_retries(txn, "recording blob state")
+
+    # -- MLflow ----------------------------------------------------------------------------
+    def check_mlflow(self) -> None:
+        tracker = self.tracker()
+        if tracker is None:
+            self.add("mlflow_unreachable", mask(self.ws.settings.effective_tracking_uri),
+                     self._tracker_error or "?")
+            return
+        ready = catalog.all_versions(self.ws.db, status="ready")
+        for rec in ready:
+            problem = tracker.check(rec)
+            if problem is None:
+                continue
+            issue = self.add("mlflow_missing", rec.ref, problem)
+            if self.repair:
+                issue.action = self._remirror(tracker, rec)
+                issue.fixed = issue.action.startswith("mirrored")
+        known: dict[str, set[str]] = {}
+        for rec in catalog.all_versions(self.ws.db):
+            if rec.status in ("ready", "pending") and rec.mlflow_version:
+                known.setdefault(rec.name, set()).add(str(rec.mlflow_version))
+        in_flight = {r.mlflow_run_id for r in catalog.all_versions(self.ws.db, status="pending") if r.mlflow_run_id}
+        for name in catalog.asset_names(self.ws.db):
+            for mv in tracker.model_versions(name):
+                if str(mv.version) in known.get(name, set()) or mv.run_id in in_flight:
+                    continue
+                if "lbm.version_id" in (mv.tags or {}) and self._in_flight_version(mv.tags["lbm.version_id"]):
+                    continue
+                issue = self.add("mlflow_orphan", f"{name}/{mv.version}", "MLflow model version unknown to the catalog")
+                if self.repair:
+                    done = tracker.discard(name, mv.run_id, str(mv.version))
+                    issue.fixed, issue.action = True, "; ".join(done) or "deleted"
+
+        referenced_runs = {r.mlflow_run_id for r in catalog.all_versions(self.ws.db) if r.mlflow_run_id}
+        for run in tracker.runs():
+            run_id = run.info.run_id
+            if run_id in referenced_runs:
+                continue
+            vid = run.data.tags.get("lbm.version_id")
+            if vid and self._in_flight_version(vid):
+                continue
+            issue = self.add("mlflow_orphan_run", run_id, f"MLflow run {run.info.run_name or ''} unknown to the catalog")
+            if self.repair:
+                done = tracker.discard(run.data.tags.get("lbm.name", ""), run_id, None)
+                issue.fixed, issue.action = True, "; ".join(done) or "deleted"
+
+    def _in_flight_version(self, version_id: str) -> bool:
+        try:
+            rec = catalog.version_by_id(self.ws.db, int(version_id))
+        except ValueError:
+            return False
+        return rec is not None and rec.status == "pending" and owner_alive(rec.owner, rec.created_at)
+
+    def _remirror(self, tracker: Any, rec: VersionRecord) -> str:
+        from lbm_registry.registry.tracking import mirror_inputs
+
+        path = blob_path(self.ws.blobs_dir, rec.sha256)
+        fresh = catalog.version_by_id(self.ws.db, rec.id)
+        if fresh is None or fresh.integrity != "ok" or not path.is_file():
+            return "cannot mirror: the blob is not intact"
+        old_run = fresh.mlflow_run_id
+        edges, lora, layers, tags = mirror_inputs(self.ws, fresh)
+        run_id, mv = tracker.mirror(fresh, weights=path, edges=edges, lora=lora, layers=layers, user_tags=tags)
+
+        def txn() -> None:
+            with self.ws.db.transaction() as tx:
+                tx.execute("UPDATE versions SET mlflow_run_id = :r, mlflow_version = :mv WHERE id = :id",
+                           {"r": run_id, "mv": mv, "id": rec.id})
+                catalog.log_event(tx, "remirror", name=rec.name, number=rec.number, sha256=rec.sha256,
+                                  actor=actor(), detail={"mlflow_run_id": run_id, "mlflow_version": mv})
+
+        with_retries(txn, f"re-mirroring {rec.ref}")
+        for alias, number in catalog.aliases_of_asset(self.ws.db, rec.name).items():
+            if number == rec.number:
+                fresh.mlflow_version = mv
+                tracker.set_alias(fresh, alias)
+        if old_run and old_run != run_id:
+            tracker.discard(rec.name, old_run, None)
+        return f"mirrored again (run {run_id[:12]}, model version {mv}; extra artifacts of the first run are lost)"
+
+    # -- entry points ----------------------------------------------------------------------
+    def report(self, checked: dict[str, Any]) -> dict[str, Any]:
+        unfixed = [i for i in self.issues if not i.fixed and i.kind != "unknown_file"]
+        return {"home": str(self.ws.home), "repair": self.repair, "checked": checked,
+                "issues": [asdict(i) for i in self.issues], "fixed": sum(i.fixed for i in self.issues),
+                "remaining": len(unfixed), "ok": not unfixed}
+
+
+def mask(url: str) -> str:
+    from lbm_registry.registry.views import mask_url
+
+    return mask_url(url)
+
+
+def doctor(ws: Workspace, *, repair: bool = False, mlflow: bool = True,
+           progress: Progress | None = None) -> dict[str, Any]:
+    """Check (and with ``repair``, fix) the workspace. Returns a JSON-ready report."""
+    d = Doctor(ws, repair=repair, progress=progress)
+    d.check_registrations()
+    d.check_blobs(verify=True)
+    if mlflow:
+        d.check_mlflow()
+    n_versions = ws.db.scalar("SELECT count(*) FROM versions WHERE status = 'ready'")
+    result = d.report({"versions": n_versions, "blobs": sum(1 for _ in iter_blob_files(ws.blobs_dir)),
+                       "mlflow": mlflow and d._tracker is not None})
+    if repair:
+        d._event("doctor_repair", {"fixed": result["fixed"], "remaining": result["remaining"]})
+    return result
+
+
+def gc(ws: Workspace) -> dict[str, Any]:
+    """Remove failed/abandoned registrations and unreferenced blobs (no hashing, no MLflow audit)."""
+    d = Doctor(ws, repair=True)
+    d.check_registrations()
+    d.check_blobs(verify=False)
+    freed = 0
+    for issue in d.issues:
+        if issue.kind == "orphan_blob":
+            freed += 1
+    result = d.report({"blobs_removed": freed})
+    d._event("gc", {"removed": [f"{i.kind}:{i.subject}" for i in d.issues if i.fixed]})
+    return result

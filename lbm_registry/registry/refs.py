@@ -1,0 +1,185 @@
+"""References (DESIGN.md contract): ``NAME``, ``NAME@latest``, ``NAME@N``, ``NAME@vN``,
+``NAME@ALIAS``, ``sha256:PREFIX`` (8+ hex), or a path to an unregistered file.
+
+Also bare ``vN``/``N`` relative to another version (``compare relight@3 v2``), or to the only
+LoRA asset when there is exactly one. Unknown names, versions and aliases raise a one-line
+:class:`RefError` naming the closest matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lbm_registry.errors import RefError, RegistryError
+from lbm_registry.registry import catalog
+from lbm_registry.registry.blobs import sha256_file
+from lbm_registry.registry.catalog import VersionRecord
+from lbm_registry.registry.workspace import Workspace
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION_RE = re.compile(r"[vV]?(\d+)")
+HASH_RE = re.compile(r"[0-9a-f]{8,64}")
+RESERVED_ALIAS_RE = re.compile(r"latest|[vV]?\d+")
+
+
+def is_reserved_alias(alias: str) -> bool:
+    """``latest``, ``vN`` and plain numbers already mean something after ``@``."""
+    return bool(RESERVED_ALIAS_RE.fullmatch(alias))
+
+
+def parse_version(text: str) -> int | None:
+    m = VERSION_RE.fullmatch(text)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class Resolution:
+    """A registered version, or an unregistered file (``record`` None)."""
+
+    ref: str
+    record: VersionRecord | None = None
+    path: Path | None = None
+    sha256: str | None = None
+
+
+def _suggest(word: str, candidates: list[str], n: int = 3) -> str:
+    close = difflib.get_close_matches(word, candidates, n=n, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _looks_like_path(ref: str) -> bool:
+    return os.sep in ref or "/" in ref or ref.startswith(("~", ".")) or Path(ref).suffix != ""
+
+
+def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None) -> Resolution:
+    """Turn a reference into a ready catalog version or a file. ``ws`` None = no registry yet.
+
+    ``relative_to`` is the asset name a bare ``vN``/``N`` refers to (compare's other argument).
+    """
+    ref = ref.strip()
+    if not ref:
+        raise RefError("empty reference")
+    if ref.lower().startswith("sha256:"):
+        return Resolution(ref, record=_by_hash(ws, ref))
+
+    name, sep, selector = ref.partition("@")
+    if NAME_RE.fullmatch(name) and ws is not None:
+        if sep:
+            return Resolution(ref, record=_by_name(ws, name, selector or "latest"))
+        bare = parse_version(ref)
+        if bare is not None and relative_to:
+            return Resolution(ref, record=_by_name(ws, relative_to, str(bare)))
+        if catalog.asset(ws.db, name) is not None:
+            return Resolution(ref, record=_by_name(ws, name, "latest"))
+        if bare is not None and not Path(ref).is_file():
+            loras = [r["name"] for r in catalog.list_latest(ws.db, "lora")]
+            if len(loras) == 1:
+                return Resolution(ref, record=_by_name(ws, loras[0], str(bare)))
+            raise RefError(f"bare version {ref!r} is ambiguous: write NAME@{ref}"
+                           + (f" (LoRAs: {', '.join(loras[:5])})" if loras else " (no LoRA is registered)"))
+
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return Resolution(ref, path=path.absolute(), sha256=file_sha256(ws, path))
+    if path.is_dir():
+        raise RefError(f"{ref} is a directory, expected a weight file or a registered name")
+    if sep and NAME_RE.fullmatch(name):  # NAME@... with no registry at all
+        raise RefError(f"unknown asset {name!r} (the registry at {_where(ws)} is empty)")
+    names = catalog.asset_names(ws.db) if ws is not None else []
+    hint = _suggest(name, names) if NAME_RE.fullmatch(name) else ""
+    if not hint and (_looks_like_path(ref) or not NAME_RE.fullmatch(name)):
+        raise RefError(f"file not found: {ref}")
+    if not names:
+        raise RefError(f"unknown reference {ref!r}: no such file, and no asset of that name "
+                       f"(the registry is empty)")
+    raise RefError(f"unknown reference {ref!r}: no such asset or file{hint}")
+
+
+def _where(ws: Workspace | None) -> str:
+    return str(ws.home) if ws is not None else "this workspace"
+
+
+def _by_name(ws: Workspace, name: str, selector: str) -> VersionRecord:
+    a = catalog.asset(ws.db, name)
+    if a is None:
+        raise RefError(f"unknown asset {name!r}{_suggest(name, catalog.asset_names(ws.db))}")
+    numbers = catalog.ready_numbers(ws.db, name)
+    if not numbers:
+        raise RefError(f"{name!r} has no usable version yet")
+    if selector.lower() == "latest":
+        rec = catalog.version(ws.db, name, numbers[-1])
+    elif (n := parse_version(selector)) is not None:
+        rec = catalog.version(ws.db, name, n)
+        if rec is None:
+            shown = ", ".join(str(x) for x in numbers[-8:])
+            raise RefError(f"{name} has no version {n} (versions: {shown})")
+    else:
+        target = catalog.alias_target(ws.db, name, selector)
+        if target is None:
+            aliases = list(catalog.aliases_of_asset(ws.db, name))
+            hint = _suggest(selector, aliases) or (f" (aliases: {', '.join(aliases)})" if aliases else
+                                                   " (it has no aliases)")
+            raise RefError(f"{name} has no alias {selector!r}{hint}")
+        rec = catalog.version(ws.db, name, target)
+    if rec is None:  # raced with doctor/gc
+        raise RefError(f"{name}@{selector} is not available")
+    return rec
+
+
+def _by_hash(ws: Workspace | None, ref: str) -> VersionRecord:
+    prefix = ref.split(":", 1)[1].strip().lower()
+    if not HASH_RE.fullmatch(prefix):
+        raise RefError(f"bad hash reference {ref!r}: give sha256: and at least 8 hex digits")
+    if ws is None:
+        raise RefError(f"no registered version has sha256 {prefix} (the registry is empty)")
+    recs = catalog.versions_by_sha_prefix(ws.db, prefix)
+    shas = sorted({r.sha256 for r in recs})
+    if not shas:
+        raise RefError(f"no registered version has sha256 {prefix}...")
+    if len(shas) > 1:
+        examples = ", ".join(s[:16] for s in shas[:4])
+        raise RefError(f"sha256:{prefix} is ambiguous ({len(shas)} hashes: {examples}): give more digits")
+    return recs[0]  # the same bytes under several names: the first registration
+
+
+def file_sha256(ws: Workspace | None, path: Path, *, fresh: bool = False) -> str:
+    """Hash of a file, cached by (absolute path, size, mtime_ns) in the catalog (``fresh``: re-read)."""
+    path = path.absolute()
+    st = path.stat()
+    if ws is not None and not fresh:
+        hit = catalog.cached_hash(ws.db, str(path), st.st_size, st.st_mtime_ns)
+        if hit:
+            return hit
+    try:
+        sha = sha256_file(path)
+    except OSError as exc:
+        raise RefError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if ws is not None:
+        try:
+            with ws.db.transaction() as tx:
+                catalog.remember_hash(tx, str(path), st.st_size, st.st_mtime_ns, sha)
+        except Exception:  # a cache: never fail a resolve because it could not be written
+            pass
+    return sha
+
+
+def check_blob(ws: Workspace, rec: VersionRecord) -> Path:
+    """The blob of a version, refused if it is known to be damaged (cheap size check here;
+    ``doctor`` verifies full hashes and records what it finds)."""
+    path = ws.abspath(rec.blob_path)
+    if rec.integrity != "ok":
+        raise RegistryError(f"{rec.ref}: its blob {rec.sha256[:12]} is {rec.integrity} "
+                            f"(found by 'lbm-reg doctor'); re-register the original file to restore it")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise RegistryError(f"{rec.ref}: blob {rec.sha256[:12]} is missing from {ws.blobs_dir} "
+                            f"(run 'lbm-reg doctor')") from None
+    if size != rec.size:
+        raise RegistryError(f"{rec.ref}: blob {rec.sha256[:12]} is corrupt ({size} bytes, expected {rec.size}); "
+                            f"run 'lbm-reg doctor'")
+    return path

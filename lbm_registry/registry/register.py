@@ -1,0 +1,398 @@
+"""All-or-nothing registration of a file as a new version.
+
+1. hash the file (outside any transaction: hashing 5 GB takes a while);
+2. one transaction allocates the next version number and inserts the version as ``pending``
+   with its lineage, facts, layers and tags (retried when another process won the race);
+3. store the blob (temp file, fsync, rename, 0444; a hard link when possible);
+4. mirror to MLflow (run + model version; the run id is recorded as soon as it exists);
+5. one transaction flips the version to ``ready``.
+
+Only ready versions are visible, so a crash or ``kill -9`` anywhere leaves nothing half-made
+in sight; what it leaves behind (a pending row, a blob, an MLflow run) is found and removed
+by ``lbm-reg doctor --repair``. An exception (Ctrl-C included) marks the version ``failed``
+and removes its MLflow run on the way out.
+
+``$LBM_REG_DEBUG_PAUSE_AT`` (pending|blob|mlflow_run|mlflow_version) makes the process print
+``lbm-reg: paused at <stage>`` on stderr and sleep there: the crash tests kill it at that point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lbm_registry import __version__
+from lbm_registry.errors import LBMError, RefError, RegistryError
+from lbm_registry.registry import catalog, refs
+from lbm_registry.registry.blobs import blob_relpath, sniff_dtype, store_blob
+from lbm_registry.registry.catalog import KINDS, VersionRecord, dumps
+from lbm_registry.registry.db import with_retries
+from lbm_registry.registry.workspace import Workspace, actor
+
+PAUSE_ENV = "LBM_REG_DEBUG_PAUSE_AT"
+SHA_RE = re.compile(r"[0-9a-f]{64}")
+LINEAGE_KEYS = {"base", "tuned", "parent", "datasets", "training_config"}
+ROLE_KIND = {"base": "base", "tuned": "model", "parent": "lora"}
+LORA_COLUMNS = ("rank", "conv_rank", "policy", "alpha", "mean_error", "max_error", "functional_error")
+
+
+@dataclass
+class Edge:
+    role: str
+    sha256: str | None
+    ref: str | None = None
+    path: str | None = None
+    target_version_id: int | None = None
+
+
+def pause(stage: str) -> None:
+    """Test hook: stop at ``stage`` so a test can SIGKILL this process there."""
+    if os.environ.get(PAUSE_ENV) == stage:
+        sys.stderr.write(f"lbm-reg: paused at {stage}\n")
+        sys.stderr.flush()
+        time.sleep(float(os.environ.get("LBM_REG_DEBUG_PAUSE_S", "3600")))
+
+
+# -- normalising inputs --------------------------------------------------------------------
+def _edge_from_sha(ws: Workspace, role: str, sha: str, ref: str | None, path: str | None = None) -> Edge:
+    recs = catalog.versions_by_sha(ws.db, sha)
+    want = ROLE_KIND.get(role)
+    recs.sort(key=lambda r: r.kind != want)  # prefer a version of the kind the role implies
+    if recs:
+        return Edge(role, sha, ref=recs[0].ref, path=path, target_version_id=recs[0].id)
+    return Edge(role, sha, ref=ref, path=path)
+
+
+def lineage_edges(ws: Workspace, lineage: Mapping[str, Any] | None) -> tuple[list[Edge], Any]:
+    """Edges from the facade's lineage dict; returns (edges, training_config)."""
+    lineage = dict(lineage or {})
+    unknown = set(lineage) - LINEAGE_KEYS
+    if unknown:
+        raise RegistryError(f"unknown lineage key(s): {', '.join(sorted(unknown))} "
+                            f"(expected {', '.join(sorted(LINEAGE_KEYS))})")
+    out: list[Edge] = []
+    for role in ("base", "tuned", "parent"):
+        value = lineage.get(role)
+        if value is None:
+            continue
+        out.append(_edge(ws, role, value))
+    for d in lineage.get("datasets") or []:
+        if isinstance(d, str | Path):
+            d = {"path": str(d)}
+        sha = d.get("sha256")
+        if sha is None and d.get("path") and Path(d["path"]).is_file():
+            sha = refs.file_sha256(ws, Path(d["path"]))
+        out.append(Edge("dataset", sha, ref=d.get("ref") or (str(d["path"]) if d.get("path") else None),
+                        path=str(d["path"]) if d.get("path") else None))
+    return out, lineage.get("training_config")
+
+
+def _edge(ws: Workspace, role: str, value: Any) -> Edge:
+    if isinstance(value, Mapping):
+        sha, ref = value.get("sha256"), value.get("ref")
+        if not sha:
+            raise RegistryError(f"lineage {role!r} needs a sha256")
+        return _edge_from_sha(ws, role, str(sha).lower(), ref)
+    if isinstance(value, str):
+        if SHA_RE.fullmatch(value.lower()):
+            return _edge_from_sha(ws, role, value.lower(), None)
+        res = refs.resolve(ws, value)  # a reference such as "sdxl-base@2" or a path
+        value = res.record if res.record is not None else res
+        if isinstance(value, refs.Resolution):
+            return _edge_from_sha(ws, role, value.sha256, value.ref, str(value.path))
+    if isinstance(value, VersionRecord):
+        return Edge(role, value.sha256, ref=value.ref, target_version_id=value.id)
+    sha = getattr(value, "sha256", None)
+    if not sha:
+        raise RegistryError(f"lineage {role!r}: expected a resolved asset or a sha256, got {type(value).__name__}")
+    name, number = getattr(value, "name", None), getattr(value, "version", None)
+    if name and number is not None:
+        rec = catalog.version(ws.db, name, int(number))
+        if rec is not None and rec.sha256 == sha:
+            return Edge(role, sha, ref=rec.ref, target_version_id=rec.id)
+    path = getattr(value, "path", None)
+    return _edge_from_sha(ws, role, sha, getattr(value, "ref", None), str(path) if path else None)
+
+
+def _shape(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return "x".join(str(int(d)) for d in value)
+
+
+def layer_rows(layers: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for layer in layers:
+        if "module" not in layer:
+            raise RegistryError("each entry of facts['layers'] needs a 'module'")
+        rows.append({
+            "module": str(layer["module"]), "kind": layer.get("kind"), "shape": _shape(layer.get("shape")),
+            "rank": None if layer.get("rank") is None else int(layer["rank"]),
+            "rel_error": None if layer.get("rel_error") is None else float(layer["rel_error"]),
+            "energy": None if layer.get("energy") is None else float(layer["energy"]),
+        })
+    return rows
+
+
+def artifact_files(artifacts: Any) -> dict[str, Path]:
+    """Extra artifacts: a mapping {artifact path: file} or an iterable of files (kept by name)."""
+    if not artifacts:
+        return {}
+    if isinstance(artifacts, Mapping):
+        items = {str(k): Path(v) for k, v in artifacts.items()}
+    else:
+        items = {Path(p).name: Path(p) for p in artifacts}
+    for rel, p in items.items():
+        if not p.is_file():
+            raise RegistryError(f"artifact {rel!r}: file not found: {p}")
+    return items
+
+
+def metric_numbers(values: Mapping[str, Any] | None) -> dict[str, float]:
+    out = {}
+    for k, v in (values or {}).items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[str(k)] = float(v)
+        elif hasattr(v, "item"):
+            out[str(k)] = float(v.item())
+        else:
+            raise RegistryError(f"metric {k!r} is not a number: {v!r}")
+    return out
+
+
+# -- the transactions ----------------------------------------------------------------------
+def insert_lora_facts(tx: Any, version_id: int, facts: Mapping[str, Any], size: int, n_layers: int) -> None:
+    row = {k: facts.get(k) for k in LORA_COLUMNS}
+    skipped = facts.get("skipped") or []
+    tx.execute("DELETE FROM lora_facts WHERE version_id = :v", {"v": version_id})
+    tx.execute(
+        "INSERT INTO lora_facts (version_id, rank, conv_rank, policy, alpha, file_size, mean_error, max_error, "
+        "functional_error, n_layers, n_skipped) VALUES (:v, :rank, :conv_rank, :policy, :alpha, :size, "
+        ":mean_error, :max_error, :functional_error, :n_layers, :n_skipped)",
+        {"v": version_id, **{k: _scalar(row[k]) for k in LORA_COLUMNS}, "size": size,
+         "n_layers": n_layers or facts.get("n_layers"), "n_skipped": len(skipped)})
+
+
+def _scalar(v: Any) -> Any:
+    if v is None or isinstance(v, str | int | float):
+        return v
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+def insert_layers(tx: Any, version_id: int, rows: list[dict[str, Any]]) -> None:
+    tx.execute("DELETE FROM layer_errors WHERE version_id = :v", {"v": version_id})
+    tx.executemany("INSERT INTO layer_errors (version_id, module, kind, shape, rank, rel_error, energy) "
+                   "VALUES (:v, :module, :kind, :shape, :rank, :rel_error, :energy)",
+                   [{"v": version_id, **r} for r in rows])
+
+
+def _insert_pending(ws: Workspace, *, name: str, kind: str, sha: str, size: int, dtype: str | None,
+                    file_name: str, config: Any, facts: dict[str, Any], params: Mapping[str, Any],
+                    metrics: Mapping[str, float], edges: list[Edge], layers: list[dict[str, Any]],
+                    tags: Mapping[str, str]) -> int:
+    def txn() -> int:
+        with ws.db.transaction() as tx:
+            a = catalog.asset(tx, name)
+            if a is None:
+                asset_id = tx.scalar("INSERT INTO assets (name, kind, created_at) VALUES (:n, :k, :t) RETURNING id",
+                                     {"n": name, "k": kind, "t": catalog.now()})
+            elif a["kind"] != kind:
+                raise RegistryError(f"{name!r} is a {a['kind']}: it cannot get a {kind} version "
+                                    f"(choose another name)")
+            else:
+                asset_id = a["id"]
+            number = tx.scalar("SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE asset_id = :a",
+                               {"a": asset_id})
+            vid = tx.scalar(
+                "INSERT INTO versions (asset_id, number, status, sha256, size, dtype, blob_path, file_name, "
+                "created_at, tool_version, config_json, facts_json, params_json, metrics_json, owner, integrity) "
+                "VALUES (:a, :num, 'pending', :sha, :size, :dtype, :blob, :fname, :t, :tool, :cfg, :facts, "
+                ":params, :metrics, :owner, 'ok') RETURNING id",
+                {"a": asset_id, "num": number, "sha": sha, "size": size, "dtype": dtype,
+                 "blob": blob_relpath(sha), "fname": file_name, "t": catalog.now(), "tool": __version__,
+                 "cfg": None if config is None else dumps(config), "facts": dumps(facts),
+                 "params": dumps({str(k): str(v) for k, v in params.items()}), "metrics": dumps(metrics),
+                 "owner": actor()})
+            tx.executemany(
+                "INSERT INTO lineage (version_id, role, target_version_id, sha256, ref, path) "
+                "VALUES (:v, :role, :t, :sha, :ref, :path)",
+                [{"v": vid, "role": e.role, "t": e.target_version_id, "sha": e.sha256, "ref": e.ref,
+                  "path": e.path} for e in edges])
+            if kind == "lora":
+                insert_lora_facts(tx, vid, facts, size, len(layers))
+            if layers:
+                insert_layers(tx, vid, layers)
+            tx.executemany("INSERT INTO tags (version_id, key, value) VALUES (:v, :k, :val)",
+                           [{"v": vid, "k": str(k), "val": str(v)} for k, v in tags.items()])
+            catalog.log_event(tx, "register_started", name=name, number=number, sha256=sha, actor=actor(),
+                              detail={"kind": kind, "size": size})
+            return vid
+
+    return with_retries(txn, f"registering {name}")
+
+
+def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: Any = None,
+             facts: Mapping[str, Any] | None = None, lineage: Mapping[str, Any] | None = None,
+             params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
+             artifacts: Any = None, tags: Mapping[str, Any] | None = None) -> VersionRecord:
+    """Register ``path`` as the next version of ``name`` (see the module docstring)."""
+    started = time.time()
+    if not refs.NAME_RE.fullmatch(name or "") or refs.parse_version(name or "") is not None:
+        raise RegistryError(f"invalid name {name!r}")
+    if kind not in KINDS:
+        raise RegistryError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise RegistryError(f"file not found: {path}")
+    facts = json.loads(dumps(dict(facts or {})))  # plain JSON types from here on
+    layers = layer_rows(facts.pop("layers", None) or [])
+    edges, training_config = lineage_edges(ws, lineage)
+    if kind == "lora" and not any(e.role == "base" for e in edges):
+        raise RegistryError("a LoRA must name its base: pass lineage={'base': <asset or sha256>}")
+    if training_config is not None:
+        facts["training_config"] = training_config
+    extra = artifact_files(artifacts)
+    metric_values = metric_numbers(metrics)
+    size = path.stat().st_size
+    t0 = time.time()
+    sha = refs.file_sha256(ws, path)
+    damaged = _damaged(ws, sha)
+    if damaged:  # restoring a damaged blob: trust the bytes, not the hash cache
+        sha = refs.file_sha256(ws, path, fresh=True)
+        damaged = _damaged(ws, sha)
+    metric_values.setdefault("hash_seconds", time.time() - t0)
+    dtype = str(facts.get("dtype") or sniff_dtype(path) or "")[:16] or None
+
+    from lbm_registry.registry.tracking import Tracker, mirror_inputs
+
+    tracker = Tracker(ws)  # connect first: an unreachable MLflow fails before anything is written
+    vid = _insert_pending(ws, name=name, kind=kind, sha=sha, size=size, dtype=dtype, file_name=path.name,
+                          config=config, facts=facts, params=dict(params or {}), metrics=metric_values,
+                          edges=edges, layers=layers, tags={str(k): str(v) for k, v in (tags or {}).items()})
+    rec = catalog.version_by_id(ws.db, vid)
+    state: dict[str, str | None] = {"run_id": None, "mv": None}
+    try:
+        pause("pending")
+        blob, how = store_blob(path, sha, size, ws.blobs_dir, replace=damaged)
+        if damaged:  # the bytes were just re-hashed from the source: the blob is whole again
+            with_retries(lambda: _mark_integrity(ws, sha, "ok"), "restoring blob state")
+        pause("blob")
+
+        def on_run(run_id: str) -> None:
+            state["run_id"] = run_id
+            with_retries(lambda: _set_run(ws, vid, run_id), "recording the MLflow run")
+            pause("mlflow_run")
+
+        edge_rows, lora, layer_table, tag_map = mirror_inputs(ws, rec)
+        state["run_id"], state["mv"] = tracker.mirror(
+            rec, weights=blob, edges=edge_rows, lora=lora, layers=layer_table, user_tags=tag_map,
+            extra_artifacts=extra, started=started, on_run=on_run)
+        pause("mlflow_version")
+        with_retries(lambda: _flip_ready(ws, rec, state["run_id"], state["mv"], how), f"registering {rec.ref}")
+    except BaseException as exc:
+        _abort(ws, tracker, rec, state, exc)
+        raise
+    out = catalog.version_by_id(ws.db, vid)
+    assert out is not None
+    return out
+
+
+def _damaged(ws: Workspace, sha: str) -> bool:
+    """Has doctor found the blob of this hash missing or corrupt?"""
+    return bool(ws.db.scalar("SELECT count(*) FROM versions WHERE sha256 = :s AND integrity <> 'ok'", {"s": sha}))
+
+
+def _mark_integrity(ws: Workspace, sha: str, value: str) -> None:
+    with ws.db.transaction() as tx:
+        tx.execute("UPDATE versions SET integrity = :i WHERE sha256 = :s", {"i": value, "s": sha})
+
+
+def _set_run(ws: Workspace, vid: int, run_id: str) -> None:
+    with ws.db.transaction() as tx:
+        tx.execute("UPDATE versions SET mlflow_run_id = :r WHERE id = :id", {"r": run_id, "id": vid})
+
+
+def _flip_ready(ws: Workspace, rec: VersionRecord, run_id: str | None, mv: str | None, how: str) -> None:
+    with ws.db.transaction() as tx:
+        n = tx.execute("UPDATE versions SET status = 'ready', mlflow_run_id = :r, mlflow_version = :mv, "
+                       "owner = NULL WHERE id = :id AND status = 'pending'", {"r": run_id, "mv": mv, "id": rec.id})
+        if n != 1:
+            raise RegistryError(f"{rec.ref} was rolled back while it was being registered (by doctor --repair?)")
+        catalog.log_event(tx, "register", name=rec.name, number=rec.number, sha256=rec.sha256, actor=actor(),
+                          detail={"kind": rec.kind, "size": rec.size, "blob": how, "mlflow_run_id": run_id,
+                                  "mlflow_version": mv})
+
+
+def _abort(ws: Workspace, tracker: Any, rec: VersionRecord, state: Mapping[str, str | None],
+           exc: BaseException) -> None:
+    """Best effort: mark the version failed and drop its MLflow run. Never raises."""
+    message = str(exc) if isinstance(exc, LBMError) else f"{type(exc).__name__}: {exc}"
+    try:
+        def txn() -> None:
+            with ws.db.transaction() as tx:
+                tx.execute("UPDATE versions SET status = 'failed', error = :e, owner = NULL "
+                           "WHERE id = :id AND status = 'pending'", {"e": message[:2000], "id": rec.id})
+                catalog.log_event(tx, "register_failed", name=rec.name, number=rec.number, sha256=rec.sha256,
+                                  actor=actor(), detail={"error": message[:2000]})
+
+        with_retries(txn, "marking a failed registration")
+        run_id = state.get("run_id") or (catalog.version_by_id(ws.db, rec.id) or rec).mlflow_run_id
+        if run_id or state.get("mv"):
+            tracker.discard(rec.name, run_id, state.get("mv"))
+    except BaseException:  # the original error matters more; doctor cleans up the rest
+        pass
+
+
+def update_version_facts(ws: Workspace, name: str, number: int, facts: Mapping[str, Any], *,
+                         metrics: Mapping[str, Any] | None = None, artifacts: Any = None) -> dict[str, Any]:
+    """Merge ``facts`` into a ready version; returns the (JSON-normalised) new facts.
+
+    MLflow first (metrics: ``metrics`` plus top-level numeric facts; artifacts; facts.json), then
+    one catalog transaction (facts, LoRA summary columns, per-layer table if ``layers`` is
+    given, event). If MLflow fails nothing is recorded and the caller can simply retry.
+    """
+    from lbm_registry.registry.tracking import Tracker
+
+    new = json.loads(dumps(dict(facts)))
+    layers = new.pop("layers", None)
+    metric_values = metric_numbers(metrics)
+    for k, v in new.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            metric_values.setdefault(k, float(v))
+    files = artifact_files(artifacts)
+    rec = catalog.version(ws.db, name, number)
+    if rec is None:
+        raise RefError(f"unknown version {name}@{number}")
+    merged = {**rec.facts, **new}
+    texts = {"facts.json": json.dumps(merged, indent=1, sort_keys=True, default=str)}
+    rows = layer_rows(layers) if layers is not None else None
+    if rows is not None:
+        texts.update(Tracker.layer_files(rows))
+    Tracker(ws).log_update(rec, metric_values, texts, files)
+
+    def txn() -> None:
+        with ws.db.transaction() as tx:
+            tx.execute("UPDATE versions SET facts_json = :f WHERE id = :id", {"f": dumps(merged), "id": rec.id})
+            cols = [k for k in LORA_COLUMNS if k in new]
+            if rec.kind == "lora" and cols:
+                sets = ", ".join(f"{k} = :{k}" for k in cols)
+                tx.execute(f"UPDATE lora_facts SET {sets} WHERE version_id = :id",
+                           {"id": rec.id, **{k: _scalar(new[k]) for k in cols}})
+            if rows is not None:
+                insert_layers(tx, rec.id, rows)
+            catalog.log_event(tx, "update_facts", name=rec.name, number=rec.number, sha256=rec.sha256,
+                              actor=actor(), detail={"keys": sorted(new), "metrics": sorted(metric_values)})
+
+    with_retries(txn, f"updating {rec.ref}")
+    return new

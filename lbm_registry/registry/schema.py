@@ -1,0 +1,69 @@
+"""Catalog schema version: a cheap check on every open, Alembic only when an upgrade is due.
+
+The database's revision (``alembic_version`` table) is compared with :data:`SCHEMA_HEAD` using
+the connection we already have; Alembic and SQLAlchemy (~0.6 s of imports) are loaded only
+when the catalog is new or behind. Upgrades run under a file lock in the workspace, so several
+processes opening a fresh workspace at once migrate it exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lbm_registry.errors import RegistryError
+from lbm_registry.registry.db import Database
+
+#: The newest revision in ``migrations/versions``. Bump it with every new migration script
+#: (``tests/test_registry_catalog.py`` checks it equals Alembic's head).
+SCHEMA_HEAD = "0001"
+
+
+def migrations_dir() -> Path:
+    """The top-level ``migrations/`` folder of the (editable) checkout."""
+    import lbm_registry
+
+    path = Path(lbm_registry.__file__).resolve().parents[1] / "migrations"
+    if not (path / "env.py").is_file():
+        raise RegistryError(f"Alembic migrations not found at {path} (is the package installed editable?)")
+    return path
+
+
+def current_revision(db: Database) -> str | None:
+    """The revision the catalog is at; None for an empty (or missing) database."""
+    if db.is_sqlite:
+        if not db.path.exists() or db.path.stat().st_size == 0:
+            return None
+        has = db.scalar("SELECT count(*) FROM sqlite_master WHERE type='table' AND name='alembic_version'")
+        if not has:
+            return None
+        return db.scalar("SELECT version_num FROM alembic_version")
+    try:
+        return db.scalar("SELECT version_num FROM alembic_version")
+    except Exception:  # table missing: a fresh database (each dialect words this differently)
+        return None
+
+
+def upgrade(db: Database) -> None:
+    """Run ``alembic upgrade head`` on the catalog (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    engine = db.engine()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    if db.is_sqlite:
+        # WAL: readers never block the writer and vice versa. Persistent, so set once here.
+        db.reader().query("PRAGMA journal_mode=WAL")
+
+
+def alembic_head() -> str | None:
+    """Alembic's own idea of the head revision (used by tests to guard SCHEMA_HEAD)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    return ScriptDirectory.from_config(cfg).get_current_head()

@@ -1,0 +1,384 @@
+"""The MLflow mirror: every catalog version is a registered-model version whose run tells the story.
+
+The run holds params (rank, policy, hashes...), metrics (errors, size, time), tags (sha256 and
+lineage: base, tuned, parent) and artifacts (the weights as a hard link to the blob, the
+per-layer error table as CSV/JSON, the layer list, config/facts/lineage JSON, extras). So the
+MLflow UI alone shows what each version is and where it came from.
+
+Everything here imports MLflow (~1.3-2 s) and is only reached from registration, doctor,
+alias changes and ``ui``; never from ``list``/``show``/``resolve``.
+
+MLflow facts this relies on (3.x): the file store needs an opt-in, so a workspace uses
+``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/artifacts``; creating a new
+MLflow DB from several processes at once crashes, so it is created under a file lock (and
+writes to the SQLite backend are serialised by another lock, which costs ~0.2 s per
+registration and removes "database is locked" failures); ``create_model_version(source=...,
+run_id=...)`` needs no MLmodel file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from lbm_registry.errors import RegistryError
+from lbm_registry.registry import catalog
+from lbm_registry.registry.blobs import link_or_copy
+from lbm_registry.registry.catalog import VersionRecord
+from lbm_registry.registry.db import sqlite_path
+from lbm_registry.registry.workspace import Workspace
+
+EXPERIMENT = "lbm-registry"
+TAG_PREFIX = "lbm."
+LAYER_FIELDS = ("module", "kind", "shape", "rank", "rel_error", "energy")
+_PARAM_MAX = 6000
+_TAG_MAX = 5000
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _local_dir(uri: str) -> Path | None:
+    """The folder behind a ``file:`` (or bare path) artifact URI; None for remote stores."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and uri.startswith("/"):
+        return Path(uri)
+    return None
+
+
+@contextlib.contextmanager
+def mlflow_errors(what: str) -> Iterator[None]:
+    """MLflow raises its own exception zoo; users see one line."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(f"MLflow {what} failed: {_one_line(exc)}") from exc
+
+
+class Tracker:
+    """An MLflow client bound to one workspace and the ``lbm-registry`` experiment."""
+
+    def __init__(self, ws: Workspace) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        self.ws = ws
+        self.uri = ws.settings.effective_tracking_uri
+        self.is_sqlite = self.uri.startswith("sqlite:")
+        with mlflow_errors(f"connection to {self.uri}"):
+            from mlflow import MlflowClient
+
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+            ws.home.mkdir(parents=True, exist_ok=True)
+            # Creating (migrating) a new MLflow DB concurrently crashes: do it under a lock. Once
+            # our experiment exists the DB is complete, and opening it needs no lock.
+            with contextlib.nullcontext() if self._ready() else self._init_lock():
+                self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                exp = self.client.get_experiment_by_name(EXPERIMENT)
+                if exp is None:
+                    location = ws.artifacts_dir.as_uri() if self.is_sqlite else None
+                    self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+                else:
+                    self.experiment_id = exp.experiment_id
+
+    def _ready(self) -> bool:
+        """A SQLite MLflow DB that already holds our experiment (created last, under the lock).
+        Remote servers need no lock at all."""
+        if not self.is_sqlite:
+            return True
+        path = sqlite_path(self.uri)
+        if path is None or not path.is_file():
+            return False
+        try:
+            with contextlib.closing(sqlite3.connect(str(path), timeout=30)) as conn:
+                row = conn.execute("SELECT count(*) FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
+                return bool(row and row[0])
+        except sqlite3.Error:
+            return False
+
+    def _init_lock(self) -> Any:
+        return self.ws.lock("mlflow") if self.is_sqlite else contextlib.nullcontext()
+
+    def write_lock(self) -> Any:
+        """Serialise writes to a SQLite MLflow backend across processes (a server needs none)."""
+        return self.ws.lock("mlflow-write") if self.is_sqlite else contextlib.nullcontext()
+
+    # -- describing a version --------------------------------------------------------------
+    @staticmethod
+    def describe(rec: VersionRecord, edges: list[dict[str, Any]], lora: dict[str, Any] | None,
+                 user_tags: Mapping[str, str]) -> tuple[dict[str, str], dict[str, float], dict[str, str], str]:
+        """(params, metrics, tags, markdown description) for a version, from catalog data only,
+        so ``doctor --repair`` can rebuild a lost mirror exactly."""
+        params: dict[str, Any] = {k: v for k, v in rec.params.items()}
+        params.update(kind=rec.kind, name=rec.name, version=rec.number, sha256=rec.sha256, size=rec.size,
+                      dtype=rec.dtype or "", tool_version=rec.tool_version, file_name=rec.file_name or "")
+        cfg = rec.config
+        if cfg and isinstance(cfg.get("name"), str):
+            params["config_name"] = cfg["name"]
+        metrics: dict[str, float] = {}
+        for k, v in rec.metrics.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                metrics[k] = float(v)
+        metrics["size_bytes"] = float(rec.size)
+        metrics["size_mb"] = rec.size / 1e6
+        if lora:
+            for k in ("rank", "conv_rank", "policy", "alpha"):
+                if lora.get(k) is not None:
+                    params[k] = lora[k]
+            for k in ("mean_error", "max_error", "functional_error", "n_layers", "n_skipped"):
+                if lora.get(k) is not None:
+                    metrics[k] = float(lora[k])
+        tags: dict[str, str] = {str(k): str(v) for k, v in user_tags.items()}
+        tags.update({
+            "lbm.sha256": rec.sha256, "lbm.kind": rec.kind, "lbm.name": rec.name,
+            "lbm.version": str(rec.number), "lbm.version_id": str(rec.id), "lbm.size": str(rec.size),
+        })
+        if rec.dtype:
+            tags["lbm.dtype"] = rec.dtype
+        lines = [f"**{rec.ref}** ({rec.kind}), sha256 `{rec.sha256}`, {rec.size:,} bytes"]
+        datasets = []
+        for e in edges:
+            role = e["role"]
+            ref = f"{e['target_name']}@{e['target_number']}" if e.get("target_name") else (e.get("ref") or "")
+            if role == "dataset":
+                datasets.append(e)
+                continue
+            if e.get("sha256"):
+                tags[f"lbm.{role}_sha256"] = e["sha256"]
+                params[f"{role}_sha256"] = e["sha256"]
+            if ref:
+                tags[f"lbm.{role}_ref"] = ref
+                params[role] = ref
+            lines.append(f"- {role}: {ref or '?'} (sha256 `{(e.get('sha256') or '?')[:16]}`)")
+        if datasets:
+            tags["lbm.datasets"] = ",".join((d.get("sha256") or "?")[:16] for d in datasets)[:_TAG_MAX]
+            params["n_datasets"] = len(datasets)
+            lines.append(f"- trained on {len(datasets)} dataset shard(s)")
+        description = "\n".join(lines)
+        tags["mlflow.note.content"] = description
+        str_params = {k: str(v)[:_PARAM_MAX] for k, v in params.items()}
+        return str_params, metrics, {k: v[:_TAG_MAX] for k, v in tags.items()}, description
+
+    @staticmethod
+    def layer_files(layers: list[dict[str, Any]]) -> dict[str, str]:
+        if not layers:
+            return {}
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(LAYER_FIELDS), extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for row in layers:
+            w.writerow(row)
+        return {"layers.csv": buf.getvalue(), "layers.json": json.dumps(layers, indent=1, default=str),
+                "layers.txt": "".join(f"{r['module']}\n" for r in layers)}
+
+    # -- writing ---------------------------------------------------------------------------
+    def mirror(self, rec: VersionRecord, *, weights: Path, edges: list[dict[str, Any]],
+               lora: dict[str, Any] | None, layers: list[dict[str, Any]], user_tags: Mapping[str, str],
+               extra_artifacts: Mapping[str, Path] | None = None, started: float | None = None,
+               on_run: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """Create the run (params, metrics, tags, artifacts) and the model version.
+
+        ``on_run(run_id)`` is called as soon as the run exists, so the catalog can record it
+        before anything else can fail. Returns (run id, model version)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        params, metrics, tags, description = self.describe(rec, edges, lora, user_tags)
+        with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}"):
+            run = self.client.create_run(self.experiment_id, run_name=rec.ref,
+                                         tags={k: v for k, v in tags.items() if k.startswith(TAG_PREFIX)})
+            run_id = run.info.run_id
+            if on_run is not None:
+                on_run(run_id)
+            if started is not None:
+                metrics["register_seconds"] = time.time() - started
+            ts = int(time.time() * 1000)
+            self._log_batch(run_id, [Metric(k, v, ts, 0) for k, v in metrics.items()],
+                            [Param(k, v) for k, v in params.items()], [RunTag(k, v) for k, v in tags.items()])
+            files: dict[str, str] = {
+                "facts.json": json.dumps(rec.facts, indent=1, sort_keys=True, default=str),
+                "lineage.json": json.dumps(edges, indent=1, default=str),
+            }
+            if rec.config is not None:
+                files["config.json"] = json.dumps(rec.config, indent=1)
+            files.update(self.layer_files(layers))
+            weight_name = rec.file_name or f"{rec.name}-v{rec.number}.safetensors"
+            self.write_artifacts(run_id, run.info.artifact_uri, files,
+                                 {f"weights/{weight_name}": weights, **dict(extra_artifacts or {})})
+            self._ensure_registered_model(rec)
+            mv = self.client.create_model_version(
+                rec.name, source=f"{run.info.artifact_uri}/weights", run_id=run_id,
+                tags={k: v for k, v in tags.items() if k != "mlflow.note.content"},
+                description=description, await_creation_for=0)
+            self.client.set_terminated(run_id, "FINISHED")
+        return run_id, str(mv.version)
+
+    def _log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+        """``log_batch`` takes at most 1000 metrics, 100 params and 100 tags per call."""
+        step = 100
+        for i in range(0, max(len(metrics), len(params), len(tags), 1), step):
+            self.client.log_batch(run_id, metrics=metrics[i:i + step], params=params[i:i + step],
+                                  tags=tags[i:i + step])
+
+    def _ensure_registered_model(self, rec: VersionRecord) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(rec.name, tags={"lbm.kind": rec.kind},
+                                                description=f"lbm-registry {rec.kind} '{rec.name}'")
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    def write_artifacts(self, run_id: str, artifact_uri: str | None, texts: Mapping[str, str],
+                        files: Mapping[str, Path]) -> None:
+        """Local stores: write/link straight into the run's folder (weights are hard links to
+        the blob). Remote stores: upload through MLflow."""
+        if artifact_uri is None:
+            artifact_uri = self.client.get_run(run_id).info.artifact_uri
+        local = _local_dir(artifact_uri)
+        if local is not None:
+            for rel, text in texts.items():
+                dest = local / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(text)
+            for rel, src in files.items():
+                link_or_copy(Path(src), local / rel)
+            return
+        staging = self.ws.staging_dir / f"upload-{run_id}"
+        try:
+            for rel, text in texts.items():
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staging / rel).write_text(text)
+            for rel, src in files.items():
+                link_or_copy(Path(src), staging / rel)
+            self.client.log_artifacts(run_id, str(staging))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def log_update(self, rec: VersionRecord, metrics: Mapping[str, float], texts: Mapping[str, str],
+                   files: Mapping[str, Path]) -> None:
+        """Validation results and the like: metrics on the version's run, extra artifacts."""
+        from mlflow.entities import Metric
+
+        if not rec.mlflow_run_id:
+            raise RegistryError(f"{rec.ref} has no MLflow run (run 'lbm-reg doctor --repair')")
+        with self.write_lock(), mlflow_errors(f"update of {rec.ref}"):
+            ts = int(time.time() * 1000)
+            if metrics:
+                self._log_batch(rec.mlflow_run_id, [Metric(k, float(v), ts, 0) for k, v in metrics.items()], [], [])
+            if texts or files:
+                self.write_artifacts(rec.mlflow_run_id, None, texts, files)
+
+    def set_alias(self, rec: VersionRecord, alias: str) -> None:
+        if rec.mlflow_version:
+            with self.write_lock(), mlflow_errors(f"alias {alias!r}"):
+                self.client.set_registered_model_alias(rec.name, alias, rec.mlflow_version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        with self.write_lock(), mlflow_errors(f"alias {alias!r}"):
+            try:
+                self.client.delete_registered_model_alias(name, alias)
+            except MlflowException:
+                pass  # not mirrored (e.g. set while MLflow was down): nothing to remove
+
+    # -- cleanup and checks (doctor) -------------------------------------------------------
+    def discard(self, name: str, run_id: str | None, mlflow_version: str | None) -> list[str]:
+        """Remove what a failed registration left in MLflow: model versions, run, artifacts.
+
+        ``name`` may be empty when only the run is known (model versions are then found by run)."""
+        from mlflow.exceptions import MlflowException
+
+        done: list[str] = []
+        with self.write_lock():
+            versions: set[tuple[str, str]] = set()
+            if mlflow_version and name:
+                versions.add((name, str(mlflow_version)))
+            if run_id:
+                with contextlib.suppress(MlflowException):
+                    for mv in self.client.search_model_versions(f"run_id = '{run_id}'"):
+                        if not name or mv.name == name:
+                            versions.add((mv.name, str(mv.version)))
+            for model, v in sorted(versions):
+                with contextlib.suppress(MlflowException):
+                    self.client.delete_model_version(model, v)
+                    done.append(f"deleted MLflow model version {model}/{v}")
+            if run_id:
+                with contextlib.suppress(MlflowException):
+                    run = self.client.get_run(run_id)
+                    local = _local_dir(run.info.artifact_uri)
+                    self.client.delete_run(run_id)
+                    done.append(f"deleted MLflow run {run_id}")
+                    # <artifact root>/<run id>/artifacts: remove the run's folder, nothing above it
+                    folder = None
+                    if local is not None:
+                        if local.name == run_id:
+                            folder = local
+                        elif local.parent.name == run_id:
+                            folder = local.parent
+                    if folder is not None and folder.is_dir():
+                        shutil.rmtree(folder, ignore_errors=True)
+        return done
+
+    def check(self, rec: VersionRecord) -> str | None:
+        """Why the mirror of a ready version is broken, or None when it is fine."""
+        from mlflow.exceptions import MlflowException
+
+        if not rec.mlflow_run_id or not rec.mlflow_version:
+            return "no MLflow run/model version recorded"
+        try:
+            mv = self.client.get_model_version(rec.name, rec.mlflow_version)
+        except MlflowException:
+            return f"MLflow model version {rec.name}/{rec.mlflow_version} is missing"
+        if mv.tags.get("lbm.sha256") != rec.sha256:
+            return f"MLflow model version {rec.name}/{rec.mlflow_version} has another sha256"
+        try:
+            run = self.client.get_run(rec.mlflow_run_id)
+        except MlflowException:
+            return f"MLflow run {rec.mlflow_run_id} is missing"
+        if run.info.lifecycle_stage != "active":
+            return f"MLflow run {rec.mlflow_run_id} is deleted"
+        return None
+
+    def runs(self) -> list[Any]:
+        """Every live run of the lbm-registry experiment (paged)."""
+        out: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def model_versions(self, name: str) -> list[Any]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return list(self.client.search_model_versions(f"name = '{name}'"))
+        except MlflowException:
+            return []
+
+
+def mirror_inputs(ws: Workspace, rec: VersionRecord) -> tuple[list[dict[str, Any]], dict[str, Any] | None,
+                                                             list[dict[str, Any]], dict[str, str]]:
+    """(edges, lora facts, layers, tags) of a version as the mirror wants them."""
+    return (catalog.edges(ws.db, rec.id), catalog.lora_facts(ws.db, rec.id), catalog.layers(ws.db, rec.id),
+            catalog.tags(ws.db, rec.id))

@@ -1,0 +1,122 @@
+"""An opened registry workspace: the catalog connection, the blob store and the locks.
+
+Opening is cheap when the workspace is up to date (one ``SELECT`` on ``alembic_version``), so
+every facade call opens its own handle and closes it: no module-level state, and a process
+can work with several workspaces at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from lbm_registry.errors import RegistryError
+from lbm_registry.registry import schema
+from lbm_registry.registry.db import Database
+from lbm_registry.registry.settings import WorkspaceSettings
+
+LOCK_TIMEOUT_S = 300.0
+
+
+def actor() -> str:
+    """``host:pid`` of this process, stored on pending rows so doctor can tell dead from busy."""
+    return f"{socket.gethostname()[:200]}:{os.getpid()}"
+
+
+class Workspace:
+    """Use as a context manager; :meth:`open` creates/upgrades, :meth:`open_existing` never writes."""
+
+    def __init__(self, settings: WorkspaceSettings) -> None:
+        self.settings = settings
+        self.home = settings.home
+        self.db = Database(settings.effective_catalog_url)
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: WorkspaceSettings) -> Workspace:
+        """Open for writing: create the folders and migrate the catalog to head if needed."""
+        ws = cls(settings)
+        try:
+            ws.home.mkdir(parents=True, exist_ok=True)
+            ws.settings.blobs_dir.mkdir(parents=True, exist_ok=True)
+            ws.ensure_schema()
+        except BaseException:
+            ws.close()
+            raise
+        return ws
+
+    @classmethod
+    def open_existing(cls, settings: WorkspaceSettings) -> Workspace | None:
+        """Open for reading, or None when there is no catalog yet (nothing is created).
+
+        A catalog at an older revision is upgraded (reads must see the current schema)."""
+        ws = cls(settings)
+        if ws.db.is_sqlite and not ws.db.path.exists():
+            return None
+        try:
+            ws.ensure_schema()
+        except BaseException:
+            ws.close()
+            raise
+        return ws
+
+    def ensure_schema(self) -> None:
+        if schema.current_revision(self.db) == schema.SCHEMA_HEAD:
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self.lock("catalog"):
+            rev = schema.current_revision(self.db)  # someone may have migrated while we waited
+            if rev == schema.SCHEMA_HEAD:
+                return
+            try:
+                schema.upgrade(self.db)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise RegistryError(
+                    f"cannot migrate the catalog {self.settings.effective_catalog_url} from revision "
+                    f"{rev or 'empty'} to {schema.SCHEMA_HEAD}: {first}") from None
+            finally:
+                # Alembic used a SQLAlchemy engine; the sqlite3 fast path reconnects on its own.
+                if self.db.is_sqlite and self.db._engine is not None:
+                    self.db._engine.dispose()
+                    self.db._engine = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths and locks -------------------------------------------------------------------
+    @property
+    def blobs_dir(self) -> Path:
+        return self.settings.blobs_dir
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Scratch space on the workspace's file system (so renames and hard links work)."""
+        path = self.home / ".staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def lock(self, name: str, timeout: float = LOCK_TIMEOUT_S) -> Any:
+        """An inter-process file lock ``<home>/.locks/<name>.lock``."""
+        from filelock import FileLock
+
+        path = self.home / ".locks"
+        path.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path / f"{name}.lock"), timeout=timeout)
+
+    def abspath(self, rel: str) -> Path:
+        """Catalog paths are stored relative to the home so a workspace can be moved."""
+        p = Path(rel)
+        return p if p.is_absolute() else self.home / p
