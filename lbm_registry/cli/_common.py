@@ -14,10 +14,19 @@ JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON in
 
 
 def console(stderr: bool = False):  # -> rich.console.Console
-    """A Rich console (imported lazily: rich costs ~50 ms)."""
+    """A Rich console (imported lazily: rich costs ~50 ms).
+
+    Piped output (logs, CI, the demo) gets 140 columns instead of Rich's 80 so tables stay
+    readable; ``COLUMNS`` still wins.
+    """
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    con = Console(stderr=stderr, highlight=False)
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con = Console(stderr=stderr, highlight=False, width=140)
+    return con
 
 
 def settings(ctx: typer.Context) -> WorkspaceSettings:

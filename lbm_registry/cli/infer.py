@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lbm_registry.cli._common import not_implemented
+from lbm_registry.cli._common import console, print_json, settings
 
 
 def infer(
@@ -15,7 +15,7 @@ def infer(
     source: Path = typer.Option(..., "--source", help="Image file or folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file or folder."),
     scale: float = typer.Option(1.0, "--scale", help="LoRA scale, 0.0-2.0."),
-    steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default: config, 1)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps (default: config, 1)."),
     seed: int = typer.Option(0, "--seed"),
     base: str | None = typer.Option(None, "--base", help="Override the base REF."),
     lora: list[str] = typer.Option([], "--lora", help="Extra LoRA REF[:SCALE]; repeatable."),
@@ -23,10 +23,34 @@ def infer(
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16, fp16."),
     force: bool = typer.Option(False, "--force", help="Run even if the LoRA was made for another base."),
     sample_latent: bool = typer.Option(False, "--sample-latent", help="Sample the VAE posterior instead of its mean."),
-    log: bool = typer.Option(False, "--log", help="Log this run to MLflow."),
+    log: bool = typer.Option(False, "--log", help="Log this run (inputs, outputs, refs) to MLflow."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Translate images with a base/model, optionally with LoRA(s) merged at a scale."""
-    not_implemented("infer")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lbm_registry.api.infer import run_infer
+
+    err = console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, transient=True, disable=as_json) as progress:
+        result = run_infer(ref, source=source, output=output, scale=scale, steps=steps, seed=seed, base=base,
+                           loras=lora, device=device, dtype=dtype, force=force, sample_latent=sample_latent,
+                           log_run=log, settings=settings(ctx), progress=progress)
+    if as_json:
+        print_json(result)
+        return
+    con = console()
+    for w in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}")
+    for s in result["skipped"]:
+        err.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    loras = ", ".join(f"{x['ref']} x{x['scale']:g}" for x in result["loras"]) or "none"
+    con.print(f"base {result['base']}  lora {loras}  steps {result['steps']}  {result['device']}/{result['dtype']}")
+    for o in result["outputs"]:
+        con.print(f"[green]wrote[/] {o}")
+    if result.get("mlflow_run_id"):
+        con.print(f"logged MLflow run {result['mlflow_run_id']}")
 
 
 def register(app: typer.Typer) -> None:

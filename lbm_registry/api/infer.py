@@ -1,0 +1,249 @@
+"""Inference by name: resolve a LoRA/model/base, merge LoRA(s) at load, run images.
+
+LoRAs are merged into the weights once (zero per-step overhead); a new scale re-merges from
+the saved original weights, so scale 0 is bit-exactly the base.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lbm_registry.errors import ConfigError, LoRAError, RefError
+from lbm_registry.registry.settings import WorkspaceSettings
+
+if TYPE_CHECKING:
+    from lbm_registry.api.registry import ResolvedAsset
+    from lbm_registry.lbm.config import LBMConfig
+    from lbm_registry.lbm.pipeline import LBMPipeline
+
+log = logging.getLogger(__name__)
+
+MAX_SCALE = 2.0
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class LoadPlan:
+    """What will be loaded: the base weights and each LoRA with its scale."""
+
+    base: ResolvedAsset
+    loras: list[tuple[ResolvedAsset, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_scale(scale: float) -> float:
+    if not (0.0 <= scale <= MAX_SCALE):
+        raise LoRAError(f"scale {scale} is outside 0.0-{MAX_SCALE}")
+    return float(scale)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``REF[:SCALE]``: a trailing ``:<number>`` is the scale (``sha256:PREFIX`` alone is not)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and head != "sha256":
+        try:
+            value = float(tail)
+        except ValueError:
+            return spec, 1.0
+        return head, check_scale(value)
+    return spec, 1.0
+
+
+def is_lora_file(path: Path) -> bool:
+    """Sniff a weight file: a native LoRA has only ``denoiser.*.lora_down/up/alpha`` keys."""
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+
+    keys = CheckpointReader(path).keys()
+    return bool(keys) and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+
+
+def _kind(asset: ResolvedAsset) -> str:
+    if asset.kind != "file":
+        return asset.kind
+    return "lora" if is_lora_file(asset.path) else "model"
+
+
+def _lora_base_sha(asset: ResolvedAsset) -> str | None:
+    sha = (asset.facts or {}).get("base_sha256") or ((asset.lineage or {}).get("base") or {}).get("sha256")
+    if sha:
+        return sha
+    from lbm_registry.lora.format import read_lora
+
+    return read_lora(asset.path, check_finite=False).base_sha256
+
+
+def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...] = (),
+              scale: float = 1.0, force: bool = False, settings: WorkspaceSettings | None = None) -> LoadPlan:
+    """Resolve the references and check that every LoRA was made for the chosen base."""
+    from lbm_registry.api.registry import resolve
+
+    settings = settings or WorkspaceSettings.resolve()
+    main = resolve(ref, settings)
+    lora_assets: list[tuple[ResolvedAsset, float]] = []
+    check_scale(scale)
+    if _kind(main) == "lora":
+        lora_assets.append((main, 1.0))
+    for spec in loras:
+        r, s = parse_lora_spec(spec)
+        a = resolve(r, settings)
+        if _kind(a) != "lora":
+            raise LoRAError(f"--lora {r}: not a LoRA")
+        lora_assets.append((a, s))
+
+    if base is not None:
+        base_asset = resolve(base, settings)
+    elif _kind(main) != "lora":
+        base_asset = main
+    else:
+        sha = _lora_base_sha(main)
+        if not sha:
+            raise RefError(f"{ref}: the LoRA records no base; pass --base REF")
+        try:
+            base_asset = resolve(f"sha256:{sha}", settings)
+        except RefError:
+            raise RefError(f"{ref}: its base sha256:{sha[:12]} is not in this registry; pass --base REF") from None
+    if _kind(base_asset) == "lora":
+        raise RefError(f"{base_asset.ref}: is a LoRA, not a base model")
+
+    plan = LoadPlan(base=base_asset, loras=lora_assets)
+    for a, _ in lora_assets:
+        want = _lora_base_sha(a)
+        if want and want != base_asset.sha256:
+            msg = (f"LoRA {a.label} was made for base sha256:{want[:12]}, not {base_asset.label} "
+                   f"(sha256:{base_asset.sha256[:12]})")
+            if not force:
+                raise LoRAError(msg + "; use --force to run anyway")
+            plan.warnings.append(msg)
+            log.warning(msg)
+    return plan
+
+
+def config_for(asset: ResolvedAsset) -> LBMConfig:
+    """The LBM config of a base/model: from the registry record, else the file's metadata."""
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.config import config_from_dict
+    from lbm_registry.lbm.loading import config_from_checkpoint
+
+    if asset.config:
+        return config_from_dict(asset.config, asset.label)
+    cfg = config_from_checkpoint(CheckpointReader(asset.path))
+    if cfg is None:
+        raise ConfigError(f"{asset.label}: no LBM config recorded; import it with --config")
+    return cfg
+
+
+def load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...] = (), scale: float = 1.0,
+         device: str = "auto", dtype: str = "auto", force: bool = False,
+         settings: WorkspaceSettings | None = None) -> LBMPipeline:
+    """A ready pipeline: ``pipe = load("relight-v3@latest"); img = pipe(image, scale=1.0)``.
+
+    ``scale`` multiplies every LoRA (like a global LoRA strength); each ``--lora REF:S`` keeps its
+    own strength ``S`` under that multiplier. ``pipe(image, scale=s)`` changes the multiplier.
+    """
+    from lbm_registry.lbm.loading import load_lbm
+    from lbm_registry.lbm.model import pick_device, pick_dtype
+    from lbm_registry.lbm.pipeline import LBMPipeline
+    from lbm_registry.lora.apply import MergedLoRAs, check_lora_targets
+    from lbm_registry.lora.format import read_lora
+
+    plan = plan_load(ref, base=base, loras=loras, scale=scale, force=force, settings=settings)
+    cfg = config_for(plan.base)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model = load_lbm(plan.base.path, cfg, device=dev, dtype=dt)
+    merged = None
+    if plan.loras:
+        from lbm_registry.lbm.model import weight_layers
+
+        shapes = {n: tuple(m.weight.shape) for n, m in weight_layers(model.denoiser).items()}
+        files = []
+        for asset, s in plan.loras:
+            lf = read_lora(asset.path)
+            check_lora_targets(lf, shapes)
+            files.append((lf, s))
+        merged = MergedLoRAs(model.denoiser, files)
+        if scale != 1.0:
+            merged.set_scale(scale)
+    info = {"base": plan.base.label, "base_sha256": plan.base.sha256,
+            "loras": [{"ref": a.label, "sha256": a.sha256, "scale": s * scale} for a, s in plan.loras],
+            "warnings": plan.warnings, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
+    return LBMPipeline(model=model, device=dev, dtype=dt, loras=merged, info=info)
+
+
+def collect_images(source: Path) -> list[Path]:
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+    if source.is_file():
+        return [source]
+    raise ConfigError(f"source not found: {source}")
+
+
+def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps: int | None = None,
+              seed: int = 0, base: str | None = None, loras: list[str] | tuple[str, ...] = (),
+              device: str = "auto", dtype: str = "auto", force: bool = False, sample_latent: bool = False,
+              log_run: bool = False, settings: WorkspaceSettings | None = None,
+              progress: Any = None) -> dict[str, Any]:
+    """Run a file or a folder. Unreadable files are reported and skipped; the rest still run."""
+    from lbm_registry.errors import DataError
+    from lbm_registry.lbm.imaging import open_image
+
+    check_scale(scale)
+    settings = settings or WorkspaceSettings.resolve()
+    inputs = collect_images(Path(source))
+    batch = Path(source).is_dir()
+    if not batch and output.exists() and output.is_dir():
+        output = output / (Path(source).stem + ".png")
+    if batch:
+        output.mkdir(parents=True, exist_ok=True)
+    pipe = load(ref, base=base, loras=loras, scale=scale, device=device, dtype=dtype, force=force, settings=settings)
+    written, skipped = [], []
+    task = progress.add_task("infer", total=len(inputs)) if progress is not None else None
+    for path in inputs:
+        try:
+            img = open_image(path)
+        except DataError as exc:
+            skipped.append({"path": str(path), "reason": str(exc)})
+        else:
+            out_img = pipe(img, steps=steps, seed=seed, sample_latent=sample_latent)
+            dest = output / (path.stem + ".png") if batch else output
+            _save_image(out_img, dest)
+            written.append(str(dest))
+        if task is not None:
+            progress.advance(task)
+    if not written and skipped:
+        raise DataError(f"no readable images in {source} ({len(skipped)} skipped)")
+    result = {"outputs": written, "skipped": skipped, **(pipe.info or {}), "scale": scale,
+              "steps": steps or pipe.model.config.inference.steps, "seed": seed}
+    if log_run:
+        result["mlflow_run_id"] = _log_to_mlflow(result, inputs, settings)
+    return result
+
+
+def _save_image(img: Any, dest: Path) -> None:
+    from lbm_registry.lbm.checkpoint import atomic_path
+
+    suffix = dest.suffix.lower() if dest.suffix.lower() in IMAGE_SUFFIXES else ".png"
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(suffix, "PNG")
+    with atomic_path(dest) as tmp:
+        img.save(tmp, format=fmt)
+
+
+def _log_to_mlflow(result: dict[str, Any], inputs: list[Path], settings: WorkspaceSettings) -> str | None:
+    """One MLflow run per infer call: the refs as params, inputs and outputs as artifacts."""
+    from lbm_registry.train.tracking import MLflowTracker
+
+    tracker = MLflowTracker(settings.effective_tracking_uri, "lbm-registry-infer", home=settings.home,
+                            run_name=f"infer {result['base']}", warn=log.warning)
+    tracker.log_params({"base": result["base"], "base_sha256": result["base_sha256"],
+                        "loras": ",".join(f"{x['ref']}:{x['scale']:g}" for x in result["loras"]) or "-",
+                        "steps": result["steps"], "seed": result["seed"], "scale": result["scale"]})
+    for p in inputs:
+        if p.is_file():
+            tracker.log_artifact(p, "inputs")
+    for p in result["outputs"]:
+        tracker.log_artifact(p, "outputs")
+    tracker.end()
+    return tracker.run_id

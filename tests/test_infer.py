@@ -1,0 +1,173 @@
+"""Inference: LoRA merged at load equals the tuned model; scales; stacking; images; errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lbm_registry.errors import LoRAError
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    arr = (rng.random((70, 90, 3)) * 255).astype("uint8")
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def lora_pair(make_tuned, make_exact_lora):
+    t1, t2 = make_tuned(rank=4, seed=1, scale=0.3), make_tuned(rank=4, seed=2, scale=0.3)
+    return t1, t2, make_exact_lora(t1), make_exact_lora(t2)
+
+
+def _arr(img):
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_full_rank_lora_matches_tuned_model(lora_pair, image, tiny_base_path, workspace):
+    from lbm_registry.api.infer import load
+
+    tuned, _, lora_a, _ = lora_pair
+    out_lora = load(str(lora_a), base=str(tiny_base_path), device="cpu", dtype="fp32", settings=workspace)(image, seed=3)
+    out_tuned = load(str(tuned), device="cpu", dtype="fp32", settings=workspace)(image, seed=3)
+    assert out_lora.size == image.size == out_tuned.size
+    assert np.abs(_arr(out_lora) - _arr(out_tuned)).max() <= 1
+
+
+def test_scale_zero_is_base_and_scale_changes_output(lora_pair, image, tiny_base_path, workspace):
+    from lbm_registry.api.infer import load
+
+    _, _, lora_a, _ = lora_pair
+    base_img = load(str(tiny_base_path), device="cpu", dtype="fp32", settings=workspace)(image)
+    pipe = load(str(lora_a), base=str(tiny_base_path), scale=0.0, device="cpu", dtype="fp32", settings=workspace)
+    assert np.array_equal(_arr(pipe(image)), _arr(base_img))
+    assert not np.array_equal(_arr(pipe(image, scale=1.0)), _arr(base_img))
+    assert np.array_equal(_arr(pipe(image, scale=0.0)), _arr(base_img))
+
+
+def test_two_stacked_loras_at_half_equal_average_delta(lora_pair, image, tiny_base_path, tiny_config, workspace):
+    from lbm_registry.api.infer import load
+    from lbm_registry.lbm.loading import load_lbm
+    from lbm_registry.lbm.pipeline import LBMPipeline
+
+    t1, t2, lora_a, lora_b = lora_pair
+    stacked = load(str(tiny_base_path), loras=[f"{lora_a}:0.5", f"{lora_b}:0.5"], device="cpu",
+                   dtype="fp32", settings=workspace)
+    m1, m2 = load_lbm(t1, tiny_config), load_lbm(t2, tiny_config)
+    avg = load_lbm(tiny_base_path, tiny_config)
+    with torch.no_grad():
+        for p, p1, p2 in zip(avg.denoiser.parameters(), m1.denoiser.parameters(),
+                             m2.denoiser.parameters(), strict=True):
+            p.copy_((p1 + p2) / 2)
+    ref = LBMPipeline(avg, torch.device("cpu"), torch.float32)
+    assert np.abs(_arr(stacked(image)) - _arr(ref(image))).max() <= 1
+
+
+def test_lora_for_another_base_is_refused_unless_forced(lora_pair, make_tuned, image, workspace):
+    from lbm_registry.api.infer import load
+
+    _, _, lora_a, _ = lora_pair
+    other_base = make_tuned(rank=2, seed=9, scale=0.01)
+    with pytest.raises(LoRAError, match="--force"):
+        load(str(lora_a), base=str(other_base), device="cpu", settings=workspace)
+    pipe = load(str(lora_a), base=str(other_base), force=True, device="cpu", settings=workspace)
+    assert pipe.info["warnings"] and pipe(image).size == image.size
+
+
+def test_scale_out_of_range(lora_pair, tiny_base_path, workspace):
+    from lbm_registry.api.infer import load
+
+    with pytest.raises(LoRAError, match="outside"):
+        load(str(lora_pair[2]), base=str(tiny_base_path), scale=2.5, device="cpu", settings=workspace)
+
+
+def test_unregistered_lora_without_known_base(lora_pair, workspace):
+    from lbm_registry.api.infer import load
+    from lbm_registry.errors import RefError
+
+    with pytest.raises(RefError, match="--base"):
+        load(str(lora_pair[2]), device="cpu", settings=workspace)
+
+
+def test_images_any_format_and_batch_dir(tmp_path, tiny_base_path, workspace):
+    from lbm_registry.api.infer import run_infer
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray((rng.random((64, 100, 3)) * 255).astype("uint8"))
+    buf = io.BytesIO()
+    rgb.save(buf, format="WEBP")
+    (src / "webp_named.jpg").write_bytes(buf.getvalue())  # the extension lies
+    rgba = Image.fromarray((rng.random((50, 40, 4)) * 255).astype("uint8"), "RGBA")
+    rgba.save(src / "alpha.png")
+    rgb.convert("L").save(src / "gray.png")
+    exif_img = Image.fromarray((rng.random((30, 60, 3)) * 255).astype("uint8"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: displayed as 60x30 -> 30 wide, 60 high
+    exif_img.save(src / "rotated.jpg", exif=exif)
+    (src / "broken.png").write_bytes(b"not an image")
+    result = run_infer(str(tiny_base_path), source=src, output=tmp_path / "out", device="cpu", settings=workspace)
+    assert len(result["outputs"]) == 4
+    assert [s["path"].endswith("broken.png") for s in result["skipped"]] == [True]
+    sizes = {p.split("/")[-1]: Image.open(p).size for p in result["outputs"]}
+    assert sizes == {"webp_named.png": (100, 64), "alpha.png": (40, 50), "gray.png": (100, 64),
+                     "rotated.png": (30, 60)}
+
+
+def test_seeded_and_deterministic(tiny_base_path, image, workspace):
+    from lbm_registry.api.infer import load
+
+    pipe = load(str(tiny_base_path), device="cpu", settings=workspace)
+    a, b = pipe(image, steps=2, seed=1), pipe(image, steps=2, seed=1)
+    assert np.array_equal(_arr(a), _arr(b))
+
+
+def test_cli_infer_single_file(tmp_path, lora_pair, image, tiny_base_path, workspace):
+    from typer.testing import CliRunner
+
+    from lbm_registry.cli.main import app
+
+    src = tmp_path / "x.png"
+    image.save(src)
+    out = tmp_path / "y.png"
+    res = CliRunner().invoke(app, ["--home", str(workspace.home), "infer", str(lora_pair[2]), "--source", str(src),
+                                   "--output", str(out), "--scale", "0.7", "--device", "cpu",
+                                   "--base", str(tiny_base_path)])
+    assert res.exit_code == 0, res.output
+    assert Image.open(out).size == image.size
+    res = CliRunner().invoke(app, ["--home", str(workspace.home), "infer", str(lora_pair[2]), "--source", str(src),
+                                   "--output", str(out), "--scale", "3"])
+    assert res.exit_code != 0
+
+
+def test_python_api_load(lora_pair, image, tiny_base_path, workspace, monkeypatch):
+    import lbm_registry
+
+    monkeypatch.setenv("LBM_REG_HOME", str(workspace.home))
+    pipe = lbm_registry.load(str(lora_pair[2]), base=str(tiny_base_path), device="cpu")
+    assert pipe(image, scale=1.0).size == image.size
+
+
+def test_registered_lora_runs_by_name_with_base_from_lineage(reg_settings, lora_pair, tiny_base_path, image,
+                                                             tiny_config):
+    """relight@latest resolves to the LoRA and, through its lineage, to the base it was made for."""
+    from lbm_registry.api.infer import load
+    from lbm_registry.api.registry import register_asset, resolve
+
+    base = register_asset(tiny_base_path, name="infer-base", kind="base", settings=reg_settings,
+                          config=tiny_config.to_dict())
+    register_asset(lora_pair[2], name="infer-relight", kind="lora", settings=reg_settings,
+                   facts={"rank": 9999, "conv_rank": 9999, "policy": "exact", "alpha": 1.0},
+                   lineage={"base": base})
+    lora = resolve("infer-relight@latest", reg_settings)
+    assert lora.lineage["base"]["sha256"] == base.sha256
+    pipe = load("infer-relight@latest", device="cpu", dtype="fp32", settings=reg_settings)
+    assert pipe.info["base"] == "infer-base@1"
+    tuned = load(str(lora_pair[0]), device="cpu", dtype="fp32", settings=reg_settings)
+    assert np.abs(_arr(pipe(image)) - _arr(tuned(image))).max() <= 1
