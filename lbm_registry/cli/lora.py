@@ -1,20 +1,71 @@
-"""LoRA commands: ``extract``, ``validate``, ``layers``, ``export``."""
+"""LoRA commands: ``extract``, ``validate``, ``layers``, ``export``.
+
+Parse, call :mod:`lbm_registry.api.lora`, render. No torch at import time.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, not_implemented
+from lbm_registry.cli._common import JSON_OPTION, console, human_size, print_json, settings
+
+_PHASES = {"spectra": "spectra (budget pass 1)", "refine": "deeper spectra", "extract": "extracting",
+           "layers": "per-layer check", "functional": "functional check"}
+
+
+class _ProgressBar:
+    """A Rich progress bar on stderr, fed by the API's ``progress(phase, done, total)`` calls."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:6.1f} layers/s" if speed else "", style="cyan")
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console(stderr=True), transient=False,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase not in self._tasks:
+            self._tasks[phase] = self._progress.add_task(_PHASES.get(phase, phase), total=total)
+        self._progress.update(self._tasks[phase], completed=done, total=total)
+
+    def __enter__(self) -> _ProgressBar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+def _hist(hist: dict[str, int]) -> str:
+    return ", ".join(f"r{k} x{v}" for k, v in sorted(hist.items(), key=lambda kv: -int(kv[0])))
 
 
 def extract(
     ctx: typer.Context,
     base: str = typer.Option(..., "--base", help="Base model REF (name, name@N, sha256:..., or a file)."),
     tuned: str = typer.Option(..., "--tuned", help="Fine-tuned model REF."),
-    rank: int = typer.Option(32, "--rank", help="Linear-layer rank (9999 = full)."),
-    conv_rank: int = typer.Option(16, "--conv-rank", help="Conv-layer rank (9999 = full)."),
+    rank: int | None = typer.Option(None, "--rank", help="Linear-layer rank [default 32] (9999 = full)."),
+    conv_rank: int | None = typer.Option(None, "--conv-rank", help="Conv-layer rank [default 16] (9999 = full)."),
     energy: float | None = typer.Option(None, "--energy", help="Per layer, keep this fraction of ||dW||^2."),
     budget: str | None = typer.Option(None, "--budget", help="Total file size, e.g. 200MB: ranks chosen globally."),
     max_rank: int | None = typer.Option(None, "--max-rank", help="Cap on any layer's rank."),
@@ -25,7 +76,48 @@ def extract(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Extract a LoRA: SVD of (tuned - base) over all 792 denoiser weight layers."""
-    not_implemented("extract")
+    from lbm_registry.api import lora as api
+
+    with _ProgressBar() as bar:
+        report = api.extract(base, tuned, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
+                             max_rank=max_rank, alpha=alpha, dtype=dtype, output=output, register=register,
+                             settings=settings(ctx), progress=bar)
+    data = report.to_dict(layers=as_json)
+    if as_json:
+        print_json(data)
+        return
+    _render_extract(data)
+
+
+def _render_extract(d: dict[str, Any]) -> None:
+    from collections import Counter
+
+    from rich.table import Table
+
+    con = console()
+    t = Table(title=f"LoRA extraction ({d['policy_text']}, {d['dtype']})", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    n_layers = d["layers_extracted"]
+    t.add_row("layers", f"{n_layers} extracted" + (f" in {d['seconds']:.1f} s ({n_layers / d['seconds']:.0f} layers/s)"
+                                                   if d["seconds"] else ""))
+    reasons = Counter(s["reason"] for s in d["skipped"])
+    t.add_row("skipped", "none" if not d["skipped"] else "; ".join(f"{n} x {r}" for r, n in reasons.items()))
+    if d["skipped"]:
+        names = [s["module"] for s in d["skipped"]]
+        t.add_row("", ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else ""))
+    t.add_row("ranks", _hist(d["rank_histogram"]))
+    t.add_row("size", human_size(d["size_bytes"]))
+    t.add_row("rel. error", f"mean {d['mean_error']:.4f}  max {d['max_error']:.4f}")
+    for i, w in enumerate(d["worst"][:5]):
+        t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  r{w['rank']}  {w['module']}")
+    if d["uncaptured"]:
+        top = max(d["uncaptured"], key=lambda u: u["rel_change"])
+        t.add_row("not in LoRA", f"{len(d['uncaptured'])} bias/norm tensors changed by the fine-tune "
+                                 f"(largest: {top['key']}, {top['rel_change']:.2%}); a LoRA cannot carry them")
+    con.print(t)
+    where = d.get("ref") or d["path"]
+    con.print(f"[green]wrote[/] {where}  ({human_size(d['size_bytes'])})")
 
 
 def validate(
@@ -37,22 +129,89 @@ def validate(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Check base + LoRA ~ tuned, per layer and on denoiser outputs."""
-    not_implemented("validate")
+    from lbm_registry.api import lora as api
+
+    with _ProgressBar() as bar:
+        report = api.validate(ref, base=base, tuned=tuned, layers_file=layers_file, settings=settings(ctx),
+                              progress=bar)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    _render_validate(report.to_dict(layers=False))
+
+
+def _render_validate(d: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    con = console()
+    t = Table(title=f"validation of {d['lora']['label']}", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row("base", f"{d['base']['label']} ({d['base']['sha256'][:12]})")
+    if d["tuned"]:
+        t.add_row("tuned", f"{d['tuned']['label']} ({d['tuned']['sha256'][:12]})")
+    c = d["coverage"]
+    t.add_row("coverage", f"{c['found']} modules found / {c['expected']} expected / {c['applied']} applied")
+    if c["changed_not_covered"]:
+        t.add_row("", f"changed by the fine-tune but not in the LoRA: {', '.join(c['changed_not_covered'][:3])}")
+    s = d["summary"]
+    if s:
+        t.add_row("rel. error", f"mean {s['mean_error']:.4f}  max {s['max_error']:.4f}  (||dW - BA|| / ||dW||)")
+        t.add_row("energy kept", f"mean {s['mean_energy']:.4f}  whole model {s['total_energy']:.4f}")
+        t.add_row("mean|err|/mean|dW|", f"{s['mean_abs_ratio']:.4f}  (the original scripts' metric)")
+        for i, w in enumerate(s["worst"][:3]):
+            t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  {w['module']}")
+    f = d["functional"]
+    if f:
+        t.add_row("functional error", f"{f['functional_error']:.5f}  (||v_lora - v_tuned|| / ||v_tuned||; "
+                                      f"base alone: {f['base_error']:.5f})")
+        t.add_row("effect recovered", f"{f['recovered']:.2%} of the fine-tune's change in output")
+        t.add_row("per sigma", "  ".join(f"{p['sigma']:g}: {p['error']:.5f}" for p in f["per_sigma"]))
+    for note in d["notes"]:
+        t.add_row("note", note)
+    if d["layers_file"]:
+        t.add_row("layers file", d["layers_file"])
+    if d["recorded"]:
+        t.add_row("recorded", f"on {d['lora']['label']}")
+    con.print(t)
 
 
 def layers(ctx: typer.Context, ref: str = typer.Argument(..., help="LoRA REF."), as_json: bool = JSON_OPTION) -> None:
     """List a LoRA's modules with rank, alpha, shape and kind."""
-    not_implemented("layers")
+    from lbm_registry.api import lora as api
+
+    report = api.layers(ref, settings=settings(ctx))
+    if as_json:
+        print_json(report.layers)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{report.lora['label']}: {len(report.layers)} LoRA modules")
+    for col, justify in (("module", "left"), ("kind", "left"), ("rank", "right"), ("alpha", "right"),
+                         ("shape", "left")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in report.layers:
+        t.add_row(r["module"], r["kind"], str(r["rank"]), f"{r['alpha']:g}", "x".join(map(str, r["shape"])))
+    console().print(t)
 
 
 def export(
     ctx: typer.Context,
     ref: str = typer.Argument(..., help="LoRA REF."),
-    fmt: str = typer.Option(..., "--format", help="peft or kohya."),
+    fmt: str = typer.Option(..., "--format", help="peft (a folder) or kohya (a .safetensors file)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output path."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Export a LoRA for PEFT/diffusers or kohya tooling."""
-    not_implemented("export")
+    from lbm_registry.api import lora as api
+
+    report = api.export(ref, fmt=fmt, output=output, settings=settings(ctx))
+    if as_json:
+        print_json(report.to_dict())
+        return
+    con = console()
+    for p in report.paths:
+        con.print(f"[green]wrote[/] {p}")
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,8 @@ keys and an ``lbm_registry`` JSON entry (format version, base/tuned sha256, rank
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,47 +93,168 @@ class LoRAFile:
         return sum(layer.num_params() for layer in self.layers.values())
 
 
-def _kohya_metadata(lora: LoRAFile, dtype: torch.dtype) -> dict[str, str]:
-    ranks = [layer.rank for layer in lora.layers.values() if not layer.is_conv]
-    cranks = [layer.rank for layer in lora.layers.values() if layer.is_conv]
-    alphas = [layer.alpha for layer in lora.layers.values()]
+def layer_kind(shape: tuple[int, ...] | torch.Size) -> str:
+    """``linear``, or ``conv{k}x{k}`` for a 4-d weight of that kernel."""
+    if len(shape) == 4:
+        return f"conv{shape[2]}x{shape[3]}"
+    return "linear"
+
+
+def matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+    """A weight's shape as the matrix LoRA factorises: (out, in * kh * kw)."""
+    n = 1
+    for d in shape[1:]:
+        n *= int(d)
+    return int(shape[0]), n
+
+
+_ST_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _kohya_metadata(summaries: list[tuple[int, float, bool]], dtype: torch.dtype,
+                    info: dict[str, Any]) -> dict[str, str]:
+    """kohya ``ss_*`` keys from (rank, alpha, is_conv) per layer."""
+    ranks = [r for r, _, conv in summaries if not conv]
+    cranks = [r for r, _, conv in summaries if conv]
+    alphas = [a for _, a, _ in summaries]
+    calphas = [a for _, a, conv in summaries if conv]
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(ranks) if ranks else 0),
         "ss_network_alpha": str(max(alphas) if alphas else 0),
         "ss_network_args": json.dumps({"conv_dim": max(cranks) if cranks else 0,
-                                       "conv_alpha": max((la.alpha for la in lora.layers.values() if la.is_conv), default=0)}),
+                                       "conv_alpha": max(calphas, default=0)}),
         "ss_base_model_version": "lbm",
         "ss_v2": "False",
         "ss_mixed_precision": str(dtype).replace("torch.", ""),
     }
-    for k in ("base_sha256", "tuned_sha256"):
-        if lora.info.get(k):
-            meta[f"ss_{'sd_model_hash' if k == 'base_sha256' else 'tuned_model_hash'}"] = lora.info[k]
+    if info.get("base_sha256"):
+        meta["ss_sd_model_hash"] = info["base_sha256"]
+    if info.get("tuned_sha256"):
+        meta["ss_tuned_model_hash"] = info["tuned_sha256"]
     return meta
+
+
+class LoRAWriter:
+    """Write a LoRA file layer by layer; nothing appears at ``dest`` until :meth:`finish`.
+
+    Why: a full-rank fp32 LoRA of the full-size model is ~14 GB, so extraction must not hold
+    the whole file in memory. Factor bytes are appended to a hidden temp file next to ``dest``
+    as they are produced; ``finish`` writes the safetensors header (alphas first, so every
+    tensor stays aligned to its dtype), appends the factor bytes, fsyncs and renames onto
+    ``dest``. Any exception inside ``with LoRAWriter(...)`` removes the temp files.
+
+    The result is the format :func:`read_lora` reads (and ``safetensors`` loads): one
+    ``lora_down``/``lora_up`` pair in ``dtype`` and an fp32 ``alpha`` per module.
+    """
+
+    def __init__(self, dest: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+        import tempfile
+
+        if dtype not in _ST_DTYPE_NAMES:
+            raise LoRAError(f"unsupported LoRA dtype {dtype}: use bf16, fp16 or fp32")
+        self.dest = Path(dest)
+        self.dtype = dtype
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, body = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".body", dir=self.dest.parent)
+        self._body_path = Path(body)
+        self._body = os.fdopen(fd, "wb")
+        self._offset = 0
+        self._entries: list[tuple[str, str, list[int], int, int]] = []  # key, dtype, shape, begin, end
+        self._alphas: list[tuple[str, float]] = []
+        self._summaries: list[tuple[int, float, bool]] = []
+        self._modules: set[str] = set()
+        self.factor_bytes = 0
+
+    # -- writing ---------------------------------------------------------------------------
+    def _append(self, key: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        self._body.write(memoryview(data))
+        begin, self._offset = self._offset, self._offset + data.nbytes
+        self._entries.append((key, _ST_DTYPE_NAMES[self.dtype], list(t.shape), begin, self._offset))
+
+    def add(self, layer: LoRALayer) -> None:
+        """Append one layer (factors are cast to the writer's dtype)."""
+        if layer.module in self._modules:
+            raise LoRAError(f"module {layer.module!r} written twice")
+        if not math.isfinite(layer.alpha) or layer.alpha <= 0 or layer.rank <= 0:
+            raise LoRAError(f"module {layer.module!r}: rank and alpha must be positive")
+        self._modules.add(layer.module)
+        key = PREFIX + layer.module
+        self._append(key + DOWN, layer.down)
+        self._append(key + UP, layer.up)
+        self._alphas.append((key + ALPHA, float(layer.alpha)))
+        self._summaries.append((layer.rank, float(layer.alpha), layer.is_conv))
+        self.factor_bytes = self._offset
+
+    def __len__(self) -> int:
+        return len(self._alphas)
+
+    def finish(self, info: dict[str, Any] | None = None, extra_metadata: dict[str, str] | None = None) -> Path:
+        """Write header + data to a temp file, fsync, rename onto ``dest``; returns ``dest``."""
+        import shutil
+        import struct
+
+        from lbm_registry.lbm.checkpoint import atomic_path
+
+        if not self._alphas:
+            self.abort()
+            raise LoRAError("refusing to write a LoRA with no layers")
+        self._body.flush()
+        self._body.close()
+        meta_info = dict(info or {})
+        meta_info["format_version"] = FORMAT_VERSION
+        meta_info["dtype"] = str(self.dtype).replace("torch.", "")
+        metadata = _kohya_metadata(self._summaries, self.dtype, meta_info)
+        metadata[META_KEY] = json.dumps(meta_info, separators=(",", ":"), default=str)
+        metadata["format"] = "pt"
+        metadata.update(extra_metadata or {})
+        header: dict[str, Any] = {"__metadata__": metadata}
+        alpha_bytes = 4 * len(self._alphas)
+        for i, (key, _) in enumerate(self._alphas):
+            header[key] = {"dtype": "F32", "shape": [], "data_offsets": [4 * i, 4 * i + 4]}
+        for key, dt, shape, begin, end in self._entries:
+            header[key] = {"dtype": dt, "shape": shape, "data_offsets": [alpha_bytes + begin, alpha_bytes + end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the spec allows trailing spaces; keeps data 8-byte aligned
+        alphas = torch.tensor([a for _, a in self._alphas], dtype=torch.float32).numpy().tobytes()
+        try:
+            with atomic_path(self.dest) as tmp:
+                with tmp.open("wb") as out, self._body_path.open("rb") as body:
+                    out.write(struct.pack("<Q", len(raw)))
+                    out.write(raw)
+                    out.write(alphas)
+                    shutil.copyfileobj(body, out, 16 * 1024 * 1024)
+                    out.flush()
+                    os.fsync(out.fileno())
+        finally:
+            self._body_path.unlink(missing_ok=True)
+        return self.dest
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        if not self._body.closed:
+            self._body.close()
+        self._body_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> LoRAWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def write_lora(lora: LoRAFile, dest: str | Path, dtype: torch.dtype = torch.bfloat16,
                extra_metadata: dict[str, str] | None = None) -> Path:
     """Write atomically; factors stored in ``dtype``, alphas as fp32 scalars."""
-    from lbm_registry.lbm.checkpoint import save_safetensors
-
     if not lora.layers:
         raise LoRAError("refusing to write a LoRA with no layers")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in lora.layers.items():
-        key = PREFIX + name
-        tensors[key + DOWN] = layer.down.to(dtype)
-        tensors[key + UP] = layer.up.to(dtype)
-        tensors[key + ALPHA] = torch.tensor(float(layer.alpha), dtype=torch.float32)
-    info = dict(lora.info)
-    info["format_version"] = FORMAT_VERSION
-    info["dtype"] = str(dtype).replace("torch.", "")
-    meta = _kohya_metadata(lora, dtype)
-    meta[META_KEY] = json.dumps(info, separators=(",", ":"))
-    meta["format"] = "pt"
-    meta.update(extra_metadata or {})
-    return save_safetensors(tensors, dest, meta)
+    with LoRAWriter(dest, dtype) as writer:
+        for layer in lora.layers.values():
+            writer.add(layer)
+        return writer.finish(lora.info, extra_metadata)
 
 
 def parse_lora_keys(keys: Iterable[str], source: str | Path) -> list[str]:

@@ -1,0 +1,94 @@
+"""Truncated SVD: randomized within 1% of the exact truncation, exact thin SVD, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lbm_registry.lora.svd import (
+    SVDSettings,
+    randomized_svd,
+    thin_svd,
+    top_singular_values,
+    truncated_svd,
+    truncation_error,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def spectrum_matrix(m: int, n: int, exponent: float, noise: float, seed: int = 0) -> torch.Tensor:
+    """Power-law spectrum s_i = (i+1)^-exponent plus a Gaussian noise floor: the hard case for
+    sketching (slow decay, no gap)."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, r, generator=g))
+    s = torch.arange(1, r + 1, dtype=torch.float32) ** -exponent
+    a = (u * s) @ v.T
+    if noise:
+        a += noise * torch.randn(m, n, generator=g) * a.norm() / math.sqrt(m * n)
+    return a
+
+
+@pytest.mark.parametrize(("shape", "exponent", "noise", "rank"), [
+    ((640, 640), 0.3, 0.3, 32),
+    ((640, 640), 1.0, 0.3, 16),
+    ((1280, 320), 0.6, 0.0, 32),
+    ((256, 2304), 0.6, 0.3, 16),   # a wide 3x3-conv-like matrix
+])
+def test_randomized_within_one_percent_of_exact(shape, exponent, noise, rank):
+    a = spectrum_matrix(*shape, exponent, noise)
+    settings = SVDSettings(method="randomized")
+    res = truncated_svd(a, rank, settings, settings.generator("layer"))
+    assert res.method == "randomized"
+    err = float((a - (res.u * res.s) @ res.vh).norm() / a.norm())
+    exact = truncation_error(torch.linalg.svdvals(a.double()), rank)
+    assert err <= 1.01 * exact, (err, exact)
+    assert err >= exact * (1 - 1e-4)  # nothing beats the optimum
+
+
+def test_randomized_recovers_low_rank_exactly():
+    a = spectrum_matrix(500, 300, 1.0, 0.0)[:, :300]
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    low = (u[:, :6] * s[:6]) @ vh[:6]
+    uu, ss, vv = randomized_svd(low, 14, n_iter=2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ss[:6], s[:6], rtol=1e-4)
+    assert float(((uu[:, :6] * ss[:6]) @ vv[:6] - low).norm() / low.norm()) < 1e-5
+
+
+def test_exact_path_and_thin_svd_orientation():
+    a = torch.randn(40, 300)
+    u, s, vh = thin_svd(a)
+    assert u.shape == (40, 40) and vh.shape == (40, 300)
+    assert torch.allclose((u * s) @ vh, a, atol=1e-4)
+    assert torch.allclose(s, torch.linalg.svdvals(a), rtol=1e-4)
+    res = truncated_svd(a, 30)   # sketch would cover most of the 40 rows: exact
+    assert res.method == "exact" and res.complete and len(res.spectrum) == 40
+
+
+def test_deterministic_per_layer_name():
+    a = spectrum_matrix(600, 500, 0.5, 0.2)
+    st = SVDSettings(method="randomized")
+    r1 = truncated_svd(a, 16, st, st.generator("down_blocks.1.x"))
+    r2 = truncated_svd(a, 16, st, st.generator("down_blocks.1.x"))
+    assert torch.equal(r1.s, r2.s) and torch.equal(r1.u, r2.u)
+
+
+def test_top_singular_values_estimates_and_exact():
+    a = spectrum_matrix(800, 600, 0.8, 0.1)
+    exact = torch.linalg.svdvals(a)
+    est, complete = top_singular_values(a, 20, SVDSettings(), torch.Generator().manual_seed(1))
+    assert not complete and len(est) == 20
+    assert torch.allclose(est[:10], exact[:10], rtol=0.01)   # estimates: accurate at the top,
+    assert torch.allclose(est, exact[:20], rtol=0.05)         # a little low near the sketch's end
+    vals, complete = top_singular_values(a[:, :30], 20)
+    assert complete and torch.allclose(vals, torch.linalg.svdvals(a[:, :30]), rtol=1e-4)
+
+
+def test_truncation_error_is_tail_energy():
+    s = torch.tensor([1.0, 0.5, 0.25, 0.125])
+    assert truncation_error(s, 2) == pytest.approx(math.sqrt((0.25**2 + 0.125**2) / float((s**2).sum())))
+    assert truncation_error(s, 4) == 0.0
