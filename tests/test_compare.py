@@ -1,0 +1,87 @@
+"""compare: facts, per-layer similarity via factors, outputs and the HTML report."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lbm_registry.lora.format import LoRALayer
+
+
+def test_factor_similarity_matches_dense():
+    from lbm_registry.lora.similarity import cosine, inner, relative_difference, spectrum
+
+    g = torch.Generator().manual_seed(0)
+    a = LoRALayer("x", torch.randn(3, 10, generator=g), torch.randn(7, 3, generator=g), 6.0)
+    b = LoRALayer("x", torch.randn(5, 10, generator=g), torch.randn(7, 5, generator=g), 5.0)
+    da, db = a.delta(torch.float64), b.delta(torch.float64)
+    assert inner(a, b) == pytest.approx(float((da * db).sum()), rel=1e-5)
+    assert cosine(a, b) == pytest.approx(float((da * db).sum() / da.norm() / db.norm()), rel=1e-5)
+    assert cosine(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert relative_difference(a, b) == pytest.approx(float((da - db).norm() / max(da.norm(), db.norm())), rel=1e-4)
+    assert torch.allclose(spectrum(a), torch.linalg.svdvals(da)[:3].float(), rtol=1e-4)
+    conv = LoRALayer("c", torch.randn(2, 4, 3, 3, generator=g), torch.randn(6, 2, 1, 1, generator=g), 2.0)
+    assert cosine(conv, conv) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def registered(reg_settings, make_tuned, make_exact_lora, tiny_base_path, tiny_config):
+    """Two LoRA versions of one name on a registered base, and one LoRA on another base."""
+    from lbm_registry.api.registry import register_asset
+
+    cfg = tiny_config.to_dict()
+    base = register_asset(tiny_base_path, name="cmp-base", kind="base", settings=reg_settings, config=cfg)
+    facts = {"rank": 9999, "conv_rank": 9999, "policy": "exact", "alpha": 1.0}
+    for seed in (1, 2):
+        register_asset(make_exact_lora(make_tuned(rank=4, seed=seed, scale=0.3)), name="cmp", kind="lora",
+                       settings=reg_settings, facts=facts, lineage={"base": base})
+    other_path = make_tuned(rank=2, seed=7, scale=0.01)
+    other = register_asset(other_path, name="cmp-other-base", kind="base", settings=reg_settings, config=cfg)
+    register_asset(make_exact_lora(make_tuned(rank=4, seed=1, scale=0.3), base_path=other_path), name="cmp-c",
+                   kind="lora", settings=reg_settings, facts=facts, lineage={"base": other})
+    return reg_settings
+
+
+def test_compare_same_base_with_report(registered, tmp_path):
+    from lbm_registry.api.compare import compare
+
+    res = compare("cmp@1", "v2", report=tmp_path / "report", settings=registered, device="cpu")
+    assert (res["a"]["ref"], res["b"]["ref"]) == ("cmp@1", "cmp@2")
+    assert res["same_base"] is True
+    assert len(res["layers"]) == 792
+    assert -0.5 < res["mean_cosine"] < 0.5  # independent random deltas are nearly orthogonal
+    assert {m["pair"] for m in res["output_metrics"]} >= {"A vs B", "A vs base", "B vs base"}
+    files = res["report"]["files"]
+    assert {"index.html", "grid.png", "energy.png", "compare.json"} <= set(files)
+    html = (tmp_path / "report" / "index.html").read_text()
+    refs = set(re.findall(r'(?:src|href)="([^"]+)"', html))
+    assert refs and refs <= set(files), refs
+    assert all((tmp_path / "report" / f).is_file() for f in refs)
+
+
+def test_compare_identical_and_different_base(registered):
+    from lbm_registry.api.compare import compare
+
+    same = compare("cmp@1", "cmp@1", settings=registered, outputs=False)
+    assert same["identical"] and same["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    res = compare("cmp@1", "cmp-c", settings=registered, device="cpu")
+    assert res["same_base"] is False and "base_sha256" in res["different_facts"]
+    assert res["output_columns"] == ["A", "base", "B", "base B"]
+
+
+def test_compare_cli_json(registered):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lbm_registry.cli.main import app
+
+    res = CliRunner().invoke(app, ["--home", str(registered.home), "compare", "cmp@2", "cmp@1", "--no-outputs",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["same_base"] is True and len(data["most_different"]) == 10
+    bad = CliRunner().invoke(app, ["--home", str(registered.home), "compare", "cmp@1", "cmpp@1"])
+    assert bad.exit_code != 0
