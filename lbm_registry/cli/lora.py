@@ -112,9 +112,16 @@ def _render_extract(d: dict[str, Any]) -> None:
     for i, w in enumerate(d["worst"][:5]):
         t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  r{w['rank']}  {w['module']}")
     if d["uncaptured"]:
-        top = max(d["uncaptured"], key=lambda u: u["rel_change"])
+        finite = [u for u in d["uncaptured"] if u["rel_change"] != float("inf")]
+        from_zero = len(d["uncaptured"]) - len(finite)
+        detail = []
+        if finite:
+            top = max(finite, key=lambda u: u["rel_change"])
+            detail.append(f"largest: {top['key']}, {top['rel_change']:.2%}")
+        if from_zero:
+            detail.append(f"{from_zero} moved away from all-zero")
         t.add_row("not in LoRA", f"{len(d['uncaptured'])} bias/norm tensors changed by the fine-tune "
-                                 f"(largest: {top['key']}, {top['rel_change']:.2%}); a LoRA cannot carry them")
+                                 f"({'; '.join(detail)}); a LoRA cannot carry them")
     con.print(t)
     where = d.get("ref") or d["path"]
     con.print(f"[green]wrote[/] {where}  ({human_size(d['size_bytes'])})")

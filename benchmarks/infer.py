@@ -1,0 +1,112 @@
+"""Inference benchmark: merging a rank-32/16 LoRA into the FULL-SIZE denoiser on CPU, and
+per-image latency on the tiny twin with and without a merged LoRA (side by side, one run).
+
+    .venv/bin/python benchmarks/infer.py            # uses benchmarks/.cache from extract.py if present
+    .venv/bin/python benchmarks/infer.py --tiny-only
+
+The full-size part needs the synthetic full-size base that ``benchmarks/extract.py`` caches
+(``benchmarks/.cache/lbm-relighting-v1-base.safetensors``, bf16). The LoRA is random
+rank-32 (linear) / rank-16 (conv) factors over all 792 layers, which costs the same to merge
+as an extracted one. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def random_lora(shapes: dict[str, tuple[int, ...]], rank: int = 32, conv_rank: int = 16, seed: int = 0):
+    from lbm_registry.lora.format import LoRAFile, LoRALayer
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for m, shape in shapes.items():
+        r = min(conv_rank if len(shape) == 4 else rank, shape[0], int(torch.tensor(shape[1:]).prod()))
+        down = torch.randn(r, *shape[1:], generator=g) * 0.01
+        up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=g) * 0.01
+        layers[m] = LoRALayer(m, down.to(torch.bfloat16), up.to(torch.bfloat16), float(r))
+    return LoRAFile(layers, {})
+
+
+def full_size_merge(base: Path) -> list[tuple[str, str]]:
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lora.apply import merge_state_dict
+
+    reader = CheckpointReader(base)
+    t0 = time.perf_counter()
+    sd = {k: reader.read(k) for k in reader.keys() if k.startswith("denoiser.")}
+    load_s = time.perf_counter() - t0
+    shapes = {k[len("denoiser."):-len(".weight")]: tuple(v.shape) for k, v in sd.items()
+              if k.endswith(".weight") and v.ndim >= 2}
+    lora = random_lora(shapes)
+    t0 = time.perf_counter()
+    merged = merge_state_dict(sd, lora, 1.0)
+    merge_s = time.perf_counter() - t0
+    n_params = sum(v.numel() for v in sd.values())
+    del merged
+    return [("full-size denoiser params", f"{n_params:,}"), ("LoRA layers / params", f"{len(lora.layers)} / {lora.num_params():,}"),
+            ("read base denoiser (bf16)", f"{load_s:.1f} s"), ("merge rank-32/16 LoRA (all 792 layers)", f"{merge_s:.1f} s")]
+
+
+def tiny_latency(repeats: int = 5) -> list[tuple[str, str]]:
+    from PIL import Image
+
+    from lbm_registry.lbm.config import load_config
+    from lbm_registry.lbm.model import build_model, weight_layers
+    from lbm_registry.lbm.pipeline import LBMPipeline
+    from lbm_registry.lora.apply import MergedLoRAs
+
+    cfg = load_config("lbm-tiny")
+    model = build_model(cfg, seed=0).eval()
+    img = Image.new("RGB", (256, 256), (120, 80, 40))
+    pipe = LBMPipeline(model, torch.device("cpu"), torch.float32)
+    pipe(img)  # warm-up
+
+    def timed() -> float:
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pipe(img)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    base_s = timed()
+    lora = random_lora({n: tuple(m.weight.shape) for n, m in weight_layers(model.denoiser).items()})
+    t0 = time.perf_counter()
+    pipe.loras = MergedLoRAs(model.denoiser, [(lora, 1.0)])
+    merge_s = time.perf_counter() - t0
+    lora_s = timed()
+    t0 = time.perf_counter()
+    pipe.loras.set_scale(0.5)
+    rescale_s = time.perf_counter() - t0
+    return [("tiny: image 256x256, 1 step, base only", f"{base_s * 1000:.0f} ms"),
+            ("tiny: same with a merged rank-32/16 LoRA", f"{lora_s * 1000:.0f} ms ({lora_s / base_s:.2f}x)"),
+            ("tiny: merge / re-scale the LoRA", f"{merge_s * 1000:.0f} ms / {rescale_s * 1000:.0f} ms")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny-only", action="store_true")
+    ap.add_argument("--base", type=Path, default=CACHE / "lbm-relighting-v1-base.safetensors")
+    args = ap.parse_args()
+    rows = tiny_latency()
+    if not args.tiny_only:
+        if args.base.is_file():
+            rows += full_size_merge(args.base)
+        else:
+            rows.append(("full-size merge", f"skipped: {args.base} missing (run benchmarks/extract.py first)"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| measurement | value |\n| --- | --- |")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+
+
+if __name__ == "__main__":
+    main()
