@@ -63,7 +63,7 @@ def _delta(layer: LoRALayer, weight: torch.Tensor) -> torch.Tensor:
 def merge_lora(denoiser: nn.Module, lora: LoRAFile, scale: float = 1.0) -> None:
     """``W += scale * delta`` for every LoRA layer, in place (checked first: all or nothing)."""
     layers = _layers(denoiser)
-    check_lora_targets(lora, {n: tuple(m.weight.shape) for n, m in layers.items()})
+    check_lora_targets(lora, layer_shapes(denoiser))
     if scale == 0:
         return
     for name, layer in lora.layers.items():
@@ -72,17 +72,12 @@ def merge_lora(denoiser: nn.Module, lora: LoRAFile, scale: float = 1.0) -> None:
             w.copy_((w.float() + _delta(layer, w).mul_(scale)).to(w.dtype))
 
 
-@torch.no_grad()
 def unmerge_lora(denoiser: nn.Module, lora: LoRAFile, scale: float = 1.0) -> None:
-    """Undo :func:`merge_lora` with the same ``scale`` (to within the weight dtype's rounding)."""
-    layers = _layers(denoiser)
-    check_lora_targets(lora, {n: tuple(m.weight.shape) for n, m in layers.items()})
-    if scale == 0:
-        return
-    for name, layer in lora.layers.items():
-        w = layers[name].weight
-        with single_thread_below(w.numel(), SMALL_LAYER_NUMEL):
-            w.copy_((w.float() - _delta(layer, w).mul_(scale)).to(w.dtype))
+    """Undo :func:`merge_lora` with the same ``scale`` (to within the weight dtype's rounding).
+
+    Subtracting ``scale * delta`` is adding ``-scale * delta`` (negation is exact in fp32).
+    """
+    merge_lora(denoiser, lora, -scale)
 
 
 @torch.no_grad()
