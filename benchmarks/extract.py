@@ -321,6 +321,8 @@ def main() -> None:
             ours = {"layers": old["ours_layers"]}
         else:
             ours = _run_all_ours(args, base, tuned, tmp, results)
+            if args.json:   # keep what we have: the original method takes a while
+                args.json.write_text(json.dumps(results, indent=1))
 
         if not args.no_original:
             sample = pick_sample(ours["layers"], args.sample)
