@@ -38,8 +38,7 @@ from lbm_registry.lora.ranks import (
 )
 from lbm_registry.lora.stream import DeltaStream, LayerDelta
 from lbm_registry.lora.svd import SVDResult, SVDSettings, top_singular_values, truncated_svd
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL
-from lbm_registry.lora.threads import single_thread_below as lapack_threads
+from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: phases are ``spectra``, ``refine`` and ``extract``."""
@@ -259,7 +258,7 @@ def _spectra_pass(base: CheckpointReader, tuned: CheckpointReader, modules: Mapp
             if d.sq_norm > 0:
                 m, n = d.matrix.shape
                 limit = policy.limit(d.shape)
-                with lapack_threads(m * n, SMALL_LAYER_NUMEL):
+                with single_thread_below(m * n, SMALL_LAYER_NUMEL):
                     vals, complete = top_singular_values(d.matrix, depths[d.module], settings,
                                                          settings.generator(d.module))
                 spectra[d.module] = LayerSpectrum(vals.cpu(), m + n, limit, complete or len(vals) >= limit)
@@ -348,7 +347,7 @@ def _extract_one(d: LayerDelta, policy: RankPolicy, planned: Mapping[str, int] |
         skipped.append(SkippedLayer(d.module, "zero delta (unchanged by the fine-tune)"))
         return
     t = time.perf_counter()
-    with lapack_threads(d.matrix.numel(), SMALL_LAYER_NUMEL):
+    with single_thread_below(d.matrix.numel(), SMALL_LAYER_NUMEL):
         _extract_layer(d, policy, planned, alpha, dtype, settings, scratch, writer, results, skipped, t)
 
 

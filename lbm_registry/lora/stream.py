@@ -23,8 +23,7 @@ import torch
 from lbm_registry.errors import ArchitectureError, CheckpointError
 from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
 from lbm_registry.lora.format import matrix_shape
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL
-from lbm_registry.lora.threads import single_thread_below as lapack_threads
+from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
 _ITEMSIZE = {"BF16": 2, "BFLOAT16": 2, "F16": 2, "FLOAT16": 2, "F32": 4, "FLOAT32": 4, "F64": 8, "FLOAT64": 8}
 _END = object()
@@ -147,7 +146,7 @@ class DeltaStream:
         key = self._key(module)
         m, n = matrix_shape(shape)
         mat = self._mat[: m * n].view(m, n)
-        with lapack_threads(m * n, SMALL_LAYER_NUMEL):
+        with single_thread_below(m * n, SMALL_LAYER_NUMEL):
             if b.dtype == torch.float32 and t.dtype == torch.float32:
                 torch.sub(t.reshape(m, n), b.reshape(m, n), out=mat)
             else:

@@ -27,11 +27,7 @@ from typing import Literal
 
 import torch
 
-from lbm_registry.lora.threads import (  # noqa: F401  (re-exported)
-    LAPACK_PARALLEL_NUMEL,
-    SMALL_LAYER_NUMEL,
-)
-from lbm_registry.lora.threads import single_thread_below as lapack_threads
+from lbm_registry.lora.threads import single_thread_below
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,7 @@ class SVDResult:
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
-    with lapack_threads(y.numel()):
+    with single_thread_below(y.numel()):
         return torch.linalg.qr(y).Q
 
 
@@ -93,7 +89,7 @@ def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     LAPACK's divide-and-conquer SVD is several times slower on wide matrices (e.g. a 96 x 864
     conv weight) than on their transpose, and LoRA weights are often wide.
     """
-    with lapack_threads(a.numel()):
+    with single_thread_below(a.numel()):
         if a.shape[0] >= a.shape[1]:
             return torch.linalg.svd(a, full_matrices=False)
         u, s, vh = torch.linalg.svd(a.T, full_matrices=False)
@@ -143,7 +139,7 @@ def top_singular_values(a: torch.Tensor, depth: int, settings: SVDSettings = SVD
     small = min(m, n)
     depth = max(1, min(depth, small))
     if settings.use_exact(depth, m, n):
-        with lapack_threads(a.numel()):
+        with single_thread_below(a.numel()):
             return torch.linalg.svdvals(a if a.shape[0] >= a.shape[1] else a.T), True
     k = settings.sketch_size(depth, small)
     _, s, _ = randomized_svd(a, k, n_iter=settings.n_iter, generator=generator)
