@@ -138,9 +138,19 @@ def test_cli_infer_single_file(tmp_path, lora_pair, image, tiny_base_path, works
     out = tmp_path / "y.png"
     res = CliRunner().invoke(app, ["--home", str(workspace.home), "infer", str(lora_pair[2]), "--source", str(src),
                                    "--output", str(out), "--scale", "0.7", "--device", "cpu",
-                                   "--base", str(tiny_base_path)])
+                                   "--base", str(tiny_base_path), "--log"])
     assert res.exit_code == 0, res.output
     assert Image.open(out).size == image.size
+    # --log: one MLflow run with the refs as params and the input/output images as artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(workspace.effective_tracking_uri)
+    exp = client.get_experiment_by_name("lbm-registry-infer")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["scale"] == "0.7" and run.data.params["base_sha256"]
+    assert run.data.params["loras"].endswith(":0.7") and run.info.status == "FINISHED"
+    logged = {a.path for d in ("inputs", "outputs") for a in client.list_artifacts(run.info.run_id, d)}
+    assert logged == {"inputs/x.png", "outputs/y.png"}
     res = CliRunner().invoke(app, ["--home", str(workspace.home), "infer", str(lora_pair[2]), "--source", str(src),
                                    "--output", str(out), "--scale", "3"])
     assert res.exit_code != 0

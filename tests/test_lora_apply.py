@@ -113,3 +113,48 @@ def test_merge_state_dict_matches_tuned(tiny_base_path, rank4_lora, make_tuned):
     assert merged["denoiser.conv_in.bias"] is base["denoiser.conv_in.bias"]
     with pytest.raises(LoRAError):
         merge_state_dict({"denoiser.other.weight": torch.zeros(2, 2)}, rank4_lora)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_loras_reread_originals_from_checkpoint(tiny_config, tiny_base_path, rank4_lora, dtype):
+    """With ``originals`` (how ``infer`` loads), nothing is copied and re-scaling is still exact."""
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.loading import load_lbm
+
+    den = load_lbm(tiny_base_path, tiny_config, dtype=dtype).denoiser
+    before = snapshot(den)
+    reader = CheckpointReader(tiny_base_path)
+    reads: list[str] = []
+
+    def original(name: str) -> torch.Tensor:
+        reads.append(name)
+        return reader.get(f"denoiser.{name}.weight")
+
+    merged = MergedLoRAs(den, [(rank4_lora, 1.0)], global_scale=0.5, originals=original)
+    assert reads == []                            # the first merge needs no originals
+    name = "down_blocks.1.attentions.0.proj_in"
+    want = (before[name + ".weight"].float() + 0.5 * rank4_lora.layers[name].delta()).to(dtype)
+    assert torch.allclose(den.get_submodule(name).weight.float(), want.float(), atol=1e-6, rtol=1e-2)
+    merged.set_scale(0.0)
+    assert len(reads) == len(rank4_lora.layers)
+    for k, v in den.state_dict().items():
+        assert torch.equal(v, before[k]), k       # bit-exact base, in the model's dtype
+    merged.set_scale(1.0)
+    merged.restore()
+    for k, v in den.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_add_deltas_blocked_equals_unblocked(monkeypatch):
+    """The row-blocked path for bf16 weights gives the same bits as one block."""
+    from lbm_registry.lora import apply
+
+    g = torch.Generator().manual_seed(0)
+    layer = LoRALayer("x", torch.randn(8, 24, 3, 3, generator=g), torch.randn(40, 8, 1, 1, generator=g), 4.0)
+    w = torch.randn(40, 24, 3, 3, generator=g).to(torch.bfloat16)
+    whole = apply.add_deltas_(w.clone(), [(layer, 0.7), (layer, -0.2)])
+    monkeypatch.setattr(apply, "BLOCK_BYTES", 4 * 216 * 3)    # 3 rows per block, a ragged last one
+    blocked = apply.add_deltas_(w.clone(), [(layer, 0.7), (layer, -0.2)])
+    assert torch.equal(whole, blocked)
+    want = (w.float() + 0.5 * layer.delta()).to(torch.bfloat16)
+    assert (whole.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7

@@ -143,8 +143,9 @@ def load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...
     ``scale`` multiplies every LoRA (like a global LoRA strength); each ``--lora REF:S`` keeps its
     own strength ``S`` under that multiplier. ``pipe(image, scale=s)`` changes the multiplier.
     """
+    from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lbm.loading import load_lbm
-    from lbm_registry.lbm.model import pick_device, pick_dtype
+    from lbm_registry.lbm.model import DENOISER_PREFIX, pick_device, pick_dtype
     from lbm_registry.lbm.pipeline import LBMPipeline
     from lbm_registry.lora.apply import MergedLoRAs, check_lora_targets
     from lbm_registry.lora.format import read_lora
@@ -164,9 +165,11 @@ def load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...
             lf = read_lora(asset.path)
             check_lora_targets(lf, shapes)
             files.append((lf, s))
-        merged = MergedLoRAs(model.denoiser, files)
-        if scale != 1.0:
-            merged.set_scale(scale)
+        # Re-scaling re-reads the base weights from the (memory-mapped) checkpoint instead of
+        # keeping a second copy of every merged layer: that copy is 10 GB for the full model.
+        base_reader = CheckpointReader(plan.base.path)
+        merged = MergedLoRAs(model.denoiser, files, global_scale=scale,
+                             originals=lambda name: base_reader.get(f"{DENOISER_PREFIX}{name}.weight"))
     info = {"base": plan.base.label, "base_sha256": plan.base.sha256,
             "loras": [{"ref": a.label, "sha256": a.sha256, "scale": s * scale} for a, s in plan.loras],
             "warnings": plan.warnings, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
