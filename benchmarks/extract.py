@@ -175,6 +175,7 @@ def original_worker(args: argparse.Namespace) -> None:
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lora.extract import factorize
     from lbm_registry.lora.svd import SVDSettings
+    from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
     def load_whole(path: str) -> dict:
         # Every tensor copied into memory, like loading a state dict into a model. (safetensors'
@@ -205,8 +206,9 @@ def original_worker(args: argparse.Namespace) -> None:
         # Our per-layer math on the same matrix in the same process: the fair per-layer ratio,
         # whatever else the machine is doing at the time.
         t = time.perf_counter()
-        f = factorize(mat, tuple(base[key].shape), rank, settings=SVDSettings(),
-                      generator=SVDSettings().generator(module))
+        with single_thread_below(mat.numel(), SMALL_LAYER_NUMEL):   # as lbm-reg extract runs it
+            f = factorize(mat, tuple(base[key].shape), rank, settings=SVDSettings(),
+                          generator=SVDSettings().generator(module))
         ours_s = time.perf_counter() - t
         s2 = s.double() ** 2
         exact_err = math.sqrt(float(s2[r:].sum() / s2.sum()))

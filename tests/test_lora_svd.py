@@ -38,6 +38,8 @@ def spectrum_matrix(m: int, n: int, exponent: float, noise: float, seed: int = 0
     ((640, 640), 1.0, 0.3, 16),
     ((1280, 320), 0.6, 0.0, 32),
     ((256, 2304), 0.6, 0.3, 16),   # a wide 3x3-conv-like matrix
+    ((320, 1280), 0.0, 0.5, 32),   # flat spectrum + noise on a small layer: the hardest case
+    ((1280, 320), 0.0, 1.0, 32),   # same, tall
 ])
 def test_randomized_within_one_percent_of_exact(shape, exponent, noise, rank):
     a = spectrum_matrix(*shape, exponent, noise)
@@ -57,6 +59,19 @@ def test_randomized_recovers_low_rank_exactly():
     uu, ss, vv = randomized_svd(low, 14, n_iter=2, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(ss[:6], s[:6], rtol=1e-4)
     assert float(((uu[:, :6] * ss[:6]) @ vv[:6] - low).norm() / low.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(300, 90), (90, 300)])
+def test_randomized_on_exactly_rank_deficient_matrix(shape):
+    """More sketch columns than the matrix's rank: the extra components come back as exact
+    zeros (not NaN/garbage from dividing by a zero singular value)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g)
+    u, s, vh = randomized_svd(a, 12, n_iter=2, generator=g)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    assert (s[3:] <= s[0] * 1e-6).all()
+    assert float(((u[:, :3] * s[:3]) @ vh[:3] - a).norm() / a.norm()) < 1e-5
+    assert float(((u * s) @ vh - a).norm() / a.norm()) < 1e-5
 
 
 def test_exact_path_and_thin_svd_orientation():
