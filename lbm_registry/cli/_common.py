@@ -47,15 +47,3 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
     console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def not_implemented(what: str) -> NoReturn:
-    fail(f"'{what}' is not implemented yet")

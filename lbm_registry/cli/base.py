@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, console, fail, human_size, print_json, settings
+from lbm_registry.cli._common import JSON_OPTION, console, fail, print_json, settings
+from lbm_registry.units import format_size
 
 base_app = typer.Typer(help="Exact base models.", no_args_is_help=True)
 
@@ -45,7 +46,7 @@ def create(
     con = console()
     con.print(t)
     where = result.get("ref") or result["path"]
-    con.print(f"[green]wrote[/] {where}  ({human_size(result['size'])}, sha256 {result['sha256'][:12]})")
+    con.print(f"[green]wrote[/] {where}  ({format_size(result['size'])}, sha256 {result['sha256'][:12]})")
 
 
 def register(app: typer.Typer) -> None:

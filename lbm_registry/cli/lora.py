@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, console, human_size, print_json, settings
+from lbm_registry.cli._common import JSON_OPTION, console, print_json, settings
+from lbm_registry.units import format_size
 
 _PHASES = {"spectra": "spectra (budget pass 1)", "refine": "deeper spectra", "extract": "extracting",
            "layers": "per-layer check", "functional": "functional check"}
@@ -107,7 +108,7 @@ def _render_extract(d: dict[str, Any]) -> None:
         names = [s["module"] for s in d["skipped"]]
         t.add_row("", ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else ""))
     t.add_row("ranks", _hist(d["rank_histogram"]))
-    t.add_row("size", human_size(d["size_bytes"]))
+    t.add_row("size", format_size(d["size_bytes"]))
     t.add_row("rel. error", f"mean {d['mean_error']:.4f}  max {d['max_error']:.4f}")
     for i, w in enumerate(d["worst"][:5]):
         t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  r{w['rank']}  {w['module']}")
@@ -124,7 +125,7 @@ def _render_extract(d: dict[str, Any]) -> None:
                                  f"({'; '.join(detail)}); a LoRA cannot carry them")
     con.print(t)
     where = d.get("ref") or d["path"]
-    con.print(f"[green]wrote[/] {where}  ({human_size(d['size_bytes'])})")
+    con.print(f"[green]wrote[/] {where}  ({format_size(d['size_bytes'])})")
 
 
 def validate(

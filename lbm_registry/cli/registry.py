@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, console, human_size, print_json, settings
+from lbm_registry.cli._common import JSON_OPTION, console, print_json, settings
+from lbm_registry.units import format_size
 
 alias_app = typer.Typer(help="Manage aliases: movable names such as prod or staging.", no_args_is_help=True)
 
@@ -55,7 +56,7 @@ def import_(
         print_json({"ref": asset.ref, "kind": asset.kind, "sha256": asset.sha256, "path": str(asset.path),
                     "size": asset.facts.get("size"), "dtype": asset.facts.get("dtype")})
         return
-    console().print(f"[green]registered[/] {asset.ref} ({asset.kind}, {human_size(asset.facts.get('size', 0))}, "
+    console().print(f"[green]registered[/] {asset.ref} ({asset.kind}, {format_size(asset.facts.get('size', 0))}, "
                     f"{asset.facts.get('dtype') or '?'}, sha256 {_short(asset.sha256)})")
 
 
@@ -84,7 +85,7 @@ def list_(ctx: typer.Context, kind: str | None = typer.Option(None, "--kind", he
         if r["kind"] == "lora":
             rank = "/".join(str(x) for x in (r["rank"], r["conv_rank"]) if x is not None) or (r["policy"] or "")
         aliases = ", ".join(f"{a}→{n}" for a, n in r["aliases"].items())
-        t.add_row(r["name"], r["kind"], str(r["latest"]), str(r["versions"]), human_size(r["size"]),
+        t.add_row(r["name"], r["kind"], str(r["latest"]), str(r["versions"]), format_size(r["size"]),
                   r["dtype"] or "", rank, _num(r["mean_error"]), aliases, _short(r["sha256"]),
                   (r["created_at"] or "")[:16].replace("T", " "))
     con.print(t)
@@ -107,12 +108,12 @@ def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSO
     if info["kind"] == "file":
         for k in ("kind", "path", "sha256", "dtype"):
             t.add_row(k, str(info.get(k) or ""))
-        t.add_row("size", human_size(info["size"]))
+        t.add_row("size", format_size(info["size"]))
         con.print(t)
         return
     t.add_row("kind", info["kind"])
     t.add_row("sha256", info["sha256"])
-    t.add_row("size", f"{human_size(info['size'])} ({info['size']:,} bytes)")
+    t.add_row("size", f"{format_size(info['size'])} ({info['size']:,} bytes)")
     t.add_row("dtype", info["dtype"] or "?")
     t.add_row("created", f"{info['created_at']} (lbm-registry {info['tool_version']})")
     t.add_row("blob", info["path"] + ("" if info["integrity"] == "ok" else f"  [red]{info['integrity'].upper()}[/]"))

@@ -33,12 +33,12 @@ from lbm_registry.lora.ranks import (
     RankPolicy,
     allocate_budget,
     energy_rank,
-    format_size,
     lora_header_overhead,
 )
 from lbm_registry.lora.stream import DeltaStream, LayerDelta
 from lbm_registry.lora.svd import SVDResult, SVDSettings, top_singular_values, truncated_svd
 from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
+from lbm_registry.units import format_size
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: phases are ``spectra``, ``refine`` and ``extract``."""

@@ -109,6 +109,8 @@ def matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
 
 
 _ST_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+"""The names the CLI takes (``--dtype bf16``) and the catalog shows."""
 
 
 def _kohya_metadata(summaries: list[tuple[int, float, bool]], dtype: torch.dtype,
@@ -205,7 +207,7 @@ class LoRAWriter:
         self._body.close()
         meta_info = dict(info or {})
         meta_info["format_version"] = FORMAT_VERSION
-        meta_info["dtype"] = str(self.dtype).replace("torch.", "")
+        meta_info["dtype"] = SHORT_DTYPE_NAMES[self.dtype]
         metadata = _kohya_metadata(self._summaries, self.dtype, meta_info)
         metadata[META_KEY] = json.dumps(meta_info, separators=(",", ":"), default=str)
         metadata["format"] = "pt"

@@ -24,6 +24,7 @@ import torch
 
 from lbm_registry.errors import LoRAError
 from lbm_registry.lora.format import matrix_shape
+from lbm_registry.units import format_size
 
 DEFAULT_RANK = 32
 DEFAULT_CONV_RANK = 16
@@ -47,14 +48,6 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise LoRAError(f"invalid size {text!r}: must be positive")
     return value
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @dataclass(frozen=True)
