@@ -10,7 +10,7 @@ from lbm_registry.registry import schema
 from lbm_registry.registry.settings import WorkspaceSettings
 from lbm_registry.registry.workspace import Workspace
 
-TABLES = {"assets", "versions", "lineage", "lora_facts", "layer_errors", "aliases", "tags", "events",
+TABLES = {"assets", "versions", "lineage", "lora_facts", "layer_errors", "aliases", "tags", "events", "registry_info",
           "file_hashes", "alembic_version"}
 
 

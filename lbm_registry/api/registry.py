@@ -308,8 +308,8 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
 def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
     """Create or upgrade the workspace: catalog (Alembic), MLflow DB + experiment, blob store."""
     from lbm_registry.registry import schema
+    from lbm_registry.registry.db import mask_url
     from lbm_registry.registry.tracking import Tracker
-    from lbm_registry.registry.views import mask_url
     from lbm_registry.registry.workspace import Workspace
 
     s = _settings(settings)
@@ -345,7 +345,10 @@ def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1
 
     s = _settings(settings)
     if s.tracking_uri and not s.effective_tracking_uri.startswith("sqlite:"):
-        raise RegistryError(f"this workspace tracks to {s.effective_tracking_uri}: open that server's UI instead")
+        from lbm_registry.registry.db import mask_url
+
+        raise RegistryError(f"this workspace tracks to {mask_url(s.effective_tracking_uri)}: "
+                            "open that server's UI instead")
     init_workspace(s)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.effective_tracking_uri,
             "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]

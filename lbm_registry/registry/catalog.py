@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lbm_registry.errors import RegistryError
 from lbm_registry.registry.db import Database, Tx
 
 KINDS = ("base", "model", "lora")
@@ -95,6 +96,15 @@ class VersionRecord:
 
 def _record(row: dict[str, Any] | None) -> VersionRecord | None:
     return VersionRecord(**row) if row else None
+
+
+# -- the catalog itself --------------------------------------------------------------------
+def catalog_id(db: Database | Tx) -> str:
+    """This catalog's identity (a UUID made by migration 0002), tagged on its MLflow mirror."""
+    value = db.scalar("SELECT value FROM registry_info WHERE key = 'catalog_id'")
+    if not value:
+        raise RegistryError("the catalog has no catalog_id (registry_info): run 'lbm-reg init' to upgrade it")
+    return value
 
 
 # -- assets and versions -------------------------------------------------------------------

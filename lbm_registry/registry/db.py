@@ -9,14 +9,19 @@ is owned by the SQLAlchemy models and the Alembic migrations.
 
 Write transactions on SQLite start with ``BEGIN IMMEDIATE`` (the write lock is taken up front,
 so two registrations serialise instead of deadlocking) and wait on a busy timeout; the file is
-in WAL mode so readers never block writers. Lock and uniqueness failures surface as
-:class:`Retryable` so callers can retry the whole transaction.
+in WAL mode so readers never block writers. A transaction that lost a race (unique violation,
+lock or busy timeout, deadlock, serialization failure) surfaces as :class:`Retryable` so callers
+can retry it whole; any other database error is a bug or a real failure and is raised as is.
+A catalog server that cannot be reached, or whose driver is not installed, is a one-line
+:class:`~lbm_registry.errors.RegistryError` (with the password masked).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,8 +32,14 @@ from lbm_registry.errors import RegistryError
 
 BUSY_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 60
+CONNECT_TIMEOUT_S = 10
 
 Params = Mapping[str, Any] | None
+
+#: PostgreSQL SQLSTATEs of a lost race: unique_violation, serialization_failure,
+#: deadlock_detected, lock_not_available.
+RACE_SQLSTATES = {"23505", "40001", "40P01", "55P03"}
+_RACE_WORDS = ("unique constraint", "locked", "busy", "deadlock", "could not serialize")
 
 
 class Retryable(Exception):
@@ -44,9 +55,53 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-def _is_lock_error(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text or "deadlock" in text or "could not serialize" in text
+def mask_url(url: str) -> str:
+    """Hide a password in a database/tracking URL."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` (common in ``DATABASE_URL``-style settings) is ``postgresql://`` to SQLAlchemy."""
+    return "postgresql://" + url[len("postgres://"):] if url.startswith("postgres://") else url
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        return True
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded whenever SQLAlchemy ran the statement
+    return sa_exc is not None and isinstance(exc, sa_exc.DBAPIError)
+
+
+def lost_race(exc: BaseException) -> bool:
+    """Did this database error come from a concurrent transaction (so a retry can succeed)?
+
+    PostgreSQL says so with a SQLSTATE; SQLite (stdlib or under SQLAlchemy) only in words."""
+    if not _is_db_error(exc):
+        return False
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state:
+        return state in RACE_SQLSTATES
+    text = str(orig).lower()
+    return any(word in text for word in _RACE_WORDS)
+
+
+@contextmanager
+def races_retryable() -> Iterator[None]:
+    """The one place database errors are translated: lost races become :class:`Retryable`."""
+    try:
+        yield
+    except Retryable:
+        raise
+    except Exception as exc:
+        if lost_race(exc):
+            raise Retryable(_first_line(exc)) from exc
+        raise
 
 
 class Tx:
@@ -78,14 +133,18 @@ class Database:
     """Open lazily, close explicitly. One instance per workspace handle; never shared globally."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.path = sqlite_path(url)
+        self.url = normalize_url(url)
+        self.path = sqlite_path(self.url)
         self._conn: sqlite3.Connection | None = None
         self._engine: Any = None
 
     @property
     def is_sqlite(self) -> bool:
         return self.path is not None
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url.startswith("postgresql")
 
     # -- connections -----------------------------------------------------------------------
     def _sqlite(self) -> sqlite3.Connection:
@@ -102,9 +161,33 @@ class Database:
         """The SQLAlchemy engine (non-SQLite catalogs, and Alembic). Imported on demand."""
         if self._engine is None:
             from sqlalchemy import create_engine
+            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-            self._engine = create_engine(self.url, pool_pre_ping=True)
+            kwargs: dict[str, Any] = {"pool_pre_ping": True}
+            if self.is_postgres:  # fail in seconds, not after the OS's TCP timeout
+                kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+            try:
+                self._engine = create_engine(self.url, **kwargs)
+            except (ImportError, NoSuchModuleError, ArgumentError) as exc:
+                hint = (" (install the driver: pip install 'lbm-registry[postgres]', and use "
+                        "postgresql:// or postgresql+psycopg://)") if self.is_postgres else ""
+                raise RegistryError(f"cannot use the catalog {mask_url(self.url)}: {_first_line(exc)}{hint}") from None
         return self._engine
+
+    @contextmanager
+    def _sa_begin(self) -> Iterator[Any]:
+        """A connection in a transaction; a server that cannot be reached is a one-line error."""
+        from sqlalchemy import exc as sa_exc
+
+        try:
+            conn = self.engine().connect()
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            raise RegistryError(f"cannot connect to the catalog {mask_url(self.url)}: {_first_line(exc)}") from None
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            conn.close()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -114,10 +197,10 @@ class Database:
             self._engine.dispose()
             self._engine = None
 
-    # -- sqlite3 ---------------------------------------------------------------------------
+    # -- running statements ----------------------------------------------------------------
     @staticmethod
     def _sqlite_run(conn: sqlite3.Connection, sql: str, params: Any, mode: str) -> Any:
-        try:
+        with races_retryable():
             if mode == "many":
                 conn.executemany(sql, params)
                 return None
@@ -125,20 +208,12 @@ class Database:
             if mode == "count":
                 return cur.rowcount
             return [dict(r) for r in cur.fetchall()]
-        except sqlite3.IntegrityError as exc:
-            raise Retryable(str(exc)) from exc
-        except sqlite3.OperationalError as exc:
-            if _is_lock_error(exc):
-                raise Retryable(str(exc)) from exc
-            raise
 
-    # -- SQLAlchemy ------------------------------------------------------------------------
     @staticmethod
     def _sa_run(conn: Any, sql: str, params: Any, mode: str) -> Any:
-        from sqlalchemy import exc as sa_exc
         from sqlalchemy import text
 
-        try:
+        with races_retryable():
             if mode == "many":
                 if params:
                     conn.execute(text(sql), params)
@@ -147,12 +222,6 @@ class Database:
             if mode == "count":
                 return res.rowcount
             return [dict(r) for r in res.mappings().all()] if res.returns_rows else []
-        except sa_exc.IntegrityError as exc:
-            raise Retryable(str(exc.orig)) from exc
-        except sa_exc.OperationalError as exc:
-            if _is_lock_error(exc):
-                raise Retryable(str(exc.orig)) from exc
-            raise
 
     # -- public ----------------------------------------------------------------------------
     def reader(self) -> Tx:
@@ -162,7 +231,7 @@ class Database:
             return Tx(lambda sql, p, mode: self._sqlite_run(conn, sql, p, mode))
 
         def run(sql: str, p: Any, mode: str) -> Any:
-            with self.engine().begin() as c:
+            with self._sa_begin() as c:
                 return self._sa_run(c, sql, p, mode)
 
         return Tx(run)
@@ -179,37 +248,23 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """All-or-nothing: commit when the block ends, roll back on any exception."""
-        if self.is_sqlite:
-            conn = self._sqlite()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _is_lock_error(exc):
-                    raise Retryable(str(exc)) from exc
-                raise
-            try:
-                yield Tx(lambda sql, p, mode: self._sqlite_run(conn, sql, p, mode))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                conn.execute("ROLLBACK")
-                if _is_lock_error(exc):
-                    raise Retryable(str(exc)) from exc
-                raise
-            return
-        from sqlalchemy import exc as sa_exc
-
-        try:
-            with self.engine().begin() as c:
+        if not self.is_sqlite:
+            with races_retryable(), self._sa_begin() as c:  # commit-time conflicts are races too
                 yield Tx(lambda sql, p, mode: self._sa_run(c, sql, p, mode))
-        except sa_exc.IntegrityError as exc:
-            raise Retryable(str(exc.orig)) from exc
-        except sa_exc.OperationalError as exc:
-            if _is_lock_error(exc):
-                raise Retryable(str(exc.orig)) from exc
+            return
+        conn = self._sqlite()
+        with races_retryable():
+            conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Tx(lambda sql, p, mode: self._sqlite_run(conn, sql, p, mode))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            with races_retryable():
+                conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
             raise
 
 

@@ -165,4 +165,14 @@ class FileHash(Base):
     checked_at: Mapped[float] = mapped_column(Float)
 
 
+class RegistryInfo(Base):
+    """Facts about the catalog itself: ``catalog_id`` (a UUID set by migration 0002), tagged on
+    every MLflow run/model version it mirrors so registries sharing a tracking server keep apart."""
+
+    __tablename__ = "registry_info"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 Index("ix_versions_asset_status", Version.asset_id, Version.status)

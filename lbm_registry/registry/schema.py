@@ -3,7 +3,9 @@
 The database's revision (``alembic_version`` table) is compared with :data:`SCHEMA_HEAD` using
 the connection we already have; Alembic and SQLAlchemy (~0.6 s of imports) are loaded only
 when the catalog is new or behind. Upgrades run under a file lock in the workspace, so several
-processes opening a fresh workspace at once migrate it exactly once.
+processes opening a fresh workspace at once migrate it exactly once; on PostgreSQL also under a
+transaction-level advisory lock, because machines sharing one catalog server do not share that
+file lock.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from lbm_registry.registry.db import Database
 
 #: The newest revision in ``migrations/versions``. Bump it with every new migration script
 #: (``tests/test_registry_catalog.py`` checks it equals Alembic's head).
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
+
+#: ``pg_advisory_xact_lock`` key held while migrating a PostgreSQL catalog (any fixed number).
+PG_MIGRATION_LOCK = 0x4C424D52  # "LBMR"
 
 
 def migrations_dir() -> Path:
@@ -39,8 +44,19 @@ def current_revision(db: Database) -> str | None:
         return db.scalar("SELECT version_num FROM alembic_version")
     try:
         return db.scalar("SELECT version_num FROM alembic_version")
-    except Exception:  # table missing: a fresh database (each dialect words this differently)
-        return None
+    except Exception as exc:
+        if _missing_table(exc):  # a fresh, empty database
+            return None
+        raise
+
+
+def _missing_table(exc: BaseException) -> bool:
+    """``alembic_version`` does not exist (PostgreSQL: SQLSTATE 42P01; SQLite: 'no such table')."""
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "sqlstate", None) == "42P01" or getattr(orig, "pgcode", None) == "42P01":
+        return True
+    text = str(orig).lower()
+    return "no such table" in text or ("alembic_version" in text and "does not exist" in text)
 
 
 def upgrade(db: Database) -> None:
@@ -52,6 +68,12 @@ def upgrade(db: Database) -> None:
     cfg.set_main_option("script_location", str(migrations_dir()))
     engine = db.engine()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Held until this transaction ends; Alembic then reads alembic_version afresh, so a
+            # process that waited here finds the work done (DDL is transactional on PostgreSQL).
+            from sqlalchemy import text
+
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     if db.is_sqlite:

@@ -7,12 +7,12 @@ or prints them with ``--json``. No MLflow, no SQLAlchemy: these back the fast co
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime
 from typing import Any
 
 from lbm_registry.registry import catalog
 from lbm_registry.registry.catalog import VersionRecord
+from lbm_registry.registry.db import mask_url
 from lbm_registry.registry.workspace import Workspace
 
 LORA_FACT_KEYS = ("rank", "conv_rank", "policy", "alpha", "mean_error", "max_error", "functional_error")
@@ -20,11 +20,6 @@ LORA_FACT_KEYS = ("rank", "conv_rank", "policy", "alpha", "mean_error", "max_err
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
-
-
-def mask_url(url: str) -> str:
-    """Hide a password in a database/tracking URL."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def _target_ref(e: dict[str, Any]) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from lbm_registry.errors import RegistryError
 from lbm_registry.registry import schema
-from lbm_registry.registry.db import Database
+from lbm_registry.registry.db import Database, mask_url
 from lbm_registry.registry.settings import WorkspaceSettings
 
 LOCK_TIMEOUT_S = 300.0
@@ -72,10 +72,12 @@ class Workspace:
                 return
             try:
                 schema.upgrade(self.db)
+            except RegistryError:
+                raise
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise RegistryError(
-                    f"cannot migrate the catalog {self.settings.effective_catalog_url} from revision "
+                    f"cannot migrate the catalog {mask_url(self.db.url)} from revision "
                     f"{rev or 'empty'} to {schema.SCHEMA_HEAD}: {first}") from None
             finally:
                 # Alembic used a SQLAlchemy engine; the sqlite3 fast path reconnects on its own.
