@@ -6,11 +6,12 @@ What can drift, and what ``--repair`` does about it:
   their MLflow run/model version is deleted and the rows removed (they were never visible);
 - blobs: missing or corrupt (full sha256 re-check) blobs are *recorded* on their versions even
   without ``--repair``, so ``resolve`` refuses them from then on; repair restores a blob from an
-  intact MLflow artifact copy when there is one, else it stays refused until the original file
-  is registered again. Writable blobs are made read-only again;
+  intact MLflow artifact copy when there is one (downloaded from a tracking server), else it
+  stays refused until the original file is registered again. Writable blobs are made read-only;
 - orphan blobs (no catalog row) and temp files of dead writers are deleted;
 - MLflow: a ready version whose run or model version is missing is mirrored again from the
-  catalog; MLflow model versions the catalog does not know are deleted.
+  catalog; MLflow runs and model versions the catalog does not know are deleted, except those
+  tagged with another catalog's ``lbm.catalog_id`` (registries sharing one tracking server).
 
 Pending rows of live processes (same host, pid alive) are left alone, so doctor and gc are safe
 to run while others register.
@@ -19,6 +20,7 @@ to run while others register.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from lbm_registry.registry.blobs import (
     tmp_owner_pid,
 )
 from lbm_registry.registry.catalog import VersionRecord
-from lbm_registry.registry.db import with_retries
+from lbm_registry.registry.db import mask_url, with_retries
 from lbm_registry.registry.workspace import Workspace, actor
 
 STALE_S = 24 * 3600.0
@@ -221,36 +223,54 @@ class Doctor:
         if any(r.integrity != state for r in recs):
             self._set_integrity(sha, state, recs[0])
         if self.repair:
-            source = self._intact_copy(sha, recs, path)
-            if source is not None:
-                store_blob(source, sha, recs[0].size, self.ws.blobs_dir, replace=True)
-                self._set_integrity(sha, "ok", recs[0])
-                issue.fixed, issue.action = True, f"restored from {source}"
-            else:
-                issue.action = "cannot restore: register the original file again"
+            scratch = self.ws.staging_dir / f"restore-{sha[:16]}-{os.getpid()}"
+            try:
+                source = self._intact_copy(sha, recs, path, scratch)
+                if source is not None:
+                    store_blob(source, sha, recs[0].size, self.ws.blobs_dir, replace=True)
+                    self._set_integrity(sha, "ok", recs[0])
+                    where = "the MLflow server" if source.is_relative_to(scratch) else str(source)
+                    issue.fixed, issue.action = True, f"restored from {where}"
+                else:
+                    issue.action = "cannot restore: register the original file again"
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
 
-    def _intact_copy(self, sha: str, recs: list[VersionRecord], blob: Path) -> Path | None:
-        """An MLflow artifact copy of the weights with the right hash (a copy, not a link)."""
-        artifacts = self.ws.artifacts_dir
+    def _intact_copy(self, sha: str, recs: list[VersionRecord], blob: Path, scratch: Path) -> Path | None:
+        """An MLflow artifact copy of the weights with the right hash (a copy, not a link).
+
+        The workspace's own artifact folder is looked at first (no MLflow needed); then, when
+        the tracking store is elsewhere (a server), its copy is downloaded into ``scratch``."""
         try:
             blob_ino = blob.stat().st_ino if blob.exists() else None
         except OSError:
             blob_ino = None
+
+        def intact(cand: Path, rec: VersionRecord) -> bool:
+            try:
+                st = cand.stat()
+            except OSError:
+                return False
+            return st.st_ino != blob_ino and st.st_size == rec.size and sha256_file(cand) == sha
+
         for rec in recs:
-            if not rec.mlflow_run_id:
+            folder = self.ws.artifacts_dir / (rec.mlflow_run_id or "-") / "artifacts" / "weights"
+            if rec.mlflow_run_id and folder.is_dir():
+                for cand in folder.iterdir():
+                    if intact(cand, rec):
+                        return cand
+        if self.ws.settings.effective_tracking_uri.startswith("sqlite:"):
+            return None
+        tracker = self.tracker()
+        if tracker is None:
+            return None
+        for rec in recs:
+            try:
+                for cand in tracker.weight_copies(rec, scratch):
+                    if intact(cand, rec):
+                        return cand
+            except LBMError:
                 continue
-            folder = artifacts / rec.mlflow_run_id / "artifacts" / "weights"
-            if not folder.is_dir():
-                continue
-            for cand in folder.iterdir():
-                try:
-                    st = cand.stat()
-                except OSError:
-                    continue
-                if st.st_ino == blob_ino or st.st_size != rec.size:
-                    continue
-                if sha256_file(cand) == sha:
-                    return cand
         return None
 
     def _set_integrity(self, sha: str, state: str, rec: VersionRecord) -> None:
@@ -266,7 +286,7 @@ class Doctor:
     def check_mlflow(self) -> None:
         tracker = self.tracker()
         if tracker is None:
-            self.add("mlflow_unreachable", mask(self.ws.settings.effective_tracking_uri),
+            self.add("mlflow_unreachable", mask_url(self.ws.settings.effective_tracking_uri),
                      self._tracker_error or "?")
             return
         ready = catalog.all_versions(self.ws.db, status="ready")
@@ -287,6 +307,8 @@ class Doctor:
             for mv in tracker.model_versions(name):
                 if str(mv.version) in known.get(name, set()) or mv.run_id in in_flight:
                     continue
+                if not tracker.owns(mv.tags):  # another registry's, sharing this MLflow server
+                    continue
                 if "lbm.version_id" in (mv.tags or {}) and self._in_flight_version(mv.tags["lbm.version_id"]):
                     continue
                 issue = self.add("mlflow_orphan", f"{name}/{mv.version}", "MLflow model version unknown to the catalog")
@@ -297,7 +319,7 @@ class Doctor:
         referenced_runs = {r.mlflow_run_id for r in catalog.all_versions(self.ws.db) if r.mlflow_run_id}
         for run in tracker.runs():
             run_id = run.info.run_id
-            if run_id in referenced_runs:
+            if run_id in referenced_runs or not tracker.owns(run.data.tags):
                 continue
             vid = run.data.tags.get("lbm.version_id")
             if vid and self._in_flight_version(vid):
@@ -347,12 +369,6 @@ class Doctor:
         return {"home": str(self.ws.home), "repair": self.repair, "checked": checked,
                 "issues": [asdict(i) for i in self.issues], "fixed": sum(i.fixed for i in self.issues),
                 "remaining": len(unfixed), "ok": not unfixed}
-
-
-def mask(url: str) -> str:
-    from lbm_registry.registry.views import mask_url
-
-    return mask_url(url)
 
 
 def doctor(ws: Workspace, *, repair: bool = False, mlflow: bool = True,

@@ -14,6 +14,13 @@ MLflow DB from several processes at once crashes, so it is created under a file 
 writes to the SQLite backend are serialised by another lock, which costs ~0.2 s per
 registration and removes "database is locked" failures); ``create_model_version(source=...,
 run_id=...)`` needs no MLmodel file.
+
+A remote tracking server (``--tracking-uri http://host:5000``) needs neither lock. Its runs'
+artifact URIs are not local folders (``mlflow-artifacts:/...`` when the server proxies
+artifacts), so weights and tables are uploaded through the client instead of hard-linked, and
+``doctor`` downloads the weights artifact when it restores a blob from MLflow. A server that does
+not answer fails in seconds (the client alone would retry for about four minutes), and MLflow's
+"View run at" lines stay off stdout, where ``--json`` output goes.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,14 +45,17 @@ from lbm_registry.errors import RegistryError
 from lbm_registry.registry import catalog
 from lbm_registry.registry.blobs import link_or_copy
 from lbm_registry.registry.catalog import VersionRecord
-from lbm_registry.registry.db import sqlite_path
+from lbm_registry.registry.db import mask_url, sqlite_path
 from lbm_registry.registry.workspace import Workspace
 
 EXPERIMENT = "lbm-registry"
 TAG_PREFIX = "lbm."
+#: Run/model-version tag naming the catalog that mirrored it (registries may share a server).
+CATALOG_TAG = "lbm.catalog_id"
 LAYER_FIELDS = ("module", "kind", "shape", "rank", "rel_error", "energy")
 _PARAM_MAX = 6000
 _TAG_MAX = 5000
+CONNECT_TIMEOUT_S = 5.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -61,6 +73,34 @@ def _local_dir(uri: str) -> Path | None:
     return None
 
 
+def mlflow_environment() -> None:
+    """Process-wide MLflow defaults (a user's own setting wins): no telemetry, and no
+    "View run at" lines printed to stdout after each run against a server."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast when an ``http(s)://`` tracking server does not accept connections.
+
+    The MLflow client retries a refused connection with exponential backoff for ~4 minutes
+    before it gives up; one TCP connect tells the same in milliseconds. Skipped behind an HTTP
+    proxy (only the proxy can tell) and for other URI schemes."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    proxies = urllib.request.getproxies()
+    if proxies.get(parsed.scheme) and not urllib.request.proxy_bypass(parsed.hostname):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise RegistryError(f"cannot reach the MLflow tracking server {mask_url(uri)}: {reason}") from None
+
+
 @contextlib.contextmanager
 def mlflow_errors(what: str) -> Iterator[None]:
     """MLflow raises its own exception zoo; users see one line."""
@@ -76,11 +116,13 @@ class Tracker:
     """An MLflow client bound to one workspace and the ``lbm-registry`` experiment."""
 
     def __init__(self, ws: Workspace) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        mlflow_environment()
         self.ws = ws
+        self._catalog_id: str | None = None
         self.uri = ws.settings.effective_tracking_uri
         self.is_sqlite = self.uri.startswith("sqlite:")
-        with mlflow_errors(f"connection to {self.uri}"):
+        check_reachable(self.uri)
+        with mlflow_errors(f"connection to {mask_url(self.uri)}"):
             from mlflow import MlflowClient
 
             for name in ("mlflow", "alembic"):
@@ -90,12 +132,38 @@ class Tracker:
             # our experiment exists the DB is complete, and opening it needs no lock.
             with contextlib.nullcontext() if self._ready() else self._init_lock():
                 self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-                exp = self.client.get_experiment_by_name(EXPERIMENT)
-                if exp is None:
-                    location = ws.artifacts_dir.as_uri() if self.is_sqlite else None
-                    self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
-                else:
-                    self.experiment_id = exp.experiment_id
+                self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        """Our experiment's id, created on first use. Against a server several processes may
+        create it at once (no lock spans machines): the losers read the winner's."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        if exp is not None:
+            return exp.experiment_id
+        location = self.ws.artifacts_dir.as_uri() if self.is_sqlite else None  # a server: its default root
+        try:
+            return self.client.create_experiment(EXPERIMENT, artifact_location=location)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = self.client.get_experiment_by_name(EXPERIMENT)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    @property
+    def catalog_id(self) -> str:
+        if self._catalog_id is None:
+            self._catalog_id = catalog.catalog_id(self.ws.db)
+        return self._catalog_id
+
+    def owns(self, tags: Mapping[str, str] | None) -> bool:
+        """Was this run/model version mirrored by our catalog? Untagged ones (made before
+        catalog ids existed, or by hand) count as ours; another catalog's never do."""
+        owner = (tags or {}).get(CATALOG_TAG)
+        return owner is None or owner == self.catalog_id
 
     def _ready(self) -> bool:
         """A SQLite MLflow DB that already holds our experiment (created last, under the lock).
@@ -199,6 +267,7 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         params, metrics, tags, description = self.describe(rec, edges, lora, user_tags)
+        tags[CATALOG_TAG] = self.catalog_id
         with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}"):
             run = self.client.create_run(self.experiment_id, run_name=rec.ref,
                                          tags={k: v for k, v in tags.items() if k.startswith(TAG_PREFIX)})
@@ -356,6 +425,30 @@ class Tracker:
         if run.info.lifecycle_stage != "active":
             return f"MLflow run {rec.mlflow_run_id} is deleted"
         return None
+
+    def weight_copies(self, rec: VersionRecord, scratch: Path) -> Iterator[Path]:
+        """Candidate copies of a version's weights from its run's ``weights/`` artifact (same
+        size as the version; the caller checks the hash). A local artifact folder is read in
+        place; a server's artifacts are downloaded into ``scratch``, one file at a time."""
+        if not rec.mlflow_run_id:
+            return
+        with mlflow_errors(f"artifacts of {rec.ref}"):
+            run = self.client.get_run(rec.mlflow_run_id)
+            local = _local_dir(run.info.artifact_uri)
+            if local is not None:
+                folder = local / "weights"
+                files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+                remote = []
+            else:
+                files = []
+                remote = [a for a in self.client.list_artifacts(rec.mlflow_run_id, "weights")
+                          if not a.is_dir and a.file_size in (None, rec.size)]
+        yield from files
+        for art in remote:
+            scratch.mkdir(parents=True, exist_ok=True)
+            with mlflow_errors(f"download of {art.path} ({rec.ref})"):
+                got = self.client.download_artifacts(rec.mlflow_run_id, art.path, str(scratch))
+            yield Path(got)
 
     def runs(self) -> list[Any]:
         """Every live run of the lbm-registry experiment (paged)."""

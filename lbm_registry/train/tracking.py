@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,10 @@ class MLflowTracker(NullTracker):
     def __init__(self, tracking_uri: str, experiment: str, *, home: Path | None = None, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, warn: Callable[[str], None] | None = None) -> None:
         """``home``: the workspace folder (its ``.locks/`` and ``artifacts/`` are used for SQLite)."""
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from lbm_registry.registry.db import mask_url
+        from lbm_registry.registry.tracking import check_reachable, mlflow_environment
+
+        mlflow_environment()
         self.warn = warn or (lambda msg: None)
         self.uri = tracking_uri
         self._buffer: list[Any] = []
@@ -58,7 +60,9 @@ class MLflowTracker(NullTracker):
         self._ended = False
         is_sqlite = self.uri.startswith("sqlite:")
         try:
+            check_reachable(self.uri)
             from mlflow import MlflowClient
+            from mlflow.exceptions import MlflowException
 
             for name in ("mlflow", "alembic"):
                 logging.getLogger(name).setLevel(logging.WARNING)
@@ -73,13 +77,18 @@ class MLflowTracker(NullTracker):
                 exp = self.client.get_experiment_by_name(experiment)
                 if exp is None:
                     location = (home / "artifacts").as_uri() if is_sqlite and home is not None else None
-                    exp_id = self.client.create_experiment(experiment, artifact_location=location)
+                    try:
+                        exp_id = self.client.create_experiment(experiment, artifact_location=location)
+                    except MlflowException as exc:  # a server: another process created it first
+                        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                            raise
+                        exp_id = self.client.get_experiment_by_name(experiment).experiment_id
                 else:
                     exp_id = exp.experiment_id
             self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {})).info.run_id
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise RegistryError(f"cannot start an MLflow run at {self.uri}: {first} "
+            raise RegistryError(f"cannot start an MLflow run at {mask_url(self.uri)}: {first} "
                                 "(set mlflow: false to train without tracking)") from None
 
     def _guard(self, what: str, fn: Callable[[], Any]) -> None:
