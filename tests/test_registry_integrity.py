@@ -118,6 +118,49 @@ def test_kill_mid_registration_then_repair(tmp_path, make_weights, fresh_setting
     assert R.doctor(s)["ok"]
 
 
+def _gc_paused(home: str, log: str) -> None:
+    """gc with the pause hook armed between its scan and its deletions (forked)."""
+    import sys
+    from pathlib import Path
+
+    from lbm_registry.api.registry import gc
+    from lbm_registry.registry.register import PAUSE_ENV
+
+    sys.stderr = open(log, "w", buffering=1)  # noqa: SIM115  (the hook reports here)
+    os.environ[PAUSE_ENV] = "gc_scan"
+    os.environ["LBM_REG_DEBUG_PAUSE_S"] = "2"
+    gc(WorkspaceSettings(home=Path(home)))
+
+
+def test_gc_never_deletes_a_blob_a_registration_reuses(tmp_path, make_weights, fresh_settings):
+    """gc has found a blob unreferenced and is about to delete it when a registration of the same
+    bytes starts: the registration must not reuse the blob and then lose it. (The blob lock
+    makes it wait for gc, then store the blob again.)"""
+    import time
+
+    from lbm_registry.registry.blobs import blob_path, sha256_file, store_blob
+
+    s = fresh_settings(mlflow_db=False)
+    w = make_weights()
+    sha = sha256_file(w)
+    store_blob(w, sha, w.stat().st_size, s.blobs_dir)     # an orphan: no version references it
+    log = tmp_path / "gc.log"
+    log.touch()
+    p = mp.get_context("fork").Process(target=_gc_paused, args=(str(s.home), str(log)))
+    p.start()
+    try:
+        deadline = time.time() + 60
+        while "paused at gc_scan" not in log.read_text():
+            assert p.is_alive() and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        v = R.register_asset(w, name="reused", kind="base", settings=s)
+    finally:
+        p.join(60)
+    assert p.exitcode == 0, log.read_text()
+    assert v.sha256 == sha and blob_path(s.blobs_dir, sha).is_file()
+    assert R.doctor(s)["ok"], R.doctor(s)["issues"]
+
+
 def test_exception_mid_registration_marks_failed_and_gc_cleans(reg_settings, make_weights, monkeypatch):
     from lbm_registry.registry import tracking
 

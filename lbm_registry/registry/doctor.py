@@ -41,6 +41,7 @@ from lbm_registry.registry.blobs import (
 )
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import mask_url, with_retries
+from lbm_registry.registry.register import pause
 from lbm_registry.registry.workspace import Workspace, actor
 
 STALE_S = 24 * 3600.0
@@ -165,13 +166,11 @@ class Doctor:
 
     # -- blobs -----------------------------------------------------------------------------
     def check_blobs(self, *, verify: bool) -> None:
-        files = list(iter_blob_files(self.ws.blobs_dir))  # list files before reading rows (see gc)
         versions = catalog.all_versions(self.ws.db)
         by_sha: dict[str, list[VersionRecord]] = {}
         for rec in versions:  # in-flight registrations may not have stored their blob yet
             if rec.status == "ready":
                 by_sha.setdefault(rec.sha256, []).append(rec)
-        referenced = catalog.referenced_shas(self.ws.db)
         if verify:
             total = len(by_sha)
             for i, (sha, recs) in enumerate(sorted(by_sha.items())):
@@ -180,6 +179,18 @@ class Doctor:
                 self._check_blob(sha, recs)
             if self.progress:
                 self.progress("verified", total, total)
+        if self.repair:
+            # Exclusive against registrations between their pending row and their stored blob
+            # (see register.register): an orphan they are about to reuse is not deleted.
+            with self.ws.rw_lock("blobs", exclusive=True):
+                self._check_unreferenced()
+        else:
+            self._check_unreferenced()
+
+    def _check_unreferenced(self) -> None:
+        files = list(iter_blob_files(self.ws.blobs_dir))  # list files before reading rows
+        referenced = catalog.referenced_shas(self.ws.db)
+        pause("gc_scan")
         for path in files:
             name = path.name
             if name.startswith(TMP_PREFIX):

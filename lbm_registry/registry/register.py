@@ -277,14 +277,22 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     from lbm_registry.registry.tracking import Tracker, mirror_inputs
 
     tracker = Tracker(ws)  # connect first: an unreachable MLflow fails before anything is written
-    vid = _insert_pending(ws, name=name, kind=kind, sha=sha, size=size, dtype=dtype, file_name=path.name,
-                          config=config, facts=facts, params=dict(params or {}), metrics=metric_values,
-                          edges=edges, layers=layers, tags={str(k): str(v) for k, v in (tags or {}).items()})
-    rec = catalog.version_by_id(ws.db, vid)
     state: dict[str, str | None] = {"run_id": None, "mv": None}
+    # Shared blob lock from the pending row (which makes gc keep the hash) to the stored blob: gc
+    # takes it exclusively, so it cannot delete an orphan blob of these bytes that store_blob has
+    # just found in place and reused.
+    with ws.rw_lock("blobs", exclusive=False):
+        vid = _insert_pending(ws, name=name, kind=kind, sha=sha, size=size, dtype=dtype, file_name=path.name,
+                              config=config, facts=facts, params=dict(params or {}), metrics=metric_values,
+                              edges=edges, layers=layers, tags={str(k): str(v) for k, v in (tags or {}).items()})
+        rec = catalog.version_by_id(ws.db, vid)
+        try:
+            pause("pending")
+            blob, how = store_blob(path, sha, size, ws.blobs_dir, replace=damaged)
+        except BaseException as exc:
+            _abort(ws, tracker, rec, state, exc)
+            raise
     try:
-        pause("pending")
-        blob, how = store_blob(path, sha, size, ws.blobs_dir, replace=damaged)
         if damaged:  # the bytes were just re-hashed from the source: the blob is whole again
             with_retries(lambda: _mark_integrity(ws, sha, "ok"), "restoring blob state")
         pause("blob")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,37 @@ class Workspace:
         path = self.home / ".locks"
         path.mkdir(parents=True, exist_ok=True)
         return FileLock(str(path / f"{name}.lock"), timeout=timeout)
+
+    @contextmanager
+    def rw_lock(self, name: str, *, exclusive: bool, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """A readers-writer inter-process lock ``<home>/.locks/<name>.rwlock`` (``flock``).
+
+        Many processes may hold the shared side at once, the exclusive side waits for all of
+        them. Used for the blob store: registrations hold it shared from their pending row to
+        their stored blob, gc/doctor --repair hold it exclusively while they delete unreferenced
+        blobs, so a blob another process is about to reuse is never deleted under it. The kernel
+        releases the lock when its holder dies (kill -9 included).
+        """
+        import fcntl
+        import time
+
+        path = self.home / ".locks" / f"{name}.rwlock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, op)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RegistryError(f"timed out after {timeout:.0f} s waiting for {path}") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
 
     def abspath(self, rel: str) -> Path:
         """Catalog paths are stored relative to the home so a workspace can be moved."""
