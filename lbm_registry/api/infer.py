@@ -236,7 +236,7 @@ def _save_image(img: Any, dest: Path) -> None:
 
 def _log_to_mlflow(result: dict[str, Any], inputs: list[Path], settings: WorkspaceSettings) -> str | None:
     """One MLflow run per infer call: the refs as params, inputs and outputs as artifacts."""
-    from lbm_registry.train.tracking import MLflowTracker
+    from lbm_registry.registry.runs import MLflowTracker
 
     tracker = MLflowTracker(settings.effective_tracking_uri, "lbm-registry-infer", home=settings.home,
                             run_name=f"infer {result['base']}", warn=log.warning)

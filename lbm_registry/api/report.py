@@ -129,7 +129,7 @@ img{{max-width:100%}} .note{{color:#666}}</style></head><body>
 
 
 def _log(out_dir: Path, result: dict[str, Any], settings: WorkspaceSettings) -> str | None:
-    from lbm_registry.train.tracking import MLflowTracker
+    from lbm_registry.registry.runs import MLflowTracker
 
     tracker = MLflowTracker(settings.effective_tracking_uri, "lbm-registry-compare", home=settings.home,
                             run_name=f"compare {result['a']['ref']} vs {result['b']['ref']}")

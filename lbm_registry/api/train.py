@@ -127,12 +127,12 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     from lbm_registry.errors import ConfigError
     from lbm_registry.lbm.loading import load_lbm
     from lbm_registry.lbm.model import build_model, pick_device
+    from lbm_registry.registry.runs import make_tracker
     from lbm_registry.train.data import PairStream, expand_shards, shard_hashes
     from lbm_registry.train.inject import check_lora_fits, match_modules, new_lora_file
     from lbm_registry.train.loop import LoRATrainer, check_output_dir, uses_autocast
     from lbm_registry.train.losses import build_pixel_loss, latent_loss_fn
     from lbm_registry.train.objective import BridgeObjective
-    from lbm_registry.train.tracking import make_tracker
 
     settings = settings or WorkspaceSettings.resolve()
     if config.register_name:

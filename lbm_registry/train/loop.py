@@ -23,6 +23,7 @@ import torch
 from lbm_registry.errors import DataError, TrainingError
 from lbm_registry.lbm.model import LBMModel
 from lbm_registry.lora.format import LoRAFile, write_lora
+from lbm_registry.registry.runs import NullTracker
 from lbm_registry.train.config import TrainConfig
 from lbm_registry.train.data import PairStream
 from lbm_registry.train.inject import LoRAInjection, inject_lora
@@ -36,7 +37,6 @@ from lbm_registry.train.state import (
     rng_state,
     save_checkpoint,
 )
-from lbm_registry.train.tracking import NullTracker
 
 if TYPE_CHECKING:
     from rich.console import Console

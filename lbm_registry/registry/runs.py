@@ -1,4 +1,4 @@
-"""Optional MLflow logging of a training run (params, train/validation metrics, images).
+"""MLflow run logging for training, `infer --log` and `compare --report` (params, metrics, images).
 
 Why a thin wrapper: MLflow costs ~1.3 s to import and training must also run without it
 (``mlflow: false``, tests). :class:`NullTracker` and :class:`MLflowTracker` share one small
