@@ -111,6 +111,8 @@ def matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
 _ST_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 """The names the CLI takes (``--dtype bf16``) and the catalog shows."""
+_KOHYA_PRECISION = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}
+"""kohya's ``--mixed_precision`` vocabulary, which its ``ss_mixed_precision`` key records."""
 
 
 def _kohya_metadata(summaries: list[tuple[int, float, bool]], dtype: torch.dtype,
@@ -128,7 +130,7 @@ def _kohya_metadata(summaries: list[tuple[int, float, bool]], dtype: torch.dtype
                                        "conv_alpha": max(calphas, default=0)}),
         "ss_base_model_version": "lbm",
         "ss_v2": "False",
-        "ss_mixed_precision": str(dtype).replace("torch.", ""),
+        "ss_mixed_precision": _KOHYA_PRECISION[dtype],
     }
     if info.get("base_sha256"):
         meta["ss_sd_model_hash"] = info["base_sha256"]
