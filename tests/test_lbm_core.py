@@ -89,6 +89,24 @@ def test_pickle_only_ckpt_is_refused(tmp_path):
         pickle.dump({"state_dict": {"x": _Evil()}}, fh)
     with pytest.raises(CheckpointError, match="pickle"):
         CheckpointReader(path)
+    zipped = tmp_path / "evil-zip.ckpt"         # the modern torch.save format: weights_only refuses it
+    torch.save({"state_dict": {"x": _Evil()}}, zipped)
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        CheckpointReader(zipped)
+
+
+def test_garbage_and_truncated_ckpt_are_one_line_errors(tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a PyTorch zip checkpoint"):
+        CheckpointReader(garbage)
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"model.w": torch.ones(64, 64)}}, good)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        CheckpointReader(cut)
+    assert "\n" not in str(err.value)
 
 
 def test_lightning_ckpt_strips_model_prefix_and_lpips(tiny_base_path, tiny_config, tmp_path):

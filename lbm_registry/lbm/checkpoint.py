@@ -101,6 +101,13 @@ class CheckpointReader:
 
     def _open_ckpt(self) -> None:
         import pickle
+        import zipfile
+
+        if not zipfile.is_zipfile(self.path):
+            # torch.save has written zip archives since 1.6; anything else is a legacy pickle
+            # stream or not a checkpoint at all (torch's own error here is about mmap).
+            raise CheckpointError(f"{self.path}: not a PyTorch zip checkpoint (corrupt, truncated or a legacy "
+                                  "pickle); convert it to .safetensors")
 
         try:
             obj = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
