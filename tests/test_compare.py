@@ -22,6 +22,15 @@ def test_factor_similarity_matches_dense():
     assert cosine(a, a) == pytest.approx(1.0, abs=1e-6)
     assert relative_difference(a, b) == pytest.approx(float((da - db).norm() / max(da.norm(), db.norm())), rel=1e-4)
     assert torch.allclose(spectrum(a), torch.linalg.svdvals(da)[:3].float(), rtol=1e-4)
+    from lbm_registry.lora.similarity import cosine_and_difference
+
+    assert cosine_and_difference(a, b) == pytest.approx((cosine(a, b), relative_difference(a, b)), rel=1e-9)
+    full = LoRALayer("f", torch.randn(40, 10, generator=g), torch.randn(7, 40, generator=g), 40.0)  # r > sides
+    assert inner(full, a) == pytest.approx(float((full.delta(torch.float64) * da).sum()), rel=1e-5)
+    assert torch.allclose(spectrum(full), torch.linalg.svdvals(full.delta(torch.float64)).float(), rtol=1e-4)
+    assert cosine_and_difference(full, a) == pytest.approx((cosine(full, a), relative_difference(full, a)), rel=1e-9)
+    wide = LoRALayer("w", torch.randn(12, 40, generator=g), torch.randn(30, 12, generator=g), 3.0)
+    assert torch.allclose(spectrum(wide), torch.linalg.svdvals(wide.delta(torch.float64))[:12].float(), rtol=1e-4)
     conv = LoRALayer("c", torch.randn(2, 4, 3, 3, generator=g), torch.randn(6, 2, 1, 1, generator=g), 2.0)
     assert cosine(conv, conv) == pytest.approx(1.0, abs=1e-6)
 

@@ -158,3 +158,36 @@ def test_add_deltas_blocked_equals_unblocked(monkeypatch):
     assert torch.equal(whole, blocked)
     want = (w.float() + 0.5 * layer.delta()).to(torch.bfloat16)
     assert (whole.float() - want.float()).abs().max() <= want.float().abs().max() * 2**-7
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_merged_loras_replace_swaps_without_reloading(tiny_config, tiny_base_path, rank4_lora, make_tuned,
+                                                       extract_tiny, from_file):
+    """replace(): the base is restored bit-exactly, then the new LoRAs are merged; a LoRA that
+    does not fit changes nothing."""
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.loading import load_lbm
+
+    den = load_lbm(tiny_base_path, tiny_config).denoiser
+    before = snapshot(den)
+    reader = CheckpointReader(tiny_base_path)
+    originals = (lambda n: reader.get(f"denoiser.{n}.weight")) if from_file else None
+    other = read_lora(extract_tiny(make_tuned(rank=4, seed=2), rank=2, conv_rank=2, dtype="fp32").result.path)
+    partial = LoRAFile({k: v for i, (k, v) in enumerate(other.layers.items()) if i % 3 == 0}, {})
+    merged = MergedLoRAs(den, [(rank4_lora, 1.0)], global_scale=0.5, originals=originals)
+    merged.replace([(partial, 1.0)])
+    name = next(iter(partial.layers))
+    want = before[name + ".weight"] + 0.5 * partial.layers[name].delta()
+    assert torch.allclose(den.get_submodule(name).weight, want, atol=1e-6)
+    untouched = next(n for n in rank4_lora.layers if n not in partial.layers)
+    assert torch.equal(den.get_submodule(untouched).weight, before[untouched + ".weight"])
+    state = snapshot(den)
+    bad = LoRAFile({"nope": next(iter(rank4_lora.layers.values()))}, {})
+    with pytest.raises(LoRAError, match="match no layer"):
+        merged.replace([(bad, 1.0)])
+    for k, v in den.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    merged.replace([(rank4_lora, 1.0), (partial, 2.0)])
+    merged.set_scale(0.0)
+    for k, v in den.state_dict().items():
+        assert torch.equal(v, before[k]), k

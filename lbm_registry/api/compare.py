@@ -59,19 +59,19 @@ def _facts(asset: ResolvedAsset, settings: WorkspaceSettings) -> dict[str, Any]:
 
 def layer_table(lora_a: Any, lora_b: Any, facts_a: dict, facts_b: dict) -> list[dict[str, Any]]:
     """Per module: ranks, recorded errors, cosine and relative difference of the deltas."""
-    from lbm_registry.lora.similarity import cosine, layer_group, relative_difference
+    from lbm_registry.lora.similarity import cosine_and_difference, layer_group
 
     err_a = {row["module"]: row.get("rel_error") for row in facts_a.get("layers") or []}
     err_b = {row["module"]: row.get("rel_error") for row in facts_b.get("layers") or []}
     rows = []
     for m in sorted(set(lora_a.layers) | set(lora_b.layers)):
         la, lb = lora_a.layers.get(m), lora_b.layers.get(m)
+        cos, diff = cosine_and_difference(la, lb) if la and lb else (0.0, 1.0)
         rows.append({
             "module": m, "group": layer_group(m),
             "rank_a": la.rank if la else 0, "rank_b": lb.rank if lb else 0,
             "error_a": err_a.get(m), "error_b": err_b.get(m),
-            "cosine": cosine(la, lb) if la and lb else 0.0,
-            "rel_diff": relative_difference(la, lb) if la and lb else 1.0,
+            "cosine": cos, "rel_diff": diff,
         })
     return rows
 
@@ -112,21 +112,26 @@ def _label_grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
 def run_outputs(a: ResolvedAsset, b: ResolvedAsset, images: list[Image.Image], *, tuned: str | None,
                 settings: WorkspaceSettings, device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Base, A, B (and the tuned model when known) on the same images; pixel metrics, LPIPS if cached."""
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.infer import load, plan_load
     from lbm_registry.lbm import metrics
+    from lbm_registry.lora.format import read_lora
 
     outs: dict[str, list[Image.Image]] = {}
     pa = load(a.ref, settings=settings, device=device, force=True)
     outs["A"] = [pa(img, seed=seed) for img in images]
     outs["base"] = [pa(img, seed=seed, scale=0.0) for img in images]
-    base_a = pa.info["base_sha256"]
-    del pa
-    pb = load(b.ref, settings=settings, device=device, force=True)
-    outs["B"] = [pb(img, seed=seed) for img in images]
-    same_base = pb.info["base_sha256"] == base_a
-    if not same_base:
+    plan_b = plan_load(b.ref, settings=settings, force=True)
+    if plan_b.base.sha256 == pa.info["base_sha256"] and pa.loras is not None:
+        # Same base: swap B's LoRA into the loaded model instead of loading the base again.
+        pa.loras.replace([(read_lora(asset.path), s) for asset, s in plan_b.loras])
+        outs["B"] = [pa(img, seed=seed, scale=1.0) for img in images]
+        del pa
+    else:
+        del pa
+        pb = load(b.ref, settings=settings, device=device, force=True)
+        outs["B"] = [pb(img, seed=seed) for img in images]
         outs["base B"] = [pb(img, seed=seed, scale=0.0) for img in images]
-    del pb
+        del pb
     if tuned:
         pt = load(tuned, settings=settings, device=device)
         outs["tuned"] = [pt(img, seed=seed) for img in images]

@@ -20,9 +20,14 @@ OPTIONAL_KEYS = ("num_iterations",)
 CONFIG_METADATA_KEY = "lbm_config"
 
 
-def verify_checkpoint(reader: CheckpointReader, config: LBMConfig, *, denoiser_only: bool = False) -> None:
-    """Raise ArchitectureError unless ``reader`` holds exactly the model ``config`` describes."""
-    expected = {k: tuple(v.shape) for k, v in build_model(config, meta=True).state_dict().items()}
+def verify_checkpoint(reader: CheckpointReader, config: LBMConfig, *, denoiser_only: bool = False,
+                      model: LBMModel | None = None) -> None:
+    """Raise ArchitectureError unless ``reader`` holds exactly the model ``config`` describes.
+
+    ``model``: that model already built (on the meta device), to avoid building it twice.
+    """
+    model = model if model is not None else build_model(config, meta=True)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     actual = reader.shapes()
     if denoiser_only:
         expected = {k: v for k, v in expected.items() if k.startswith(DENOISER_PREFIX)}
@@ -35,8 +40,8 @@ def load_lbm(path: str | Path, config: LBMConfig, *, device: str | torch.device 
              dtype: torch.dtype = torch.float32, check_nan: bool = True) -> LBMModel:
     """Load a full LBM checkpoint strictly (keys and shapes) into a fresh model."""
     reader = CheckpointReader(path)
-    verify_checkpoint(reader, config)
-    model = build_model(config, meta=True)
+    model = build_model(config, meta=True)   # building costs seconds at full size: once, not twice
+    verify_checkpoint(reader, config, model=model)
     sd = {}
     for key, t in reader.items():
         if check_nan:

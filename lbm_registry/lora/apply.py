@@ -169,19 +169,34 @@ class MergedLoRAs:
     def __init__(self, denoiser: nn.Module, loras: Sequence[tuple[LoRAFile, float]], *,
                  global_scale: float = 1.0, originals: OriginalsFn | None = None,
                  originals_device: str | torch.device | None = None) -> None:
-        layers = _layers(denoiser)
-        shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
-        for lora, _ in loras:
-            check_lora_targets(lora, shapes)
-        self._loras = [(lora, float(s)) for lora, s in loras]
+        self._layers = _layers(denoiser)
+        self._shapes = {n: tuple(m.weight.shape) for n, m in self._layers.items()}
+        self._kept: dict[str, torch.Tensor] | None = None if originals is not None else {}
+        self._kept_device = originals_device
+        self._original = originals if originals is not None else self._kept_original
+        self._loras: list[tuple[LoRAFile, float]] = []
+        self._modules: dict[str, nn.Module] = {}
         self._global = float(global_scale)
+        self.replace(loras)
+
+    def _kept_original(self, name: str) -> torch.Tensor:
+        assert self._kept is not None
+        return self._kept[name]
+
+    def replace(self, loras: Sequence[tuple[LoRAFile, float]]) -> None:
+        """Swap in other LoRAs (checked first: nothing changes if one does not fit), keeping the
+        global scale. The weights go back to the base first, so no model is reloaded: ``compare``
+        runs two LoRAs on one loaded base this way."""
+        for lora, _ in loras:
+            check_lora_targets(lora, self._shapes)
+        self.restore()
+        self._loras = [(lora, float(s)) for lora, s in loras]
         touched = sorted({name for lora, _ in self._loras for name in lora.layers})
-        self._modules = {name: layers[name] for name in touched}
-        if originals is None:
-            kept = {name: m.weight.detach().to(originals_device or m.weight.device, copy=True)
-                    for name, m in self._modules.items()}
-            originals = kept.__getitem__
-        self._original = originals
+        self._modules = {name: self._layers[name] for name in touched}
+        if self._kept is not None:   # keep copies of exactly the layers now touched
+            self._kept = {name: self._kept[name] if name in self._kept else
+                          m.weight.detach().to(self._kept_device or m.weight.device, copy=True)
+                          for name, m in self._modules.items()}
         self._apply(from_originals=False)
 
     @property

@@ -1,7 +1,8 @@
 """Compare LoRAs through their factors, never materialising the full deltas.
 
 For dA = sa * Ua @ Da and dB = sb * Ub @ Db (U: out x r, D: r x in):
-<dA, dB>_F = sa sb * sum((Ua^T Ub) * (Da Db^T)), an (ra x rb) computation.
+<dA, dB>_F = sa sb * sum((Ua^T Ub) * (Da Db^T)), an (ra x rb) computation. A full-rank LoRA
+(rank >= the smaller side) is compared through its dense delta instead, which is then smaller.
 """
 
 from __future__ import annotations
@@ -20,8 +21,20 @@ def _factors(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     return up, down
 
 
+def _full_rank(layer: LoRALayer) -> bool:
+    """Is the rank at least the delta's smaller side? Then the dense delta is the cheaper form
+    (a full-rank LoRA may even store more components than that, e.g. r = in * k * k)."""
+    return layer.rank >= min(layer.up.shape[0], layer.down[0].numel())
+
+
+def _dense(layer: LoRALayer) -> torch.Tensor:
+    return layer.delta(torch.float64).reshape(layer.up.shape[0], -1)
+
+
 def inner(a: LoRALayer, b: LoRALayer) -> float:
     """Frobenius inner product of the two reconstructed deltas."""
+    if _full_rank(a) or _full_rank(b):
+        return float((_dense(a) * _dense(b)).sum())
     ua, da = _factors(a)
     ub, db = _factors(b)
     return float(a.scale * b.scale * ((ua.T @ ub) * (da @ db.T)).sum())
@@ -47,12 +60,49 @@ def relative_difference(a: LoRALayer, b: LoRALayer) -> float:
     return diff2**0.5 / denom if denom else 0.0
 
 
+def cosine_and_difference(a: LoRALayer, b: LoRALayer) -> tuple[float, float]:
+    """:func:`cosine` and :func:`relative_difference` from one set of three inner products
+    (calling both would compute six and convert the factors twelve times); on one thread, as
+    every product here is small."""
+    from lbm_registry.lora.threads import single_thread_below
+
+    with single_thread_below(0, 1):
+        if _full_rank(a) or _full_rank(b):
+            da, db = _dense(a), _dense(b)
+            aa, bb, ab = float((da * da).sum()), float((db * db).sum()), float((da * db).sum())
+        else:
+            ua, da = _factors(a)
+            ub, db = _factors(b)
+            aa = float(a.scale**2 * ((ua.T @ ua) * (da @ da.T)).sum())
+            bb = float(b.scale**2 * ((ub.T @ ub) * (db @ db.T)).sum())
+            ab = float(a.scale * b.scale * ((ua.T @ ub) * (da @ db.T)).sum())
+    na, nb = max(aa, 0.0) ** 0.5, max(bb, 0.0) ** 0.5
+    cos = ab / (na * nb) if na and nb else 0.0
+    denom = max(na, nb)
+    diff = max(aa + bb - 2 * ab, 0.0) ** 0.5 / denom if denom else 0.0
+    return cos, diff
+
+
 def spectrum(layer: LoRALayer) -> torch.Tensor:
-    """Singular values of the reconstructed delta, from two thin QRs and an r x r SVD."""
+    """Singular values of the reconstructed delta ``s * U @ D``, descending, from r x r Gram matrices.
+
+    sigma^2 are the eigenvalues of (U^T U)(D D^T) = V L V^T (D D^T): those of the symmetric
+    L^1/2 V^T (D D^T) V L^1/2. Two small products and two r x r ``eigh`` instead of two thin QRs
+    (LAPACK's QR of a skinny fp64 matrix was ~10x slower). fp64 keeps every value above ~1e-7 of
+    the largest accurate, plenty for energy curves.
+    """
+    from lbm_registry.lora.threads import single_thread_below
+
+    if _full_rank(layer):
+        d = _dense(layer)
+        with single_thread_below(d.numel()):
+            return torch.linalg.svdvals(d if d.shape[0] >= d.shape[1] else d.T).float()
     up, down = _factors(layer)
-    _, ru = torch.linalg.qr(up)
-    _, rd = torch.linalg.qr(down.T)
-    return (torch.linalg.svdvals(ru @ rd.T) * abs(layer.scale)).float()
+    with single_thread_below(0, 1):
+        lam, v = torch.linalg.eigh(up.T @ up)
+        half = v * lam.clamp_min(0).sqrt()
+        s2 = torch.linalg.eigvalsh(half.T @ (down @ down.T) @ half).flip(0).clamp_min(0)
+    return (s2.sqrt() * abs(layer.scale)).float()
 
 
 _GROUP_PATTERNS = (
