@@ -191,3 +191,17 @@ def test_merged_loras_replace_swaps_without_reloading(tiny_config, tiny_base_pat
     merged.set_scale(0.0)
     for k, v in den.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_add_deltas_on_a_channels_last_weight():
+    """A non-contiguous weight (channels_last conv) is merged like a contiguous one, in place."""
+    from lbm_registry.lora import apply
+
+    g = torch.Generator().manual_seed(1)
+    layer = LoRALayer("c", torch.randn(4, 8, 3, 3, generator=g), torch.randn(16, 4, 1, 1, generator=g), 4.0)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    cl = w.clone().to(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    out = apply.add_deltas_(cl, [(layer, 0.5)])
+    assert out is cl and cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(cl, w + 0.5 * layer.delta(), atol=1e-5)
