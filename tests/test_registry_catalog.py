@@ -56,21 +56,11 @@ def test_schema_head_constant_matches_alembic():
 
 def test_models_match_migrations(tmp_path):
     """The SQLAlchemy models and the Alembic scripts describe the same schema."""
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-    from sqlalchemy import create_engine
-
-    from lbm_registry.registry.models import Base
+    from fixtures.registry import schema_diff
 
     s = WorkspaceSettings(home=tmp_path / "home")
     Workspace.open(s).close()
-    engine = create_engine(s.effective_catalog_url)
-    try:
-        with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
-    finally:
-        engine.dispose()
-    assert diff == []
+    assert schema_diff(s.effective_catalog_url) == []
 
 
 def test_concurrent_first_open_migrates_once(tmp_path):

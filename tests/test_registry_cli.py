@@ -6,27 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from lbm_registry.cli.main import main
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """``cli(*args)`` -> (exit code, stdout, stderr)."""
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str) -> tuple[int, str, str]:
-        try:
-            main([str(a) for a in args])
-            rc = 0
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
 
 def test_list_show_lineage(populated, cli):
     home = populated["settings"].home

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures.registry import lora_facts, write_weights
+from fixtures.registry import lora_facts, schema_diff, write_weights
 
 from lbm_registry.api import registry as R
 from lbm_registry.errors import RefError, RegistryError
@@ -68,33 +68,10 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """``cli(*args)`` -> (exit code, stdout, stderr), in process through ``main``."""
-    from lbm_registry.cli.main import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args) -> tuple[int, str, str]:
-        try:
-            main([str(a) for a in args])
-            rc = 0
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 # -- PostgreSQL catalog --------------------------------------------------------------------
 def test_pg_migrations_from_empty_idempotent_and_match_models(pg_catalog, tmp_path):
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-    from sqlalchemy import create_engine
-
-    from lbm_registry.registry.models import Base
-
     url = pg_catalog()
     s = WorkspaceSettings(home=tmp_path / "home", catalog_url=url)
     assert _tables(url) == set()
@@ -109,13 +86,7 @@ def test_pg_migrations_from_empty_idempotent_and_match_models(pg_catalog, tmp_pa
             assert schema.current_revision(ws.db) == schema.SCHEMA_HEAD
             assert ws.db.scalar("SELECT count(*) FROM alembic_version") == 1
         assert catalog.catalog_id(ws.db) == first_id
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
-    finally:
-        engine.dispose()
-    assert diff == []
+    assert schema_diff(url) == []
 
 
 def test_pg_upgrade_from_an_older_revision(pg_catalog, tmp_path):
