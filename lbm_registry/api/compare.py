@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from lbm_registry.api.registry import ResolvedAsset
+    from lbm_registry.lora.format import LoRAFile
 
 FACT_KEYS = ("kind", "ref", "sha256", "base_sha256", "tuned_sha256", "rank", "conv_rank", "policy", "alpha", "size",
              "mean_error", "max_error", "functional_error", "parent", "created")
@@ -110,8 +111,12 @@ def _label_grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
 
 
 def run_outputs(a: ResolvedAsset, b: ResolvedAsset, images: list[Image.Image], *, tuned: str | None,
-                settings: WorkspaceSettings, device: str = "auto", seed: int = 0) -> dict[str, Any]:
-    """Base, A, B (and the tuned model when known) on the same images; pixel metrics, LPIPS if cached."""
+                settings: WorkspaceSettings, device: str = "auto", seed: int = 0,
+                lora_b: LoRAFile | None = None) -> dict[str, Any]:
+    """Base, A, B (and the tuned model when known) on the same images; pixel metrics, LPIPS if cached.
+
+    ``lora_b``: B's file if the caller has already read it (it is not read again).
+    """
     from lbm_registry.api.infer import load, plan_load
     from lbm_registry.lbm import metrics
     from lbm_registry.lora.format import read_lora
@@ -123,7 +128,8 @@ def run_outputs(a: ResolvedAsset, b: ResolvedAsset, images: list[Image.Image], *
     plan_b = plan_load(b.ref, settings=settings, force=True)
     if plan_b.base.sha256 == pa.info["base_sha256"] and pa.loras is not None:
         # Same base: swap B's LoRA into the loaded model instead of loading the base again.
-        pa.loras.replace([(read_lora(asset.path), s) for asset, s in plan_b.loras])
+        pa.loras.replace([(lora_b if lora_b is not None and asset.sha256 == b.sha256 else read_lora(asset.path), s)
+                          for asset, s in plan_b.loras])
         outs["B"] = [pa(img, seed=seed, scale=1.0) for img in images]
         del pa
     else:
@@ -197,7 +203,8 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
                 tuned_ref = resolve(f"sha256:{tuned_sha}", settings).ref
             except RefError:
                 tuned_ref = None
-        out = run_outputs(a, b, images, tuned=tuned_ref, settings=settings, device=device, seed=seed)
+        out = run_outputs(a, b, images, tuned=tuned_ref, settings=settings, device=device, seed=seed,
+                          lora_b=lora_b)
         result["output_metrics"] = out["metrics"]
         result["lpips"] = out["lpips"]
         result["output_columns"] = list(out["images"])

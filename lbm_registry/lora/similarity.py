@@ -12,6 +12,7 @@ import re
 import torch
 
 from lbm_registry.lora.format import LoRALayer
+from lbm_registry.lora.threads import one_thread, single_thread_below
 
 
 def _factors(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,56 +32,51 @@ def _dense(layer: LoRALayer) -> torch.Tensor:
     return layer.delta(torch.float64).reshape(layer.up.shape[0], -1)
 
 
+def _forms(a: LoRALayer, b: LoRALayer) -> tuple[object, object]:
+    """Both deltas as dense fp64 matrices when either is full rank, else as (up, down, scale)."""
+    if _full_rank(a) or _full_rank(b):
+        return _dense(a), _dense(b)
+    return (*_factors(a), a.scale), (*_factors(b), b.scale)
+
+
+def _dot(x: object, y: object) -> float:
+    if isinstance(x, torch.Tensor):
+        return float((x * y).sum())
+    (ua, da, sa), (ub, db, sb) = x, y
+    return float(sa * sb * ((ua.T @ ub) * (da @ db.T)).sum())
+
+
 def inner(a: LoRALayer, b: LoRALayer) -> float:
     """Frobenius inner product of the two reconstructed deltas."""
-    if _full_rank(a) or _full_rank(b):
-        return float((_dense(a) * _dense(b)).sum())
-    ua, da = _factors(a)
-    ub, db = _factors(b)
-    return float(a.scale * b.scale * ((ua.T @ ub) * (da @ db.T)).sum())
+    return _dot(*_forms(a, b))
 
 
 def norm(a: LoRALayer) -> float:
     return max(inner(a, a), 0.0) ** 0.5
 
 
-def cosine(a: LoRALayer, b: LoRALayer) -> float:
-    """Cosine similarity of the two deltas (0 when either is zero)."""
-    na, nb = norm(a), norm(b)
-    if na == 0 or nb == 0:
-        return 0.0
-    return inner(a, b) / (na * nb)
-
-
-def relative_difference(a: LoRALayer, b: LoRALayer) -> float:
-    """||dA - dB|| / max(||dA||, ||dB||)."""
-    na2, nb2 = inner(a, a), inner(b, b)
-    diff2 = max(na2 + nb2 - 2 * inner(a, b), 0.0)
-    denom = max(na2, nb2) ** 0.5
-    return diff2**0.5 / denom if denom else 0.0
-
-
 def cosine_and_difference(a: LoRALayer, b: LoRALayer) -> tuple[float, float]:
-    """:func:`cosine` and :func:`relative_difference` from one set of three inner products
-    (calling both would compute six and convert the factors twelve times); on one thread, as
+    """Cosine similarity of the two deltas (0 when either is zero) and their relative difference
+    ||dA - dB|| / max(||dA||, ||dB||), from one set of three inner products; on one thread, as
     every product here is small."""
-    from lbm_registry.lora.threads import single_thread_below
-
-    with single_thread_below(0, 1):
-        if _full_rank(a) or _full_rank(b):
-            da, db = _dense(a), _dense(b)
-            aa, bb, ab = float((da * da).sum()), float((db * db).sum()), float((da * db).sum())
-        else:
-            ua, da = _factors(a)
-            ub, db = _factors(b)
-            aa = float(a.scale**2 * ((ua.T @ ua) * (da @ da.T)).sum())
-            bb = float(b.scale**2 * ((ub.T @ ub) * (db @ db.T)).sum())
-            ab = float(a.scale * b.scale * ((ua.T @ ub) * (da @ db.T)).sum())
+    with one_thread():
+        fa, fb = _forms(a, b)
+        aa, bb, ab = _dot(fa, fa), _dot(fb, fb), _dot(fa, fb)
     na, nb = max(aa, 0.0) ** 0.5, max(bb, 0.0) ** 0.5
     cos = ab / (na * nb) if na and nb else 0.0
     denom = max(na, nb)
     diff = max(aa + bb - 2 * ab, 0.0) ** 0.5 / denom if denom else 0.0
     return cos, diff
+
+
+def cosine(a: LoRALayer, b: LoRALayer) -> float:
+    """Cosine similarity of the two deltas (0 when either is zero)."""
+    return cosine_and_difference(a, b)[0]
+
+
+def relative_difference(a: LoRALayer, b: LoRALayer) -> float:
+    """||dA - dB|| / max(||dA||, ||dB||)."""
+    return cosine_and_difference(a, b)[1]
 
 
 def spectrum(layer: LoRALayer) -> torch.Tensor:
@@ -91,14 +87,12 @@ def spectrum(layer: LoRALayer) -> torch.Tensor:
     (LAPACK's QR of a skinny fp64 matrix was ~10x slower). fp64 keeps every value above ~1e-7 of
     the largest accurate, plenty for energy curves.
     """
-    from lbm_registry.lora.threads import single_thread_below
-
     if _full_rank(layer):
         d = _dense(layer)
         with single_thread_below(d.numel()):
             return torch.linalg.svdvals(d if d.shape[0] >= d.shape[1] else d.T).float()
     up, down = _factors(layer)
-    with single_thread_below(0, 1):
+    with one_thread():
         lam, v = torch.linalg.eigh(up.T @ up)
         half = v * lam.clamp_min(0).sqrt()
         s2 = torch.linalg.eigvalsh(half.T @ (down @ down.T) @ half).flip(0).clamp_min(0)

@@ -9,7 +9,7 @@ little from threads on an idle one. Big products keep every thread.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -35,3 +35,8 @@ def single_thread_below(numel: int, threshold: int = LAPACK_PARALLEL_NUMEL) -> I
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def one_thread() -> AbstractContextManager[None]:
+    """Run the block on one intra-op thread (for code made only of small ops)."""
+    return single_thread_below(0, 1)
