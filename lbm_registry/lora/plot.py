@@ -16,8 +16,12 @@ from pathlib import Path
 from lbm_registry.lora.extract import LayerResult
 
 
-def layer_group(module: str) -> str:
-    """``down_blocks.1``, ``mid_block``, ``up_blocks.0`` ... or ``other`` (conv_in, time embedding...)."""
+def network_block(module: str) -> str:
+    """``down_blocks.1``, ``mid_block``, ``up_blocks.0`` ... or ``other`` (conv_in, time embedding...).
+
+    By position in the network; :func:`lbm_registry.lora.similarity.layer_group` groups by layer
+    type (attention, feed-forward, resnet conv) instead.
+    """
     parts = module.split(".")
     if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
         return f"{parts[0]}.{parts[1]}"
@@ -37,7 +41,7 @@ def plot_spectra(layers: Sequence[LayerResult], dest: str | Path, *, title: str 
     groups: dict[str, list[LayerResult]] = defaultdict(list)
     for r in layers:
         if len(r.spectrum) >= 2 and r.norm > 0:
-            groups[layer_group(r.module)].append(r)
+            groups[network_block(r.module)].append(r)
     if not groups:
         return None
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(12, 4.5))
