@@ -339,6 +339,23 @@ def gc(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
         return _doctor.gc(ws)
 
 
+def registered_since(settings: WorkspaceSettings, since: float) -> list[str]:
+    """``name@N`` of the versions this process registered since ``since`` (a ``time.time()``).
+
+    Read from the audit log (each ``register`` event names its ``host:pid``), so a Ctrl-C can
+    say exactly what it left registered. Opens nothing that does not exist yet.
+    """
+    from lbm_registry.registry.workspace import Workspace, actor
+
+    ws = Workspace.open_existing(settings)
+    if ws is None:
+        return []
+    with ws:
+        rows = ws.db.query("SELECT name, number FROM events WHERE action = 'register' AND actor = :a "
+                           "AND at >= :t ORDER BY id", {"a": actor(), "t": since})
+    return [f"{r['name']}@{r['number']}" for r in rows]
+
+
 def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The ``mlflow server`` command line serving this workspace (after creating it if needed)."""
     import sys

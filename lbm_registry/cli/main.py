@@ -3,9 +3,11 @@ deferred into command bodies so ``lbm-reg --help`` and ``lbm-reg list`` answer f
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 
@@ -50,13 +52,94 @@ compare.register(app)
 demo.register(app)
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException classes, Abort classes) of every click this process may raise.
+
+    Recent typer vendors its own click (``typer._click``) whose exceptions do not derive from
+    the real click's; older typer raises the real click's. Catch both wherever they exist (the
+    real click only when something imported it: otherwise nothing can have raised its errors).
+    """
+    import typer as _typer
+
+    errors: list[type] = []
+    aborts: list[type] = [_typer.Abort]
+    names = ["typer._click.exceptions"] + (["click.exceptions"] if "click" in sys.modules else [])
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        errors += [c for c in (getattr(mod, "ClickException", None),) if isinstance(c, type)]
+        aborts += [c for c in (getattr(mod, "Abort", None),) if isinstance(c, type)]
+    return tuple(errors), tuple(aborts)
+
+
+def _may_register(argv: list[str]) -> bool:
+    """Could this command line register something? (``import``, ``train``, ``--register``)."""
+    return any(a == "--register" or a.startswith("--register=") for a in argv) or any(
+        a in ("import", "train") for a in argv[:4])
+
+
+def _interrupt_line(argv: list[str], started: float, settings: WorkspaceSettings | None) -> str:
+    """What a Ctrl-C leaves: the versions this process registered, if any, in one line."""
+    refs: list[str] = []
+    if settings is not None:
+        try:
+            from lbm_registry.api.registry import registered_since
+
+            refs = registered_since(settings, started)
+        except BaseException:  # never let reporting an interrupt raise
+            refs = []
+    if refs:
+        return f"registered {', '.join(refs)}; interrupted after"
+    return "interrupted: nothing registered" if _may_register(argv) else "interrupted"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected errors print one line and exit non-zero."""
+    """Console entry point: expected errors print one line and exit non-zero.
+
+    Usage errors print click's usage message and exit 2. Ctrl-C prints one line (what was
+    registered, if anything) and exits 130, also when it arrives while atexit callbacks
+    (MLflow's) run after the command. Called with ``argv`` (in process, as the tests do), the
+    caller's SIGINT handler is put back on the way out.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import time
+
     from lbm_registry.errors import LBMError
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    interrupted: list[bool] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    def line() -> str:
+        return _interrupt_line(args, started, _settings_from_args(args))
+
+    def on_sigint_after(signum: int, frame: object) -> None:
+        try:
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        os.write(2, (line() + "\n").encode())
+        os._exit(130)
+
+    def exit_interrupted() -> NoReturn:
+        _set_sigint(on_sigint_after)  # a second Ctrl-C while we report ends at once
+        sys.stderr.write(line() + "\n")
+        sys.stderr.flush()
+        sys.exit(130)
+
+    previous = _set_sigint(on_sigint)
     try:
-        rc = app(args=argv, prog_name="lbm-reg", standalone_mode=False)
+        rc = app(args=args, prog_name="lbm-reg", standalone_mode=False)
+        if interrupted and rc == 130:  # typer turns KeyboardInterrupt into Exit(130)
+            exit_interrupted()
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except LBMError as exc:
         from rich.markup import escape
 
@@ -65,22 +148,47 @@ def main(argv: list[str] | None = None) -> None:
         console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        exit_interrupted()
+    except Exception as exc:  # click's usage errors: typer's vendored click and/or the real one
+        click_errors, click_aborts = _click_exception_types()
+        if isinstance(exc, click_errors):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(getattr(exc, "exit_code", 2))
+        if isinstance(exc, click_aborts):
+            if interrupted:
+                exit_interrupted()
             sys.stderr.write("aborted\n")
             sys.exit(1)
         raise
-    if isinstance(rc, int) and rc:
-        sys.exit(rc)
+    finally:
+        # From here on (atexit callbacks included) a Ctrl-C reports and exits 130 at once.
+        _set_sigint(on_sigint_after if argv is None else previous)
+
+
+def _set_sigint(handler: Any) -> Any:
+    """Install a SIGINT handler (main thread only); returns the previous one."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _settings_from_args(args: list[str]) -> WorkspaceSettings | None:
+    """The workspace the command line names (``--home``/``--catalog-url``), for the interrupt report."""
+    def opt(name: str) -> str | None:
+        for i, a in enumerate(args):
+            if a == name and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+        return None
+
+    try:
+        return WorkspaceSettings.resolve(opt("--home"), opt("--catalog-url"), opt("--tracking-uri"))
+    except BaseException:
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

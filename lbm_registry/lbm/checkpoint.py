@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lbm_registry.errors import ArchitectureError, CheckpointError
+from lbm_registry.fileio import atomic_path  # noqa: F401  (re-exported: writers import it from here)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 SAFETENSORS_DTYPES = {
@@ -261,22 +260,6 @@ def check_architecture(actual: Mapping[str, tuple[int, ...]], expected: Mapping[
     if not any(k in actual for k in expected):
         raise ArchitectureError(f"{source}: not an {what} (none of its {len(expected)} keys found)")
     raise ArchitectureError(f"{source}: does not match the {what} architecture: " + "; ".join(parts))
-
-
-@contextmanager
-def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temp path next to ``dest``; rename onto ``dest`` only if the block succeeds."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], dest: str | Path,

@@ -24,7 +24,6 @@ from lbm_registry.errors import RegistryError
 
 CHUNK = 8 * 1024 * 1024
 TMP_PREFIX = ".tmp-"
-READ_ONLY = 0o444
 
 
 def sha256_file(path: str | Path) -> str:
@@ -105,9 +104,10 @@ def store_blob(src: Path, sha256: str, size: int, blobs_dir: Path, *, replace: b
 
 
 def make_read_only(path: Path) -> None:
+    """Drop the write bits only: who may read a blob stays what the umask (or the source) said."""
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o222:
-        os.chmod(path, READ_ONLY)
+        os.chmod(path, mode & ~0o222)
 
 
 def link_or_copy(src: Path, dst: Path) -> str:

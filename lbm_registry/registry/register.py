@@ -12,8 +12,9 @@ in sight; what it leaves behind (a pending row, a blob, an MLflow run) is found 
 by ``lbm-reg doctor --repair``. An exception (Ctrl-C included) marks the version ``failed``
 and removes its MLflow run on the way out.
 
-``$LBM_REG_DEBUG_PAUSE_AT`` (pending|blob|mlflow_run|mlflow_version) makes the process print
-``lbm-reg: paused at <stage>`` on stderr and sleep there: the crash tests kill it at that point.
+``$LBM_REG_DEBUG_PAUSE_AT`` (pending|blob|mlflow_run|mlflow_version|ready) makes the process print
+``lbm-reg: paused at <stage>`` on stderr and sleep there: the crash tests kill (or Ctrl-C) it at that
+point; ``ready`` is just after the version became visible.
 """
 
 from __future__ import annotations
@@ -311,6 +312,7 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     except BaseException as exc:
         _abort(ws, tracker, rec, state, exc)
         raise
+    pause("ready")
     out = catalog.version_by_id(ws.db, vid)
     assert out is not None
     return out

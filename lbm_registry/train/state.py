@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from lbm_registry.errors import CheckpointError
+from lbm_registry.fileio import make_temp_dir
 from lbm_registry.lora.format import LoRAFile, read_lora, write_lora
 
 CHECKPOINTS = "checkpoints"
@@ -104,7 +104,7 @@ def save_checkpoint(output_dir: str | Path, *, lora: LoRAFile, optimizer: torch.
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = make_temp_dir(root, prefix=f".{final.name}.")  # the umask's mode, not mkdtemp's 0700
     try:
         write_lora(lora, tmp / "lora.safetensors", dtype=torch.float32)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -1,0 +1,223 @@
+"""The CLI as a user meets it: usage errors, Ctrl-C, missing workspaces, file permissions.
+
+Usage errors and signals are tested through REAL subprocesses of the installed ``lbm-reg``
+entry point, against whatever typer (and its vendored click) is installed: that is where the
+tracebacks came from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LBM_REG = str(Path(sys.executable).with_name("lbm-reg"))
+
+
+def run_cli(*args: object, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", **kw.pop("env", {})}
+    return subprocess.run([LBM_REG, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
+                          **kw)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    assert "Error: " in proc.stderr, proc.stderr
+    assert needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 6, proc.stderr
+
+
+USAGE_ERRORS = [
+    (["bogus"], "No such command 'bogus'"),
+    (["extract", "--bogus"], "No such option: --bogus"),
+    (["extract"], "Missing option '--base'"),
+    (["extract", "--base", "a", "--tuned", "b", "--rank", "abc"], "Invalid value for '--rank'"),
+    (["infer", "x", "--source", "a", "--output", "b", "--steps", "0"], "Invalid value for '--steps'"),
+    (["infer", "x", "--source", "a", "--output", "b", "--scale", "abc"], "Invalid value for '--scale'"),
+    (["data", "synth", "--output", "o", "--n", "abc"], "Invalid value for '--n'"),
+    # an unquoted brace pattern the shell expanded into extra arguments
+    (["train", "--config", "c.yaml", "--train-shards", "s-000.tar", "s-001.tar"], "unexpected extra argument"),
+    (["list", "extra"], "unexpected extra argument"),
+    (["alias", "set", "only-one"], "Missing argument"),
+    (["show"], "Missing argument"),
+    (["--home"], "requires an argument"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_print_usage_and_exit_2(tmp_path, args, needle):
+    proc = run_cli(*args, cwd=tmp_path)
+    assert_usage_error(proc, needle)
+    if args != ["--home"]:  # click has no command context yet for a bad global option
+        assert "Usage: lbm-reg" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created (no ./mlruns)
+
+
+def test_no_arguments_prints_help_and_exits_2(tmp_path):
+    proc = run_cli(cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Commands" in proc.stdout + proc.stderr
+
+
+def test_installed_typer_is_in_the_pinned_range():
+    """pyproject pins typer to the range these tests ran against."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("typer"))
+    assert SpecifierSet(spec[len("typer"):]).contains(version("typer")), (spec, version("typer"))
+
+
+def test_both_clicks_are_caught_in_process(cli, tmp_path):
+    """The real click (if something imported it) and typer's vendored one both give exit 2."""
+    import click
+
+    from lbm_registry.cli.main import _click_exception_types
+
+    errors, _ = _click_exception_types()
+    assert click.ClickException in errors
+    try:
+        import typer._click.exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None:
+        assert vendored.ClickException in errors
+    rc, _, err = cli("--home", tmp_path / "h", "bogus")
+    assert rc == 2 and "No such command" in err
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+def _interrupt_at(stage: str, args: list[str], cwd: Path) -> tuple[int, str]:
+    env = {**os.environ, "LBM_REG_DEBUG_PAUSE_AT": stage, "LBM_REG_DEBUG_PAUSE_S": "60"}
+    proc = subprocess.Popen([LBM_REG, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if f"paused at {stage}" in line:
+                break
+        else:
+            raise AssertionError("never paused: " + "".join(lines))
+        proc.send_signal(signal.SIGINT)
+        rest, = (proc.communicate(timeout=60)[1],)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, "".join(lines[:-1]) + rest
+
+
+@pytest.fixture(scope="module")
+def tuned_pair(make_tuned, tiny_base_path):
+    return tiny_base_path, make_tuned(rank=2)
+
+
+def _extract_args(home: Path, pair: tuple[Path, Path], name: str) -> list[str]:
+    base, tuned = pair
+    return ["--home", str(home), "extract", "--base", str(base), "--tuned", str(tuned), "--rank", "2",
+            "--conv-rank", "2", "--register", name]
+
+
+def test_ctrl_c_before_the_version_is_visible_says_nothing_registered(fresh_settings, tuned_pair, tmp_path):
+    s = fresh_settings()
+    rc, err = _interrupt_at("pending", _extract_args(s.home, tuned_pair, "interrupted"), tmp_path)
+    assert rc == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted: nothing registered", err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "interrupted" not in run_cli("--home", s.home, "list", "--json").stdout
+
+
+def test_ctrl_c_after_the_version_is_visible_names_it(fresh_settings, tuned_pair, tmp_path):
+    s = fresh_settings()
+    rc, err = _interrupt_at("ready", _extract_args(s.home, tuned_pair, "kept"), tmp_path)
+    assert rc == 130, err
+    assert err.strip().splitlines()[-1] == "registered kept@1; interrupted after", err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+ATEXIT_SCRIPT = """
+import atexit, sys, time
+from lbm_registry.cli.main import main
+def slow_exit():  # stands in for MLflow's atexit callback ending its run
+    sys.stderr.write("in atexit\\n"); sys.stderr.flush(); time.sleep(60)
+atexit.register(slow_exit)
+sys.argv = ["lbm-reg", "--version"]
+main()
+"""
+
+
+def test_ctrl_c_during_atexit_callbacks_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", ATEXIT_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        first = proc.stderr.readline()
+        assert first == "in atexit\n", first
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "lbm-reg 0.1.0" in out
+    assert err.strip() == "interrupted", err
+
+
+# -- permissions -----------------------------------------------------------------------------
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask for the test; restored afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o007])
+def test_atomic_writes_keep_the_umask_mode(tmp_path, umask, mask):
+    from lbm_registry.fileio import atomic_path, make_temp_dir
+    from lbm_registry.registry.blobs import make_read_only
+
+    umask(mask)
+    with atomic_path(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert make_temp_dir(tmp_path, ".ckpt.").stat().st_mode & 0o777 == 0o777 & ~mask
+    make_read_only(tmp_path / "out.bin")  # blobs: write bits dropped, read bits kept
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o444 & ~mask
+
+
+def test_cli_outputs_keep_the_umask_mode(tmp_path):
+    """A real ``data synth`` under umask 027 writes group-readable shards (was 0600)."""
+    proc = subprocess.run([LBM_REG, "data", "synth", "--output", str(tmp_path / "d"), "--n", "2",
+                           "--resolution", "32"], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: os.umask(0o027))
+    assert proc.returncode == 0, proc.stderr
+    shards = list((tmp_path / "d").glob("*.tar"))
+    assert shards and all(p.stat().st_mode & 0o777 == 0o640 for p in shards)
+
+
+def test_training_checkpoints_keep_the_umask_mode(tmp_path, umask):
+    import torch
+
+    from lbm_registry.lora.format import LoRAFile, LoRALayer
+    from lbm_registry.train.state import TrainState, save_checkpoint
+
+    umask(0o022)
+    layer = LoRALayer(module="a", down=torch.ones(1, 4), up=torch.ones(4, 1), alpha=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    path = save_checkpoint(tmp_path, lora=LoRAFile(layers={"a": layer}), optimizer=opt, rng={},
+                           state=TrainState(), config={})
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in path.iterdir())
