@@ -253,6 +253,24 @@ def remove_alias(name: str, alias: str, settings: WorkspaceSettings | None = Non
         return aliases.remove_alias(ws, name, alias)
 
 
+def check_name_free(name: str, kind: str, settings: WorkspaceSettings | None = None) -> None:
+    """Refuse, before any work, a name already used by an asset of another kind (registration
+    checks it again in its transaction; this is the early, cheap answer)."""
+    from lbm_registry.registry import catalog
+    from lbm_registry.registry.workspace import Workspace
+
+    validate_name(name)
+    ws = Workspace.open_existing(_settings(settings))
+    if ws is None:
+        return
+    try:
+        a = catalog.asset(ws.db, name)
+    finally:
+        ws.close()
+    if a is not None and a["kind"] != kind:
+        raise RegistryError(f"{name!r} is a {a['kind']}: it cannot get a {kind} version (choose another name)")
+
+
 def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings | None = None,
                  config: str | Path | None = None) -> ResolvedAsset:
     """Register an existing full LBM checkpoint as a ``base`` or ``model``.
@@ -268,22 +286,39 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
         raise RegistryError(f"import --kind must be base or model, not {kind!r} (LoRAs come from extract/train)")
     validate_name(name)
     path = Path(path)
-    from lbm_registry.lbm.checkpoint import CKPT_SUFFIXES, CheckpointReader, check_finite, save_safetensors
     from lbm_registry.lbm.config import load_config
-    from lbm_registry.lbm.loading import CONFIG_METADATA_KEY, config_from_checkpoint, verify_checkpoint
+    from lbm_registry.lbm.header import (
+        CKPT_SUFFIXES,
+        CONFIG_METADATA_KEY,
+        SafetensorsHeader,
+        config_from_metadata,
+        verify_shapes,
+    )
 
-    reader = CheckpointReader(path)
-    cfg = load_config(config) if config is not None else config_from_checkpoint(reader)
+    s = _settings(settings)
+    check_name_free(name, kind, s)   # before reading gigabytes
+    cfg = load_config(config) if config is not None else None
+    if path.suffix in CKPT_SUFFIXES:   # a pickle: torch reads it (and it is converted below)
+        from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
+
+        reader: Any = CheckpointReader(path)
+    else:   # safetensors: header and numpy only, no torch and no model
+        reader = SafetensorsHeader(path)
+    cfg = cfg or config_from_metadata(reader.metadata, path)
     if cfg is None:
         raise ConfigError(f"{path} carries no '{CONFIG_METADATA_KEY}' metadata: pass --config CFG")
-    verify_checkpoint(reader, cfg)
-    dtypes: dict[str, int] = {}
-    for key, tensor in reader.items():
-        check_finite(key, tensor, path)
-        dtypes[str(tensor.dtype).replace("torch.", "")] = dtypes.get(str(tensor.dtype).replace("torch.", ""), 0) + 1
+    verify_shapes(reader.shapes(), cfg, path)
+    if isinstance(reader, SafetensorsHeader):
+        reader.check_finite()
+        dtypes = reader.dtype_counts()
+    else:
+        dtypes: dict[str, int] = {}
+        for key, tensor in reader.items():
+            check_finite(key, tensor, path)
+            dname = str(tensor.dtype).replace("torch.", "")
+            dtypes[dname] = dtypes.get(dname, 0) + 1
     facts = {"source": str(path.absolute()), "config_name": cfg.name, "tensors": len(reader),
              "dtypes": dtypes}
-    s = _settings(settings)
     if path.suffix in CKPT_SUFFIXES:
         import json
         import shutil
@@ -293,6 +328,8 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
 
         with Workspace.open(s) as ws:
             tmpdir = Path(tempfile.mkdtemp(prefix="import-", dir=ws.staging_dir))
+        from lbm_registry.lbm.checkpoint import save_safetensors
+
         try:
             converted = save_safetensors(reader.state_dict(), tmpdir / f"{path.stem}.safetensors",
                                          {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"})
@@ -301,7 +338,6 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
             return register_asset(converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    reader.close()
     return register_asset(path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts)
 
 

@@ -6,7 +6,6 @@ time from a memory-mapped file instead of materialising whole models.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -15,8 +14,18 @@ from typing import Any
 
 import torch
 
-from lbm_registry.errors import ArchitectureError, CheckpointError
-from lbm_registry.fileio import atomic_path  # noqa: F401  (re-exported: writers import it from here)
+from lbm_registry.errors import CheckpointError
+from lbm_registry.fileio import atomic_path
+from lbm_registry.lbm.header import (
+    CKPT_SUFFIXES,
+    DROP_PREFIXES,
+    check_architecture,
+    normalise_keys,
+    read_safetensors_header,
+)
+
+__all__ = ["CKPT_SUFFIXES", "DROP_PREFIXES", "CheckpointReader", "atomic_path", "check_architecture", "check_finite",
+           "open_checkpoint", "save_safetensors"]
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 SAFETENSORS_DTYPES = {
@@ -24,36 +33,11 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-DROP_PREFIXES = ("lpips_loss.",)
 
 
 def _check_safetensors_header(path: Path) -> dict[str, Any]:
-    """Validate the header and that the file is as long as the header says (catches truncation)."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (too short, {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
-            raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header at {key!r}") from None
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})"
-        )
+    header = read_safetensors_header(path)
+    header.pop("__data_start__", None)
     return header
 
 
@@ -128,13 +112,7 @@ class CheckpointReader:
 
     @staticmethod
     def _normalise(keys: Iterable[str]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for k in keys:
-            name = k[len("model."):] if k.startswith("model.") else k
-            if name.startswith(DROP_PREFIXES):
-                continue
-            out[name] = k
-        return out
+        return normalise_keys(keys)
 
     # -- access ----------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -239,27 +217,6 @@ def check_finite(name: str, tensor: torch.Tensor, source: str | Path) -> None:
         raise CheckpointError(f"{source}: tensor {name!r} contains NaN or Inf")
 
 
-def check_architecture(actual: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
-                       source: str | Path, what: str = "LBM checkpoint",
-                       allow_missing: Iterable[str] = ()) -> None:
-    """Strict key and shape check. The message names the first wrong keys."""
-    allow = set(allow_missing)
-    missing = [k for k in expected if k not in actual and k not in allow]
-    unexpected = [k for k in actual if k not in expected]
-    wrong = [k for k in expected if k in actual and tuple(actual[k]) != tuple(expected[k])]
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-    if wrong:
-        k = wrong[0]
-        parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(actual[k])} vs {tuple(expected[k])})")
-    if not any(k in actual for k in expected):
-        raise ArchitectureError(f"{source}: not an {what} (none of its {len(expected)} keys found)")
-    raise ArchitectureError(f"{source}: does not match the {what} architecture: " + "; ".join(parts))
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], dest: str | Path,

@@ -7,41 +7,39 @@ from pathlib import Path
 
 import torch
 
-from lbm_registry.lbm.checkpoint import (
-    CheckpointReader,
-    check_architecture,
-    check_finite,
-    save_safetensors,
-)
+from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite, save_safetensors
 from lbm_registry.lbm.config import LBMConfig
-from lbm_registry.lbm.model import DENOISER_PREFIX, LBMModel, build_model
+from lbm_registry.lbm.header import (
+    CONFIG_METADATA_KEY,
+    OPTIONAL_KEYS,
+    SafetensorsHeader,
+    checkpoint_shapes,
+    config_from_metadata,
+    verify_shapes,
+)
+from lbm_registry.lbm.model import LBMModel, build_model
 
-OPTIONAL_KEYS = ("num_iterations",)
-CONFIG_METADATA_KEY = "lbm_config"
+__all__ = ["CONFIG_METADATA_KEY", "OPTIONAL_KEYS", "checkpoint_shapes", "config_from_checkpoint", "load_lbm",
+           "save_lbm", "verify_checkpoint"]
 
 
-def verify_checkpoint(reader: CheckpointReader, config: LBMConfig, *, denoiser_only: bool = False,
-                      model: LBMModel | None = None) -> None:
+def verify_checkpoint(reader: CheckpointReader | SafetensorsHeader, config: LBMConfig, *,
+                      denoiser_only: bool = False, model: LBMModel | None = None) -> None:
     """Raise ArchitectureError unless ``reader`` holds exactly the model ``config`` describes.
 
-    ``model``: that model already built (on the meta device), to avoid building it twice.
+    Needs no model: the key/shape table comes from the config (``model``, when one is already
+    built, is used instead of the table).
     """
-    model = model if model is not None else build_model(config, meta=True)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    actual = reader.shapes()
-    if denoiser_only:
-        expected = {k: v for k, v in expected.items() if k.startswith(DENOISER_PREFIX)}
-        actual = {k: v for k, v in actual.items() if k.startswith(DENOISER_PREFIX)}
-    check_architecture(actual, expected, reader.path, f"LBM checkpoint for '{config.name}'",
-                       allow_missing=OPTIONAL_KEYS)
+    expected = None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    verify_shapes(reader.shapes(), config, reader.path, denoiser_only=denoiser_only, expected=expected)
 
 
 def load_lbm(path: str | Path, config: LBMConfig, *, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, check_nan: bool = True) -> LBMModel:
     """Load a full LBM checkpoint strictly (keys and shapes) into a fresh model."""
     reader = CheckpointReader(path)
-    model = build_model(config, meta=True)   # building costs seconds at full size: once, not twice
-    verify_checkpoint(reader, config, model=model)
+    verify_checkpoint(reader, config)   # from the key/shape table: a wrong file fails before any model
+    model = build_model(config, meta=True)
     sd = {}
     for key, t in reader.items():
         if check_nan:
@@ -77,11 +75,6 @@ def save_lbm(model: LBMModel, dest: str | Path, *, dtype: torch.dtype | None = N
     return save_safetensors(model_state_for_saving(model, dtype), dest, meta)
 
 
-def config_from_checkpoint(reader: CheckpointReader) -> LBMConfig | None:
+def config_from_checkpoint(reader: CheckpointReader | SafetensorsHeader) -> LBMConfig | None:
     """The config embedded by :func:`save_lbm`, if any."""
-    from lbm_registry.lbm.config import config_from_dict
-
-    raw = reader.metadata.get(CONFIG_METADATA_KEY)
-    if not raw:
-        return None
-    return config_from_dict(json.loads(raw), f"{reader.path} metadata")
+    return config_from_metadata(reader.metadata, reader.path)

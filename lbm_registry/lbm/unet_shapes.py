@@ -1,4 +1,4 @@
-"""The denoiser's state-dict keys and shapes, computed from the config without diffusers.
+"""The model's state-dict keys and shapes, computed from the config without diffusers.
 
 Why: checking a checkpoint against its config otherwise means building the UNet on the meta
 device, and importing diffusers for that takes 6-8 s on a 2-core machine: the largest part of
@@ -6,12 +6,14 @@ device, and importing diffusers for that takes 6-8 s on a 2-core machine: the la
 types LBM uses (``DownBlock2D``/``CrossAttnDownBlock2D``, ``UNetMidBlock2DCrossAttn``,
 ``CrossAttnUpBlock2D``/``UpBlock2D``, positional time embedding, GEGLU feed-forward) and returns
 None for anything else, so callers fall back to diffusers. tests/test_lora_arch.py checks it
-key for key against diffusers for the full-size and tiny configs.
+key for key against diffusers for the full-size and tiny configs. :func:`vae_shapes` does the
+same for ``AutoencoderKL`` (``DownEncoderBlock2D``/``UpDecoderBlock2D``), and :func:`lbm_shapes`
+gives the whole checkpoint's table, so ``verify_checkpoint`` needs no model at all.
 """
 
 from __future__ import annotations
 
-from lbm_registry.lbm.config import DenoiserConfig
+from lbm_registry.lbm.config import DenoiserConfig, LBMConfig, VAEConfig
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -19,10 +21,11 @@ _DOWN = {"DownBlock2D", "CrossAttnDownBlock2D"}
 _UP = {"UpBlock2D", "CrossAttnUpBlock2D"}
 
 
-def _resnet(out: Shapes, p: str, cin: int, cout: int, temb: int) -> None:
+def _resnet(out: Shapes, p: str, cin: int, cout: int, temb: int | None) -> None:
     out[f"{p}.norm1.weight"] = out[f"{p}.norm1.bias"] = (cin,)
     out[f"{p}.conv1.weight"], out[f"{p}.conv1.bias"] = (cout, cin, 3, 3), (cout,)
-    out[f"{p}.time_emb_proj.weight"], out[f"{p}.time_emb_proj.bias"] = (cout, temb), (cout,)
+    if temb is not None:
+        out[f"{p}.time_emb_proj.weight"], out[f"{p}.time_emb_proj.bias"] = (cout, temb), (cout,)
     out[f"{p}.norm2.weight"] = out[f"{p}.norm2.bias"] = (cout,)
     out[f"{p}.conv2.weight"], out[f"{p}.conv2.bias"] = (cout, cout, 3, 3), (cout,)
     if cin != cout:
@@ -100,4 +103,64 @@ def denoiser_shapes(cfg: DenoiserConfig) -> Shapes | None:
 
     out["conv_norm_out.weight"] = out["conv_norm_out.bias"] = (blocks[0],)
     out["conv_out.weight"], out["conv_out.bias"] = (cfg.out_channels, blocks[0], 3, 3), (cfg.out_channels,)
+    return out
+
+
+def _vae_mid(out: Shapes, p: str, c: int) -> None:
+    """``UNetMidBlock2D`` of the VAE: resnet, one single-head self-attention (with biases), resnet."""
+    _resnet(out, f"{p}.resnets.0", c, c, None)
+    a = f"{p}.attentions.0"
+    out[f"{a}.group_norm.weight"] = out[f"{a}.group_norm.bias"] = (c,)
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        out[f"{a}.{proj}.weight"], out[f"{a}.{proj}.bias"] = (c, c), (c,)
+    _resnet(out, f"{p}.resnets.1", c, c, None)
+
+
+def vae_shapes(cfg: VAEConfig) -> Shapes | None:
+    """``AutoencoderKL`` key (without ``vae.vae_model.``) -> shape, or None outside what this mirrors."""
+    if set(cfg.down_block_types) != {"DownEncoderBlock2D"} or set(cfg.up_block_types) != {"UpDecoderBlock2D"}:
+        return None
+    blocks = list(cfg.block_out_channels)
+    n, lat = len(blocks), cfg.latent_channels
+    out: Shapes = {}
+    out["encoder.conv_in.weight"], out["encoder.conv_in.bias"] = (blocks[0], cfg.in_channels, 3, 3), (blocks[0],)
+    cout = blocks[0]
+    for i in range(n):
+        cin, cout = cout, blocks[i]
+        for j in range(cfg.layers_per_block):
+            _resnet(out, f"encoder.down_blocks.{i}.resnets.{j}", cin if j == 0 else cout, cout, None)
+        if i < n - 1:
+            out[f"encoder.down_blocks.{i}.downsamplers.0.conv.weight"] = (cout, cout, 3, 3)
+            out[f"encoder.down_blocks.{i}.downsamplers.0.conv.bias"] = (cout,)
+    _vae_mid(out, "encoder.mid_block", blocks[-1])
+    out["encoder.conv_norm_out.weight"] = out["encoder.conv_norm_out.bias"] = (blocks[-1],)
+    out["encoder.conv_out.weight"], out["encoder.conv_out.bias"] = (2 * lat, blocks[-1], 3, 3), (2 * lat,)
+
+    out["decoder.conv_in.weight"], out["decoder.conv_in.bias"] = (blocks[-1], lat, 3, 3), (blocks[-1],)
+    _vae_mid(out, "decoder.mid_block", blocks[-1])
+    rblocks = blocks[::-1]
+    cout = rblocks[0]
+    for i in range(n):
+        prev, cout = cout, rblocks[i]
+        for j in range(cfg.layers_per_block + 1):
+            _resnet(out, f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else cout, cout, None)
+        if i < n - 1:
+            out[f"decoder.up_blocks.{i}.upsamplers.0.conv.weight"] = (cout, cout, 3, 3)
+            out[f"decoder.up_blocks.{i}.upsamplers.0.conv.bias"] = (cout,)
+    out["decoder.conv_norm_out.weight"] = out["decoder.conv_norm_out.bias"] = (blocks[0],)
+    out["decoder.conv_out.weight"], out["decoder.conv_out.bias"] = (cfg.out_channels, blocks[0], 3, 3), (cfg.out_channels,)
+    out["quant_conv.weight"], out["quant_conv.bias"] = (2 * lat, 2 * lat, 1, 1), (2 * lat,)
+    out["post_quant_conv.weight"], out["post_quant_conv.bias"] = (lat, lat, 1, 1), (lat,)
+    return out
+
+
+def lbm_shapes(cfg: LBMConfig) -> Shapes | None:
+    """Every key of a full LBM checkpoint (``denoiser.*``, ``vae.vae_model.*``, ``num_iterations``)
+    -> shape, or None when either part is outside what these tables mirror."""
+    den, vae = denoiser_shapes(cfg.denoiser), vae_shapes(cfg.vae)
+    if den is None or vae is None:
+        return None
+    out: Shapes = {f"denoiser.{k}": v for k, v in den.items()}
+    out.update({f"vae.vae_model.{k}": v for k, v in vae.items()})
+    out["num_iterations"] = ()
     return out
