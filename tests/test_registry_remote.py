@@ -404,13 +404,11 @@ def test_remote_mlflow_doctor_remirrors_and_restores_blobs(remote, cli, tmp_path
                               settings=other, lineage={"base": "cd" * 32})
     their_mv = R.show(theirs.ref, other)["mlflow"]
     report = R.doctor(s)
-    assert {i["kind"] for i in report["issues"]} == {"mlflow_missing", "missing_blob"} and not report["ok"]
-    with pytest.raises(RegistryError, match="missing"):
-        R.resolve("r-lora@1", s)
+    # the home is a cache of the server: a blob missing here but on the server is no problem
+    assert {i["kind"] for i in report["issues"]} == {"mlflow_missing"} and not report["ok"]
+    assert report["checked"]["not_cached"] == 1
     repaired = R.doctor(s, repair=True)
     assert repaired["remaining"] == 0, repaired["issues"]
-    actions = {i["kind"]: i["action"] for i in repaired["issues"]}
-    assert actions["missing_blob"] == "restored from the MLflow server"
     assert _sha(R.resolve("r-lora@1", s).path) == lora.sha256  # the bytes came back from the server
     new = R.show("r-lora@1", s)["mlflow"]
     assert new["model_version"] != old["model_version"]

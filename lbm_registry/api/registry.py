@@ -11,7 +11,8 @@
     layer_table(asset, settings) -> list[dict]
     set_alias(ref, alias, settings) -> dict / remove_alias(name, alias, settings) -> dict
     import_model(path, *, name, kind, settings, config=None) -> ResolvedAsset
-    init_workspace(settings) -> dict / doctor(settings, repair=False) -> dict / gc(settings) -> dict
+    init_workspace(settings) -> dict / doctor(settings, repair=False) -> dict / gc(settings, cache=False) -> dict
+    pull(ref, settings) -> dict   (fetch a version and its base from the tracking server)
 
 Each call opens the workspace, does its work and closes it again (no global state). Nothing
 here imports torch, except :func:`import_model`, lazily, to verify the checkpoint.
@@ -366,13 +367,56 @@ def doctor(settings: WorkspaceSettings | None = None, repair: bool = False,
         return _doctor.doctor(ws, repair=repair, progress=progress)
 
 
-def gc(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
-    """Remove failed/abandoned registrations and blobs no version references."""
+def gc(settings: WorkspaceSettings | None = None, cache: bool = False) -> dict[str, Any]:
+    """Remove failed/abandoned registrations and blobs no version references; with ``cache``,
+    also drop this home's copies of blobs the tracking server holds (never the only copy)."""
     from lbm_registry.registry import doctor as _doctor
     from lbm_registry.registry.workspace import Workspace
 
     with Workspace.open(_settings(settings)) as ws:
-        return _doctor.gc(ws)
+        return _doctor.gc(ws, cache=cache)
+
+
+def pull(ref: str, settings: WorkspaceSettings | None = None, progress: Any = "default") -> dict[str, Any]:
+    """Fetch a version's weights, and its base's, into this home ahead of time.
+
+    Returns ``{"ref", "home", "blobs": [{"ref", "role", "sha256", "size", "path", "status",
+    "seconds"}]}`` where status is ``fetched``, ``cached`` (already here) or ``local`` (this home
+    is the registry's own store, nothing to fetch). ``progress``: a fetch progress factory, None
+    for no bar, or the default Rich bar on stderr."""
+    from lbm_registry.registry import catalog, fetch, refs
+    from lbm_registry.registry.workspace import Workspace
+
+    with Workspace.open(_settings(settings)) as ws:
+        res = refs.resolve(ws, str(ref))
+        if res.record is None:
+            raise RefError(f"{ref} is an unregistered file: there is nothing to pull")
+        todo = [("version", res.record)]
+        for edge in catalog.edges(ws.db, res.record.id):
+            if edge["role"] != "base":
+                continue
+            base = (catalog.version(ws.db, edge["target_name"], edge["target_number"])
+                    if edge.get("target_name") else None)
+            if base is None or base.status != "ready":
+                candidates = catalog.versions_by_sha(ws.db, edge["sha256"]) if edge.get("sha256") else []
+                base = candidates[0] if candidates else None
+            if base is None:
+                raise RegistryError(f"{res.record.ref}: its base {(edge.get('sha256') or '?')[:12]} is not a "
+                                    f"registered version, so it cannot be pulled")
+            todo.append(("base", base))
+        out = []
+        for role, rec in todo:
+            if not fetch.is_cache_home(ws):
+                path, status, seconds = refs.check_blob(ws, rec), "local", 0.0
+            else:
+                if rec.integrity != "ok":
+                    refs.check_blob(ws, rec)  # raises the one-line refusal
+                kw = {} if progress == "default" else {"progress": progress}
+                got = fetch.ensure_local(ws, rec, **kw)
+                path, status, seconds = got.path, ("fetched" if got.fetched else "cached"), got.seconds
+            out.append({"ref": rec.ref, "role": role, "sha256": rec.sha256, "size": rec.size, "path": str(path),
+                        "status": status, "seconds": round(seconds, 3)})
+        return {"ref": res.record.ref, "home": str(ws.home), "blobs": out}
 
 
 def registered_since(settings: WorkspaceSettings, since: float) -> list[str]:

@@ -116,7 +116,8 @@ def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSO
     t.add_row("size", f"{format_size(info['size'])} ({info['size']:,} bytes)")
     t.add_row("dtype", info["dtype"] or "?")
     t.add_row("created", f"{info['created_at']} (lbm-registry {info['tool_version']})")
-    t.add_row("blob", info["path"] + ("" if info["integrity"] == "ok" else f"  [red]{info['integrity'].upper()}[/]"))
+    t.add_row("blob", info["path"] + ("" if info["integrity"] == "ok" else f"  [red]{info['integrity'].upper()}[/]")
+              + ("" if info.get("cached", True) else "  (not in this home yet: fetched on first use or by pull)"))
     t.add_row("versions", ", ".join(str(v) for v in info["versions"]))
     if info["asset_aliases"]:
         t.add_row("aliases", ", ".join(f"{a}→{n}" for a, n in info["asset_aliases"].items()))
@@ -254,11 +255,13 @@ def doctor(ctx: typer.Context, repair: bool = typer.Option(False, "--repair", he
         raise typer.Exit(1)
 
 
-def gc(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def gc(ctx: typer.Context, cache: bool = typer.Option(
+        False, "--cache", help="Also drop this home's copies of blobs the tracking server holds (never the only copy)."),
+        as_json: bool = JSON_OPTION) -> None:
     """Remove unreferenced blobs and failed registrations."""
     from lbm_registry.api.registry import gc as api_gc
 
-    report = api_gc(settings(ctx))
+    report = api_gc(settings(ctx), cache=cache)
     if as_json:
         print_json(report)
         return
@@ -266,6 +269,23 @@ def gc(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
         console().print("[green]gc: nothing to remove[/]")
         return
     _render_report(report, "gc")
+
+
+def pull(ctx: typer.Context, ref: str = typer.Argument(..., help="A registered version (NAME, NAME@N, ...)."),
+         as_json: bool = JSON_OPTION) -> None:
+    """Fetch a version's weights, and its base's, from the tracking server into this home."""
+    from lbm_registry.api.registry import pull as api_pull
+    from lbm_registry.units import format_size
+
+    result = api_pull(ref, settings(ctx))
+    if as_json:
+        print_json(result)
+        return
+    con = console()
+    for b in result["blobs"]:
+        how = {"fetched": f"fetched in {b['seconds']:.1f} s", "cached": "already here",
+               "local": "in this home (no tracking server to fetch from)"}[b["status"]]
+        con.print(f"{b['ref']} ({b['role']}, {format_size(b['size'])}, sha256 {_short(b['sha256'])}): {how}")
 
 
 def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(5000, "--port")) -> None:
@@ -292,4 +312,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(alias_app, name="alias")
     app.command("doctor")(doctor)
     app.command("gc")(gc)
+    app.command("pull")(pull)
     app.command("ui")(ui)

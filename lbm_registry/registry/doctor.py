@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lbm_registry.errors import LBMError
+from lbm_registry.errors import LBMError, RegistryError
 from lbm_registry.registry import catalog
 from lbm_registry.registry.blobs import (
     TMP_PREFIX,
@@ -103,6 +103,7 @@ class Doctor:
         self.issues: list[Issue] = []
         self._tracker: Any = None
         self._tracker_error: str | None = None
+        self.not_cached = 0
 
     # -- helpers ---------------------------------------------------------------------------
     def tracker(self) -> Any:
@@ -212,7 +213,67 @@ class Doctor:
                     path.unlink(missing_ok=True)
                     issue.fixed, issue.action = True, "deleted"
 
+    def _server_size(self, rec: VersionRecord) -> int | None | str:
+        """Size of the tracking server's copy of ``rec``'s weights, None when it has none, or a
+        one-line reason when the server cannot tell."""
+        from lbm_registry.registry import fetch
+
+        try:
+            return fetch.server_size(self.ws, rec)
+        except LBMError as exc:
+            return str(exc)
+
+    def _check_cached_blob(self, sha: str, recs: list[VersionRecord]) -> None:
+        """A home that caches a tracking server: the server's copy is the one that counts.
+
+        Missing here but on the server: fine (fetched on first use). Missing on the server: the
+        local copy is the only one (reported), or there is none (reported, not fixable here).
+        A corrupt local copy is fetched again with ``--repair``. Nothing is recorded on the
+        shared catalog rows: another machine's cache is not this machine's business."""
+        from lbm_registry.registry import fetch
+
+        path = blob_path(self.ws.blobs_dir, sha)
+        refs = ", ".join(r.ref for r in recs[:4]) + (" ..." if len(recs) > 4 else "")
+        rec = recs[0]
+        sizes = [self._server_size(r) for r in recs]
+        on_server = any(sz == rec.size for sz in sizes)
+        unknown = next((sz for sz in sizes if isinstance(sz, str)), None)
+        if not path.is_file():
+            self.not_cached += 1
+            if not on_server:
+                self.add("missing_blob", sha[:16], f"blob of {refs} is missing here and on the tracking server"
+                         + (f" ({unknown})" if unknown else ""))
+            return
+        if path.stat().st_size == rec.size and sha256_file(path) == sha:
+            if os.stat(path).st_mode & 0o222:
+                issue = self.add("writable_blob", sha[:16], f"blob of {refs} is writable")
+                if self.repair:
+                    make_read_only(path)
+                    issue.fixed, issue.action = True, "made read-only"
+            if not on_server:
+                self.add("unmirrored_blob", sha[:16], f"the tracking server has no copy of {refs}: this home "
+                         f"holds the only one" + (f" ({unknown})" if unknown else ""))
+            return
+        if not on_server:
+            self.add("corrupt_blob", sha[:16], f"blob of {refs} is corrupt here and the tracking server has "
+                     f"no copy" + (f" ({unknown})" if unknown else ""))
+            return
+        issue = self.add("corrupt_cached_blob", sha[:16], f"this home's copy of {refs} is corrupt")
+        if self.repair:
+            with self.ws.rw_lock("blobs", exclusive=True):
+                path.unlink(missing_ok=True)
+            try:
+                fetch.ensure_local(self.ws, rec, progress=None)
+                issue.fixed, issue.action = True, "fetched again from the tracking server"
+            except LBMError as exc:
+                issue.action = f"dropped; fetching it again failed: {exc}"
+
     def _check_blob(self, sha: str, recs: list[VersionRecord]) -> None:
+        from lbm_registry.registry.fetch import is_cache_home
+
+        if is_cache_home(self.ws):
+            self._check_cached_blob(sha, recs)
+            return
         path = blob_path(self.ws.blobs_dir, sha)
         refs = ", ".join(r.ref for r in recs[:4]) + (" ..." if len(recs) > 4 else "")
         state = "ok"
@@ -293,6 +354,34 @@ class Doctor:
 
         with_retries(txn, "recording blob state")
 
+    def drop_cached(self) -> dict[str, Any]:
+        """``gc --cache``: delete this home's copies of ready versions' blobs that the tracking
+        server holds (checked by size in its listing; the sha256 was checked when the blob was
+        fetched or uploaded). A blob the server lacks is the only copy and is kept."""
+        ready: dict[str, list[VersionRecord]] = {}
+        for rec in catalog.all_versions(self.ws.db, status="ready"):
+            ready.setdefault(rec.sha256, []).append(rec)
+        busy = {r.sha256 for r in catalog.all_versions(self.ws.db, status="pending")}
+        dropped = kept = freed = 0
+        with self.ws.rw_lock("blobs", exclusive=True):  # no fetch or registration in flight
+            for path in list(iter_blob_files(self.ws.blobs_dir)):
+                recs = ready.get(path.name)
+                if not recs or path.name in busy or path.name.startswith(TMP_PREFIX):
+                    continue
+                sizes = [self._server_size(r) for r in recs]
+                label = ", ".join(r.ref for r in recs[:3])
+                if any(sz == recs[0].size for sz in sizes):
+                    size = path.stat().st_size
+                    path.unlink(missing_ok=True)
+                    dropped, freed = dropped + 1, freed + size
+                    issue = self.add("cached_blob", path.name[:16], f"local copy of {label} ({size:,} bytes)")
+                    issue.fixed, issue.action = True, "dropped (the tracking server holds it)"
+                else:
+                    kept += 1
+                    why = next((sz for sz in sizes if isinstance(sz, str)), "the tracking server has no copy")
+                    self.add("only_copy", path.name[:16], f"kept {label}: {why}")
+        return {"cache_dropped": dropped, "cache_bytes_freed": freed, "cache_kept_only_copies": kept}
+
     # -- MLflow ----------------------------------------------------------------------------
     def check_mlflow(self) -> None:
         tracker = self.tracker()
@@ -348,10 +437,16 @@ class Doctor:
         return rec is not None and rec.status == "pending" and owner_alive(rec.owner, rec.created_at)
 
     def _remirror(self, tracker: Any, rec: VersionRecord) -> str:
+        from lbm_registry.registry import fetch
         from lbm_registry.registry.tracking import mirror_inputs
 
         path = blob_path(self.ws.blobs_dir, rec.sha256)
         fresh = catalog.version_by_id(self.ws.db, rec.id)
+        if fresh is not None and not path.is_file() and fetch.is_cache_home(self.ws):
+            try:  # the old run's artifact may still be there: the new mirror needs the bytes
+                fetch.ensure_local(self.ws, fresh, progress=None)
+            except LBMError:
+                pass
         if fresh is None or fresh.integrity != "ok" or not path.is_file():
             return "cannot mirror: the blob is not intact"
         old_run = fresh.mlflow_run_id
@@ -392,21 +487,28 @@ def doctor(ws: Workspace, *, repair: bool = False, mlflow: bool = True,
         d.check_mlflow()
     n_versions = ws.db.scalar("SELECT count(*) FROM versions WHERE status = 'ready'")
     result = d.report({"versions": n_versions, "blobs": sum(1 for _ in iter_blob_files(ws.blobs_dir)),
-                       "mlflow": mlflow and d._tracker is not None})
+                       "not_cached": d.not_cached, "mlflow": mlflow and d._tracker is not None})
     if repair:
         d._event("doctor_repair", {"fixed": result["fixed"], "remaining": result["remaining"]})
     return result
 
 
-def gc(ws: Workspace) -> dict[str, Any]:
-    """Remove failed/abandoned registrations and unreferenced blobs (no hashing, no MLflow audit)."""
+def gc(ws: Workspace, *, cache: bool = False) -> dict[str, Any]:
+    """Remove failed/abandoned registrations and unreferenced blobs (no hashing, no MLflow audit);
+    with ``cache``, also drop local copies of blobs the tracking server holds."""
     d = Doctor(ws, repair=True)
+    if cache:
+        from lbm_registry.registry.fetch import is_cache_home
+
+        if not is_cache_home(ws):
+            raise RegistryError(f"gc --cache: {ws.home} is not a cache of a tracking server (its tracking store "
+                                f"is {mask_url(ws.settings.effective_tracking_uri)}): its blobs are the only copy")
     d.check_registrations()
     d.check_blobs(verify=False)
-    freed = 0
-    for issue in d.issues:
-        if issue.kind == "orphan_blob":
-            freed += 1
-    result = d.report({"blobs_removed": freed})
-    d._event("gc", {"removed": [f"{i.kind}:{i.subject}" for i in d.issues if i.fixed]})
+    freed = sum(1 for issue in d.issues if issue.kind == "orphan_blob")
+    checked: dict[str, Any] = {"blobs_removed": freed}
+    if cache:
+        checked.update(d.drop_cached())
+    result = d.report(checked)
+    d._event("gc", {"removed": [f"{i.kind}:{i.subject}" for i in d.issues if i.fixed], "cache": cache})
     return result

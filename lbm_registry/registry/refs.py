@@ -168,12 +168,21 @@ def file_sha256(ws: Workspace | None, path: Path, *, fresh: bool = False) -> str
 
 
 def check_blob(ws: Workspace, rec: VersionRecord) -> Path:
-    """The blob of a version, refused if it is known to be damaged (cheap size check here;
-    ``doctor`` verifies full hashes and records what it finds)."""
-    path = ws.abspath(rec.blob_path)
+    """The blob of a version as a readable local file: the one place every command (infer,
+    validate, extract, train, compare, export, serve, the pyfunc model) turns a version into bytes.
+
+    In a home that caches a tracking server's artifact store (see :mod:`.fetch`) a missing or
+    wrong-sized blob is fetched (sha-verified) first. Otherwise the blob is the registry's own
+    copy: refused when it is known to be damaged (cheap size check here; ``doctor`` verifies full
+    hashes and records what it finds). A fetch shows a Rich progress bar on stderr."""
+    from lbm_registry.registry import fetch
+
+    path = fetch.local_blob(ws, rec)
     if rec.integrity != "ok":
         raise RegistryError(f"{rec.ref}: its blob {rec.sha256[:12]} is {rec.integrity} "
                             f"(found by 'lbm-reg doctor'); re-register the original file to restore it")
+    if fetch.is_cache_home(ws):
+        return fetch.ensure_local(ws, rec).path
     try:
         size = path.stat().st_size
     except FileNotFoundError:

@@ -308,6 +308,7 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
             rec, weights=blob, edges=edge_rows, lora=lora, layers=layer_table, user_tags=tag_map,
             extra_artifacts=extra, started=started, on_run=on_run)
         pause("mlflow_version")
+        _check_uploaded(ws, rec, state["run_id"])
         with_retries(lambda: _flip_ready(ws, rec, state["run_id"], state["mv"], how), f"registering {rec.ref}")
     except BaseException as exc:
         _abort(ws, tracker, rec, state, exc)
@@ -316,6 +317,21 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     out = catalog.version_by_id(ws.db, vid)
     assert out is not None
     return out
+
+
+def _check_uploaded(ws: Workspace, rec: VersionRecord, run_id: str | None) -> None:
+    """Against a tracking server, other machines will fetch the weights from its artifact store:
+    the version becomes visible only once the server lists the whole file."""
+    from dataclasses import replace
+
+    from lbm_registry.registry import fetch
+
+    if not fetch.is_cache_home(ws) or not run_id:
+        return
+    got = fetch.server_size(ws, replace(rec, mlflow_run_id=run_id))
+    if got != rec.size:
+        raise RegistryError(f"{rec.ref}: the tracking server holds {'no' if got is None else f'{got:,} bytes of'} "
+                            f"{fetch.weight_artifact(rec)} ({rec.size:,} bytes uploaded): not registered")
 
 
 def _damaged(ws: Workspace, sha: str) -> bool:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lbm_registry.registry import catalog
+from lbm_registry.registry.blobs import blob_path
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import mask_url
 from lbm_registry.registry.workspace import Workspace
@@ -91,7 +92,8 @@ def show_version(ws: Workspace, rec: VersionRecord, *, tracking_uri: str) -> dic
         "ref": rec.ref, "name": rec.name, "kind": rec.kind, "version": rec.number,
         "sha256": rec.sha256, "size": rec.size, "dtype": rec.dtype, "created_at": iso(rec.created_at),
         "tool_version": rec.tool_version, "file_name": rec.file_name,
-        "path": str(ws.abspath(rec.blob_path)), "integrity": rec.integrity,
+        "path": str(blob_path(ws.blobs_dir, rec.sha256)),
+        "cached": blob_path(ws.blobs_dir, rec.sha256).is_file(), "integrity": rec.integrity,
         "aliases": sorted(a for a, n in asset_aliases.items() if n == rec.number),
         "asset_aliases": asset_aliases,
         "versions": catalog.ready_numbers(ws.db, rec.name),
