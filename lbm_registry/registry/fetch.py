@@ -42,7 +42,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlparse, urlunparse
 
 from lbm_registry.errors import RegistryError
-from lbm_registry.registry.blobs import READ_ONLY, TMP_PREFIX, _fsync_dir, blob_path
+from lbm_registry.registry.blobs import TMP_PREFIX, _fsync_dir, blob_path, make_read_only
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import mask_url
 from lbm_registry.registry.workspace import Workspace
@@ -278,7 +278,7 @@ def _write_verified(rec: VersionRecord, chunks: Iterator[bytes], dest: Path, pro
                     f"{'more than ' if done > rec.size else ''}{done:,} bytes, expected {rec.size:,}")
             raise RegistryError(f"{rec.ref}: the tracking server's copy of its weights is corrupt ({what}; "
                                 f"{source}): refused")
-        os.chmod(tmp, READ_ONLY)
+        make_read_only(tmp)  # the umask decides who may read it
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     finally:
