@@ -8,6 +8,12 @@ What can drift, and what ``--repair`` does about it:
   without ``--repair``, so ``resolve`` refuses them from then on; repair restores a blob from an
   intact MLflow artifact copy when there is one (downloaded from a tracking server), else it
   stays refused until the original file is registered again. Writable blobs are made read-only;
+- in a home that caches a tracking server (``--tracking-uri http://...``, see ``fetch.py``) the
+  server's copy is the one that counts: a blob missing here but listed by the server is fine; one
+  missing on both is reported, as is one that only this home holds (``unmirrored_blob``); a
+  corrupt local copy is fetched again by ``--repair``. Nothing is recorded on the shared catalog
+  rows for these (another machine's cache may be fine). ``gc --cache`` drops local copies the
+  server holds;
 - orphan blobs (no catalog row) and temp files of dead writers are deleted;
 - MLflow: a ready version whose run or model version is missing is mirrored again from the
   catalog; MLflow runs and model versions the catalog does not know are deleted, except those
