@@ -133,7 +133,7 @@ def test_interrupt_saves_and_resume_matches_uninterrupted_run(train_config, tmp_
 
     cfg = train_config(output_dir=str(tmp_path / "b"), **common)
     trainer, _ = _build(cfg, tmp_path)
-    real_step, calls = trainer.train_step, []
+    real_step, calls = trainer.optimizer_step, []
 
     def flaky(*args):
         calls.append(1)
@@ -141,7 +141,7 @@ def test_interrupt_saves_and_resume_matches_uninterrupted_run(train_config, tmp_
             raise KeyboardInterrupt
         return real_step(*args)
 
-    trainer.train_step = flaky
+    trainer.optimizer_step = flaky
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert latest_checkpoint(cfg.output_dir).name == "step-00000003"
@@ -201,8 +201,8 @@ def test_start_up_errors_come_before_loading_the_model(train_config, tmp_path, s
     from lbm_registry.lora.format import read_lora, write_lora
 
     monkeypatch.setattr(loading, "load_lbm", lambda *a, **k: pytest.fail("model loaded before the checks"))
-    with pytest.raises(LoRAError, match="pattern 'to_q' matches no LoRA module"):
-        _build(train_config(trainable_lora_modules=["to_q"]), tmp_path)
+    with pytest.raises(LoRAError, match="pattern 'to_qkv' matches no LoRA module"):
+        _build(train_config(trainable_lora_modules=["to_qkv"]), tmp_path)
     other = read_lora(start_lora_path)
     other.info["base_sha256"] = "0" * 64
     alien = write_lora(other, tmp_path / "alien.safetensors", dtype=torch.float32)
@@ -319,3 +319,56 @@ def test_start_lora_fixture_covers_several_module_kinds(start_lora_path):
     kinds = {layer.kind for layer in read_lora(start_lora_path).layers.values()}
     assert kinds == {"linear", "conv3x3", "conv1x1"}
     assert START_LORA_PATTERNS and TRAINED_PATTERNS
+
+
+def test_original_config_runs_and_plain_names_select_by_substring(tmp_path, tiny_base_path, start_lora_path,
+                                                                   synth_shards, capsys):
+    """A config in the original scripts' vocabulary runs as is; "attn1"/"up_blocks" are substrings and
+    every other LoRA module stays bit-identical."""
+    import yaml
+
+    from lbm_registry.cli.main import main
+    from lbm_registry.lora.format import read_lora
+
+    original = {
+        "base_model_path": str(tiny_base_path), "lora_weights_path": str(start_lora_path),
+        "train_shards": [str(p) for p in synth_shards["train"]], "validation_shards": [],
+        "trainable_lora_modules": ["attn1", "up_blocks"], "batch_size": 2, "learning_rate": 3e-3,
+        "max_train_steps": 2, "resolution": 64, "backbone_signature": "stabilityai/stable-diffusion-xl-base-1.0",
+        "wandb_project": "relight", "precision": "32", "save_ckpt_path": str(tmp_path / "out"),
+        "timestep_sampling": "custom_timesteps", "selected_timesteps": [250, 500, 750, 1000],
+        "prob": [0.25, 0.25, 0.25, 0.25],
+    }
+    cfg = tmp_path / "lora_relight_config.yaml"
+    cfg.write_text(yaml.safe_dump(original))
+    main(["--home", str(tmp_path / "home"), "train", "--config", str(cfg), "--device", "cpu", "--no-mlflow",
+          "--set", "num_sample_images=0", "--json"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "base_model_path -> base" in captured.err and "lora_weights_path -> lora" in captured.err
+    assert "backbone_signature" in captured.err and "ignored" in captured.err
+    start, got = read_lora(start_lora_path), read_lora(out["lora_path"])
+    chosen = {n for n in start.layers if "attn1" in n or "up_blocks" in n}
+    assert out["trained_modules"] == len(chosen) and 0 < len(chosen) < len(start.layers)
+    assert any(n.endswith("proj_out") and "up_blocks" in n for n in chosen)
+    for name, layer in start.layers.items():
+        same = torch.equal(got.layers[name].down, layer.down) and torch.equal(got.layers[name].up, layer.up)
+        assert same == (name not in chosen), name
+
+
+def test_original_config_translation_notes():
+    from lbm_registry.train.config import train_config_from_dict
+
+    cfg = train_config_from_dict({"base_model_path": "b.safetensors", "lora_rank": 8, "lora_alpha": 4,
+                                  "train_shards": "x.tar", "max_epochs": 3, "precision": "bf16-mixed",
+                                  "accumulate_grad_batches": 2, "optimizer": "AdamW",
+                                  "pixel_loss_type": "lpips", "pixel_loss_weight": 0.0, "vae_num_channels": 4})
+    assert cfg.base == "b.safetensors" and cfg.new_lora.rank == 8 and cfg.new_lora.alpha == 4
+    assert cfg.epochs == 3 and cfg.mixed_precision == "bf16" and cfg.gradient_accumulation_steps == 2
+    assert cfg.optimizer == "adamw" and cfg.pixel_loss is None
+    mapped, ignored = cfg.notes
+    assert "max_epochs -> epochs" in mapped and "precision: bf16-mixed -> mixed_precision: bf16" in mapped
+    assert "vae_num_channels" in ignored and "pixel_loss_type/pixel_loss_weight" in ignored
+    with pytest.raises(ConfigError, match="learning_rte: unknown field"):  # typos are still errors
+        train_config_from_dict({"base_model_path": "b", "lora_weights_path": "l", "train_shards": "x",
+                                "learning_rte": 1})

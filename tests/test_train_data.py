@@ -204,9 +204,16 @@ def test_module_patterns_fnmatch_regex_and_typos():
     names = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "conv_in",
              "up_blocks.0.resnets.0.conv1", "mid_block.attentions.0.proj_out"]
     assert match_modules(names, ["*attn1.to_q", "conv_in"]) == names[:2]
-    assert match_modules(names, ["re:resnets\\.\\d+\\.conv1$", "denoiser.mid_block.*"]) == names[2:]
-    with pytest.raises(LoRAError, match="pattern 'attn1' matches no module"):
-        match_modules(names, ["attn1"])  # fnmatch is anchored: needs '*attn1*'
+    assert match_modules(names, ["re:.*resnets\\.\\d+\\.conv1", "denoiser.mid_block.*"]) == names[2:]
+    # plain names are substrings (the original config's "attn1", "up_blocks"); globs/regexes whole names
+    assert match_modules(names, ["attn1"]) == names[:1]
+    assert match_modules(names, ["up_blocks", "proj_out"]) == names[2:]
+    with pytest.raises(LoRAError, match=r"pattern '\*attn1' matches no module"):
+        match_modules(names, ["*attn1"])  # a glob is anchored
+    with pytest.raises(LoRAError, match="pattern 're:resnets' matches no module"):
+        match_modules(names, ["re:resnets"])  # a regex must match the whole name
+    with pytest.raises(LoRAError, match="pattern 'attn3' matches no module"):
+        match_modules(names, ["attn3"])
     with pytest.raises(LoRAError, match="bad regular expression"):
         match_modules(names, ["re:("])
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from lbm_registry.lbm.config import LBMConfig
     from lbm_registry.lora.format import LoRAFile
     from lbm_registry.train.config import TrainConfig
+    from lbm_registry.train.distributed import DistContext
     from lbm_registry.train.loop import LoRATrainer, TrainResult
 
 
@@ -47,7 +48,11 @@ def load_training_config(config: TrainConfig | str | Path,
     from lbm_registry.train.config import TrainConfig, load_train_config, train_config_from_dict
 
     if isinstance(config, TrainConfig):
-        return train_config_from_dict(config.to_dict(), overrides, "<config>") if overrides else config
+        if not overrides:
+            return config
+        out = train_config_from_dict(config.to_dict(), overrides, "<config>")
+        out._notes = list(config.notes)
+        return out
     return load_train_config(config, overrides)
 
 
@@ -111,35 +116,21 @@ def _parent_lora(cfg: TrainConfig, base: ResolvedAsset,
     return parent, lora
 
 
-def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | None = None,
-                       console: Console | None = None, progress: bool = True,
-                       resume: bool | None = None) -> tuple[LoRATrainer, TrainingInputs]:
-    """Resolve the base/LoRA, check data and losses, load the model and inject the LoRA.
-
-    Every check that can fail does so here, before any training: unknown references, a LoRA
-    for another base, missing shards, an image size the model cannot take, LPIPS weights that
-    are not cached, an MLflow store that cannot be reached, an invalid ``register`` name, and
-    (when ``resume`` is given) an output folder that holds another run or nothing to resume.
-    """
-    import torch
-
+def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, ...]:
+    """Every start-up check that needs no model weights (references, data, shapes, module
+    patterns, options): run before loading anything, and by ``--num-processes`` before
+    starting workers. Returns ``(base, lbm, train_shards, val_shards, parent, lora)``."""
     from lbm_registry.api.registry import resolve, validate_name
     from lbm_registry.errors import ConfigError
-    from lbm_registry.lbm.loading import load_lbm
     from lbm_registry.lbm.model import build_model, pick_device
-    from lbm_registry.registry.runs import make_tracker
-    from lbm_registry.train.data import PairStream, expand_shards, shard_hashes
+    from lbm_registry.train.data import expand_shards
     from lbm_registry.train.inject import check_lora_fits, match_modules, new_lora_file
-    from lbm_registry.train.loop import LoRATrainer, check_output_dir, uses_autocast
-    from lbm_registry.train.losses import build_pixel_loss, latent_loss_fn
-    from lbm_registry.train.objective import BridgeObjective
+    from lbm_registry.train.loop import check_optimizer_available
 
-    settings = settings or WorkspaceSettings.resolve()
-    if config.register_name:
-        validate_name(config.register_name)
-    cfg = config.model_copy(update={"output_dir": str(run_folder(config, settings, bool(resume)))})
-    if resume is not None:
-        check_output_dir(cfg.output_dir, resume)
+    if cfg.register_name:
+        validate_name(cfg.register_name)
+    if cfg.cache_latents != "no" and cfg.pixel_loss is not None:
+        raise ConfigError("cache_latents needs the images only for a pixel_loss: turn one of them off")
     base = resolve(cfg.base, settings, kinds=("base", "model"))
     lbm = _lbm_config_for(base, cfg.model_config_path)
     if cfg.resolution % lbm.pixel_multiple:
@@ -157,7 +148,50 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     check_lora_fits(lora, meta_denoiser)
     match_modules(lora.layers, cfg.trainable_lora_modules, what="LoRA module")
 
-    device = pick_device(cfg.device)
+    check_optimizer_available(cfg.optimizer, pick_device(cfg.device))
+    return base, lbm, train_shards, val_shards, parent, lora
+
+
+def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | None = None,
+                       console: Console | None = None, progress: bool = True,
+                       resume: bool | None = None, err_console: Console | None = None,
+                       dist: DistContext | None = None) -> tuple[LoRATrainer, TrainingInputs]:
+    """Resolve the base/LoRA, check data and losses, load the model and inject the LoRA.
+
+    Every check that can fail does so here, before any training: unknown references, a LoRA
+    for another base, missing shards, an image size the model cannot take, LPIPS weights that
+    are not cached, an MLflow store that cannot be reached, an invalid ``register`` name, and
+    (when ``resume`` is given) an output folder that holds another run or nothing to resume.
+    """
+    import torch
+
+    from lbm_registry.lbm.loading import load_lbm
+    from lbm_registry.lbm.model import pick_device
+    from lbm_registry.registry.runs import make_tracker
+    from lbm_registry.train.cache import LatentCache
+    from lbm_registry.train.data import PairStream, shard_hashes
+    from lbm_registry.train.distributed import DistContext
+    from lbm_registry.train.loop import (
+        LoRATrainer,
+        autocast_dtype,
+        check_optimizer_available,
+        check_output_dir,
+    )
+    from lbm_registry.train.losses import build_pixel_loss, latent_loss_fn
+    from lbm_registry.train.objective import BridgeObjective
+
+    settings = settings or WorkspaceSettings.resolve()
+    if dist is None:
+        dist = DistContext(device=pick_device(config.device))
+    folder = str(run_folder(config, settings, bool(resume))) if dist.is_main else None
+    cfg = config.model_copy(update={"output_dir": dist.broadcast(folder)})  # one run folder for all
+    cfg._notes = list(config.notes)
+    if resume is not None and dist.is_main:
+        check_output_dir(cfg.output_dir, resume)
+    base, lbm, train_shards, val_shards, parent, lora = check_training(cfg, settings)
+
+    device = dist.device if dist.device is not None else pick_device(cfg.device)
+    check_optimizer_available(cfg.optimizer, device)
     pixel = None
     if cfg.pixel_loss is not None:  # LPIPS availability is checked here, not mid-run
         pixel = build_pixel_loss(cfg.pixel_loss.kind, lpips_net=cfg.pixel_loss.lpips_net,
@@ -168,7 +202,9 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
         pixel_weight=cfg.pixel_loss.weight if cfg.pixel_loss else 0.0)
     datasets = shard_hashes([*train_shards, *val_shards]) if cfg.register_name else []
 
-    base_dtype = torch.bfloat16 if (uses_autocast(device, cfg.mixed_precision) and device.type == "cuda") else torch.float32
+    # frozen base weights in the autocast dtype on GPU; the trained LoRA factors stay fp32 (master copy)
+    amp = autocast_dtype(device, cfg.mixed_precision)
+    base_dtype = amp if (amp is not None and device.type == "cuda") else torch.float32
     model = load_lbm(base.path, lbm, device=device, dtype=base_dtype)
     lora_info = {"base_sha256": base.sha256, "base_ref": base.label}
     if parent is not None:
@@ -179,13 +215,20 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     train_stream = PairStream(train_shards, shuffle=True, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, **common)
     val_stream = PairStream(val_shards, shuffle=False, **common) if val_shards else None
 
-    tracker = make_tracker(cfg.mlflow, settings.effective_tracking_uri, cfg.experiment, home=settings.home,
-                           run_name=cfg.register_name or Path(cfg.output_dir).name,
+    cache = None
+    if cfg.cache_latents != "no":
+        short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[base_dtype]
+        cache = LatentCache(cfg.cache_latents, cfg.resolution, root=Path(cfg.output_dir) / "latent_cache",
+                            vae_tag=f"{base.sha256[:12]}-{short}")
+
+    tracker = make_tracker(cfg.mlflow and dist.is_main, settings.effective_tracking_uri, cfg.experiment,
+                           home=settings.home, run_name=cfg.register_name or Path(cfg.output_dir).name,
                            tags={"lbm.base_sha256": base.sha256, "lbm.kind": "lora-training"})
     try:
         trainer = LoRATrainer(cfg, model=model, lora=lora, objective=objective, train_stream=train_stream,
                               val_stream=val_stream, device=device, lora_info=lora_info, tracker=tracker,
-                              console=console, progress=progress)
+                              console=console, progress=progress, err_console=err_console, dist=dist,
+                              latent_cache=cache)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -242,13 +285,34 @@ def register_trained_lora(result: TrainResult, inputs: TrainingInputs, name: str
 
 def train_lora(config: TrainConfig | str | Path, overrides: Mapping[str, Any] | None = None, *,
                settings: WorkspaceSettings | None = None, resume: bool = False, progress: bool = True,
-               console: Console | None = None) -> dict[str, Any]:
+               console: Console | None = None, err_console: Console | None = None,
+               json_output: bool = False) -> dict[str, Any]:
     """Fine-tune a LoRA as ``config`` says (plus dotted-key ``overrides``) and register it when
-    ``register`` is set. Returns a JSON-safe summary (paths, losses, parameter counts, ref)."""
+    ``register`` is set. Returns a JSON-safe summary (paths, losses, parameter counts, ref).
+
+    With ``num_processes > 1`` this launches that many local data-parallel workers (see
+    :mod:`lbm_registry.train.launch`); started by ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE``
+    set) it is one of the workers: every process trains its share, only rank 0 logs to MLflow,
+    writes checkpoints and the LoRA, and registers it."""
+    from lbm_registry.train.distributed import init_distributed, launched_world_size
+
     settings = settings or WorkspaceSettings.resolve()
     cfg = load_training_config(config, overrides)
-    trainer, inputs = build_lora_trainer(cfg, settings=settings, console=console, progress=progress, resume=resume)
+    err_console = err_console or console
+    if launched_world_size() <= 1 and cfg.num_processes > 1:
+        from lbm_registry.train.launch import launch_local
+
+        for note in cfg.notes:
+            _note(err_console, note)
+        return launch_local(cfg, settings=settings, resume=resume, json_output=json_output)
+    dist = init_distributed(cfg.device)
+    if dist.is_main:
+        for note in cfg.notes:
+            _note(err_console, note)
+    trainer, inputs = build_lora_trainer(cfg, settings=settings, console=console, progress=progress, resume=resume,
+                                         err_console=err_console, dist=dist)
     result = trainer.fit(resume=resume)
+    cfg = trainer.cfg
     out: dict[str, Any] = {
         "output_dir": str(result.output_dir), "lora_path": str(result.lora_path), "steps": result.steps,
         "epochs": result.epochs, "train_loss": result.train_loss, "val_loss": result.val_loss,
@@ -260,8 +324,9 @@ def train_lora(config: TrainConfig | str | Path, overrides: Mapping[str, Any] | 
         "loss_plot": str(result.loss_plot) if result.loss_plot else None,
         "base": inputs.base.label, "parent": inputs.parent.label if inputs.parent else None,
         "mlflow_run_id": result.run_id, "device": str(inputs.device),
+        "num_processes": dist.world_size, "global_batch": trainer.global_batch,
     }
-    if cfg.register_name:
+    if cfg.register_name and dist.is_main:
         from lbm_registry.errors import LBMError
 
         try:
@@ -270,7 +335,15 @@ def train_lora(config: TrainConfig | str | Path, overrides: Mapping[str, Any] | 
             raise type(exc)(f"{exc} (the trained LoRA is at {result.lora_path}; rerun with --resume "
                             f"--register {cfg.register_name} to retry registering)") from exc
         out.update(ref=asset.label, sha256=asset.sha256, registered_path=str(asset.path))
+    dist.barrier()
     return out
+
+
+def _note(console: Console | None, message: str) -> None:
+    if console is not None:
+        from rich.markup import escape
+
+        console.print(f"[cyan]note:[/] {escape(message)}", soft_wrap=True)
 
 
 def finetune_full(base_path: str | Path, config: LBMConfig | str | Path | None = None,

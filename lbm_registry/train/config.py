@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lbm_registry.errors import ConfigError
 
@@ -37,7 +45,8 @@ class NewLoRAConfig(_Strict):
     alpha: float | None = Field(None, gt=0, description="LoRA alpha for Linear layers (default: rank).")
     conv_alpha: float | None = Field(None, gt=0, description="LoRA alpha for convs (default: conv_rank).")
     targets: list[str] = Field(default_factory=lambda: ["*"],
-                               description="Module-name patterns (fnmatch, or 're:REGEX').")
+                               description="Module names: a plain name is a substring; globs and 're:REGEX' "
+                                           "match whole names.")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -76,9 +85,10 @@ class TrainConfig(_Strict):
     shuffle_buffer: int = Field(64, ge=1)
 
     # -- optimisation ------------------------------------------------------------------------
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="Samples per process per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -103,13 +113,31 @@ class TrainConfig(_Strict):
         None, description="Run folder; None = <workspace>/training/<register name or 'lora'>-<timestamp>.")
     save_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    cache_latents: Literal["no", "memory", "disk"] = "no"
+    num_processes: int = Field(1, ge=1, description="Local data-parallel worker processes (lbm-reg train).")
     mlflow: bool = True
     experiment: str = "lbm-registry-train"
     register_name: str | None = Field(None, alias="register",
                                       description="Register the result as a new version of this LoRA name.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What was translated or ignored when this came from an original LBM config."""
+        return self._notes
+
+    @field_validator("cache_latents", mode="before")
+    @classmethod
+    def _cache_bool(cls, v: Any) -> Any:
+        if v is True:
+            return "memory"
+        if v is False or v is None:
+            return "no"
+        return v
 
     @field_validator("train_shards", "validation_shards", "trainable_lora_modules", mode="before")
     @classmethod
@@ -188,11 +216,29 @@ def train_config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any]
     """Validate a plain dict (plus overrides) into a :class:`TrainConfig` with a one-line error."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"invalid training config {source}: expected a mapping, got {type(data).__name__}")
-    merged = apply_overrides(dict(data), overrides)
+    from lbm_registry.train.original import looks_original, translate_original_config
+
+    notes: list[str] = []
+    data = dict(data)
+    if looks_original(data, own_keys()):
+        data, notes = translate_original_config(data, own_keys())
+    merged = apply_overrides(data, overrides)
     try:
-        return TrainConfig.model_validate(merged)
+        cfg = TrainConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from None
+    cfg._notes = notes
+    return cfg
+
+
+def own_keys() -> set[str]:
+    """Top-level keys of our training config (field names and YAML aliases)."""
+    out: set[str] = set()
+    for name, f in TrainConfig.model_fields.items():
+        out.add(name)
+        if f.alias:
+            out.add(f.alias)
+    return out
 
 
 def load_train_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:

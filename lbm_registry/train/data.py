@@ -1,10 +1,13 @@
 """Webdataset shards -> batches of (source, target) image tensors in [-1, 1].
 
-Why not a ``DataLoader`` with workers: resuming must reproduce an uninterrupted run exactly.
-The stream is a pure function of (shards, seed, epoch): shards are permuted and samples
-buffer-shuffled with an RNG seeded from both, so a run resumes by replaying the raw tar stream
-up to the saved position (no decoding) and continuing. Images are decoded by content
-(:func:`lbm_registry.lbm.imaging.open_image`), so WebP bytes in a ``.jpg`` entry work.
+Why not a ``DataLoader`` with workers: resuming must reproduce an uninterrupted run exactly, and
+several processes must see one global sample order. The order is a pure function of (shards,
+seed, epoch): shards are permuted and samples buffer-shuffled with an RNG seeded from both. Each
+shard is indexed once (tar headers only: name, offset, size), so a sample is addressed by its
+*position* in an epoch and read on its own: a resumed run starts at the saved position without
+replaying anything, and each data-parallel process reads the bytes of its own samples only.
+Images are decoded by content (:func:`lbm_registry.lbm.imaging.open_image`), so WebP bytes in a
+``.jpg`` entry work.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lbm_registry.errors import DataError
 
@@ -62,6 +65,117 @@ def load_pair_image(data: bytes, resolution: int) -> Image.Image:
     return ImageOps.fit(img, (resolution, resolution), method=Image.BICUBIC, centering=(0.5, 0.5))
 
 
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One sample of a shard: its key and, per entry (``source.jpg``...), where its bytes are."""
+
+    shard: Path
+    key: str
+    members: dict[str, tuple[int, int]]  # entry (lower case) -> (offset, size) in the tar file
+    compressed: bool = False
+
+    def read(self, entry: str) -> bytes:
+        offset, size = self.members[entry]
+        if self.compressed:  # offsets are member indices into the decompressed stream
+            import tarfile
+
+            with tarfile.open(self.shard, "r:*") as tar:
+                member = tar.getmembers()[offset]
+                fh = tar.extractfile(member)
+                assert fh is not None
+                return fh.read()
+        with open(self.shard, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.shard.name} is shorter than its index (changed during the run?)")
+        return data
+
+
+class CorruptShard(Exception):
+    def __init__(self, reason: str, samples: list[RawSample]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.samples = samples
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """webdataset's rule: the key is the path up to the first dot of the file name."""
+    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def index_shard(shard: Path) -> list[RawSample]:
+    """Index a tar shard from its headers (no data is read). Raises :class:`CorruptShard` with the
+    complete samples found before the damage."""
+    import tarfile
+
+    size = shard.stat().st_size
+    samples: list[RawSample] = []
+    compressed = False
+    try:
+        tar = tarfile.open(shard, "r:")
+    except tarfile.ReadError:
+        try:
+            tar = tarfile.open(shard, "r:*")
+            compressed = True
+        except (tarfile.ReadError, EOFError, OSError) as exc:
+            raise CorruptShard(_reason(exc), []) from None
+    current: dict[str, tuple[int, int]] = {}
+    key: str | None = None
+
+    def flush() -> None:
+        if key is not None and current:
+            samples.append(RawSample(shard, key, dict(current), compressed))
+
+    with tar:
+        i = -1
+        try:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                i += 1
+                if not member.isfile():
+                    continue
+                if not compressed and member.offset_data + member.size > size:
+                    raise CorruptShard("truncated: an entry runs past the end of the file", samples)
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                split = _split_name(name)
+                if split is None or _META.search(name):
+                    continue
+                k, ext = split
+                if k != key:
+                    flush()
+                    key, current = k, {}
+                current[ext] = (i, member.size) if compressed else (member.offset_data, member.size)
+            if not compressed:
+                _check_end(shard, tar.offset, size, samples)
+        except CorruptShard:
+            raise
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise CorruptShard(_reason(exc), samples) from None
+    flush()
+    return samples
+
+
+def _check_end(shard: Path, offset: int, size: int, samples: list[RawSample]) -> None:
+    """``tarfile`` stops quietly at a bad header after the first one: tell that from a real end."""
+    with open(shard, "rb") as fh:
+        fh.seek(offset)
+        block = fh.read(512)
+    if block and block.strip(b"\0"):
+        raise CorruptShard(f"invalid tar header at byte {offset}", samples)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(" @ ")[0]
+
+
 @dataclass
 class Batch:
     """A batch of pairs. ``position`` is the raw stream position just after its last sample."""
@@ -94,6 +208,8 @@ class PairStream:
         self.seed = seed
         self.warn = warn or (lambda msg: None)
         self.skipped = 0
+        self._index: dict[Path, list[RawSample]] = {}
+        self._order: tuple[int, list[RawSample]] | None = None
 
     # -- raw stream ----------------------------------------------------------------------------
     def _bad(self, message: str) -> None:
@@ -102,54 +218,73 @@ class PairStream:
         self.skipped += 1
         self.warn(f"skipping bad sample: {message}")
 
-    def _shard_samples(self, shard: Path) -> Iterator[dict[str, Any]]:
-        from webdataset.tariterators import tarfile_samples
+    def _shard_samples(self, shard: Path) -> list[RawSample]:
+        """The shard's samples (indexed once, then cached); a corrupt shard is one bad sample
+        (skip mode keeps the complete samples before the damage)."""
+        cached = self._index.get(shard)
+        if cached is None:
+            try:
+                cached = index_shard(shard)
+            except CorruptShard as exc:
+                self._bad(f"{shard.name}: corrupt shard ({exc.reason})")
+                cached = exc.samples
+            self._index[shard] = cached
+        return cached
 
-        def handler(exc: Exception) -> bool:
-            first = str(exc.args[0]) if exc.args else type(exc).__name__
-            first = first.split(" @ ")[0]
-            self._bad(f"{shard.name}: corrupt shard ({type(exc).__name__}: {first})")
-            return False  # stop reading this shard either way
+    def _raw(self, epoch: int) -> Iterator[RawSample]:
+        """Raw samples (bytes not read yet) in this epoch's order."""
+        yield from self.order(epoch)
 
-        yield from tarfile_samples([{"url": str(shard)}], handler=handler)
-
-    def _raw(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """Raw samples (bytes, undecoded) in this epoch's order."""
+    def order(self, epoch: int) -> list[RawSample]:
+        """This epoch's sample order (computed once per epoch, a pure function of seed and epoch)."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
         rng = random.Random(f"{self.seed}:{epoch}")
-        order = list(self.shards)
+        shards = list(self.shards)
         if self.shuffle:
-            rng.shuffle(order)
-        samples = (s for shard in order for s in self._shard_samples(shard))
+            rng.shuffle(shards)
+        samples = (s for shard in shards for s in self._shard_samples(shard))
+        out: list[RawSample] = []
         if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buf: list[dict[str, Any]] = []
-        for s in samples:
-            buf.append(s)
-            if len(buf) >= self.shuffle_buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-        while buf:
-            yield buf.pop(rng.randrange(len(buf)))
+            out.extend(samples)
+        else:
+            buf: list[RawSample] = []
+            for s in samples:
+                buf.append(s)
+                if len(buf) >= self.shuffle_buffer:
+                    out.append(buf.pop(rng.randrange(len(buf))))
+            while buf:
+                out.append(buf.pop(rng.randrange(len(buf))))
+        self._order = (epoch, out)
+        return out
 
     # -- decoding --------------------------------------------------------------------------------
-    def _decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def decode(self, raw: RawSample) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(source, target)`` tensors, or None for a bad sample in skip mode."""
         from lbm_registry.lbm.imaging import to_tensor
 
-        key, shard = raw.get("__key__", "?"), Path(str(raw.get("__url__", "?"))).name
-        present = sorted(k for k in raw if not k.startswith("__"))
+        key, shard = raw.key, raw.shard.name
         out = []
         for want in (self.source_key, self.target_key):
-            if want not in raw:
-                self._bad(f"{shard}: sample {key!r} lacks {want!r} (has: {', '.join(present) or 'nothing'})")
+            if want not in raw.members:
+                present = ", ".join(sorted(raw.members)) or "nothing"
+                self._bad(f"{shard}: sample {key!r} lacks {want!r} (has: {present})")
                 return None
             try:
-                out.append(to_tensor(load_pair_image(raw[want], self.resolution))[0])
+                data = raw.read(want)
+            except OSError as exc:
+                self._bad(f"{shard}: sample {key!r} {want}: unreadable ({exc})")
+                return None
+            try:
+                out.append(to_tensor(load_pair_image(data, self.resolution))[0])
             except DataError as exc:
                 reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "",
                                 str(exc).replace("unreadable image <bytes>: ", ""))
                 self._bad(f"{shard}: sample {key!r} {want}: unreadable image ({reason})")
                 return None
         return out[0], out[1]
+
+    _decode = decode
 
     def pairs(self, epoch: int = 0, start: int = 0,
               limit: int | None = None) -> Iterator[tuple[int, str, torch.Tensor, torch.Tensor]]:
@@ -164,7 +299,7 @@ class PairStream:
             if decoded is None:
                 continue
             good += 1
-            yield pos + 1, str(raw.get("__key__")), decoded[0], decoded[1]
+            yield pos + 1, raw.key, decoded[0], decoded[1]
 
     def batches(self, batch_size: int, epoch: int = 0, start: int = 0,
                 limit: int | None = None) -> Iterator[Batch]:

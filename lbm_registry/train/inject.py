@@ -111,14 +111,30 @@ def lora_targets(denoiser: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_plain_name(pattern: str) -> bool:
+    """A pattern with no glob characters and no ``re:`` prefix (``attn1``, ``up_blocks``)."""
+    return not pattern.startswith("re:") and not (_GLOB_CHARS & set(pattern))
+
+
 def _pattern_matches(name: str, pattern: str) -> bool:
+    """``re:REGEX`` must match the whole name, a glob too; a plain name is a substring.
+
+    Why substrings for plain names: the original LBM training config selects modules with
+    ``trainable_lora_modules: ["attn1", "attn2", "up_blocks"]`` and means "every module whose
+    name contains it", like PEFT's ``target_modules`` and kohya's module filters."""
     if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+        return re.fullmatch(pattern[3:], name) is not None
+    if is_plain_name(pattern):
+        return pattern in name
     return fnmatch.fnmatchcase(name, pattern)
 
 
 def match_modules(names: Iterable[str], patterns: Iterable[str], *, what: str = "module") -> list[str]:
-    """Names matching any pattern (fnmatch, or ``re:REGEX`` searched), in ``names`` order.
+    """Names matching any pattern, in ``names`` order: a plain name selects every name containing
+    it; ``*``/``?``/``[`` globs and ``re:REGEX`` match whole names.
 
     A pattern that matches nothing is an error: it is almost always a typo, and silently
     training nothing (or everything) is worse than stopping.

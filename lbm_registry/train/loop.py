@@ -6,6 +6,13 @@ run. Reproducibility is a design goal: with the same seed, a run that is interru
 a crash after a checkpoint) and resumed ends with exactly the same weights as an uninterrupted
 one, because the data order, timesteps and noise all come from explicitly seeded,
 checkpointed sources.
+
+One optimizer step consumes a *global batch* of ``num_processes x batch_size x
+gradient_accumulation_steps`` consecutive positions of the epoch's sample order. Position ``j``
+of the step goes to micro-step ``j // (W B)`` of process ``(j mod W B) // B``, and its timestep
+and noise are drawn from a seed of (seed, epoch, position) alone; each process's loss is its
+samples' sum divided by the global sample count, and the gradients are summed over processes.
+So 1 x 4, 2 x 2 and 1 x 2 with accumulation 2 compute the same update (up to float rounding).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from lbm_registry.errors import DataError, TrainingError
 from lbm_registry.lbm.model import LBMModel
 from lbm_registry.lora.format import LoRAFile, write_lora
 from lbm_registry.registry.runs import NullTracker
+from lbm_registry.train.cache import LatentCache
 from lbm_registry.train.config import TrainConfig
-from lbm_registry.train.data import PairStream
+from lbm_registry.train.data import PairStream, RawSample
+from lbm_registry.train.distributed import DistContext
 from lbm_registry.train.inject import LoRAInjection, inject_lora
-from lbm_registry.train.objective import BridgeObjective
+from lbm_registry.train.objective import BridgeObjective, sample_seed
 from lbm_registry.train.state import (
     TrainState,
     latest_checkpoint,
@@ -70,20 +79,45 @@ class TrainResult:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
+def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
+    """bf16 autocast on GPU (``auto``) or when asked (``bf16``/``fp16``); plain fp32 otherwise."""
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
 def uses_autocast(device: torch.device, mixed_precision: str) -> bool:
-    """bf16 autocast on GPU (``auto``) or when asked (``bf16``); plain fp32 otherwise."""
-    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    return autocast_dtype(device, mixed_precision) is not None
 
 
 def autocast_context(device: torch.device, mixed_precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if not uses_autocast(device, mixed_precision):
+    dtype = autocast_dtype(device, mixed_precision)
+    if dtype is None:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_optimizer_available(optimizer: str, device: torch.device) -> None:
+    """8-bit AdamW needs bitsandbytes and a CUDA GPU: say so at start-up, not mid-run."""
+    if optimizer != "adamw8bit":
+        return
+    if device.type != "cuda":
+        raise TrainingError(f"optimizer adamw8bit needs a CUDA GPU (this run is on {device}); use adamw")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or its own errors when no usable CUDA is found
+        raise TrainingError(f"optimizer adamw8bit needs bitsandbytes ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'not installed'}); "
+                            "pip install bitsandbytes, or use adamw") from None
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -107,9 +141,11 @@ class _Progress:
 
         self._bar = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} it/s"), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[val]}"), TimeRemainingColumn(), console=console, transient=False)
-        self._task = self._bar.add_task("train", total=total, completed=completed, loss="-", val="", rate="-")
+            TextColumn("epoch {task.fields[epoch]}"), TextColumn("{task.fields[rate]} it/s"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[val]}"), TimeRemainingColumn(),
+            console=console, transient=False)
+        self._task = self._bar.add_task("train", total=total, completed=completed, loss="-", val="", rate="-",
+                                        epoch="0")
         self._t0, self._n0 = time.perf_counter(), completed
 
     def __enter__(self) -> _Progress:
@@ -121,15 +157,34 @@ class _Progress:
         if self._bar is not None:
             self._bar.stop()
 
-    def update(self, step: int, loss: float, val: float | None = None) -> None:
+    def update(self, step: int, loss: float | None, val: float | None = None, epoch: int | None = None) -> None:
         if self._bar is None:
             return
         dt = time.perf_counter() - self._t0
         rate = (step - self._n0) / dt if dt > 0 else 0.0
-        fields: dict[str, Any] = {"loss": f"{loss:.4f}", "rate": f"{rate:.2f}"}
+        fields: dict[str, Any] = {"rate": f"{rate:.2f}"}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
+        if epoch is not None:
+            fields["epoch"] = str(epoch)
         if val is not None:
             fields["val"] = f"val {val:.4f}"
         self._bar.update(self._task, completed=step, **fields)
+
+
+@dataclass
+class _Micro:
+    """One process's share of one micro-step: latents, draws, and (for a pixel loss) targets."""
+
+    z_src: torch.Tensor
+    z_tgt: torch.Tensor
+    sigma: torch.Tensor
+    eps: torch.Tensor
+    target: torch.Tensor | None
+
+    @property
+    def n(self) -> int:
+        return int(self.z_src.shape[0])
 
 
 class LoRATrainer:
@@ -138,22 +193,26 @@ class LoRATrainer:
     def __init__(self, cfg: TrainConfig, *, model: LBMModel, lora: LoRAFile, objective: BridgeObjective,
                  train_stream: PairStream, val_stream: PairStream | None, device: torch.device,
                  lora_info: dict[str, Any] | None = None, tracker: NullTracker | None = None,
-                 console: Console | None = None, progress: bool = True) -> None:
+                 console: Console | None = None, progress: bool = True, err_console: Console | None = None,
+                 dist: DistContext | None = None, latent_cache: LatentCache | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.objective = objective
         self.train_stream = train_stream
         self.val_stream = val_stream
         self.device = device
+        self.dist = dist or DistContext(device=device)
         self.lora_info = dict(lora_info or {})
         self.tracker = tracker or NullTracker()
         self.tracker.warn = self.warn
         self.console = console
+        self.err_console = err_console or console
         self.show_progress = progress
         if cfg.output_dir is None:
             raise TrainingError("output_dir is not set (the API picks one in the workspace)")
         self.output_dir = Path(cfg.output_dir)
         self.autocast = autocast_context(device, cfg.mixed_precision)
+        self.latent_cache = latent_cache
 
         model.requires_grad_(False)
         model.vae.eval()
@@ -162,7 +221,12 @@ class LoRATrainer:
         self.params = list(self.injection.trainable_parameters())
         if not self.params:
             raise TrainingError("no trainable LoRA parameters: trainable_lora_modules matched nothing")
+        if cfg.gradient_checkpointing:
+            model.denoiser.enable_gradient_checkpointing()  # the UNet's own (diffusers, non-reentrant)
+        check_optimizer_available(cfg.optimizer, device)
         self.optimizer = build_optimizer(cfg, self.params)
+        self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype(device, cfg.mixed_precision) == \
+            torch.float16 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = TrainState()
         self._step_rng: dict[str, Any] | None = None
@@ -172,14 +236,20 @@ class LoRATrainer:
 
     # -- reporting ---------------------------------------------------------------------------
     def log(self, message: str) -> None:
-        if self.console is not None:
+        if self.console is not None and self.dist.is_main:
             self.console.print(message, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        if self.console is not None:
+        """Warnings go to stderr (``err_console``), whatever stdout is used for."""
+        if self.err_console is not None:
             from rich.markup import escape
 
-            self.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+            prefix = f"[rank {self.dist.rank}] " if self.dist.distributed else ""
+            self.err_console.print(f"[yellow]warning:[/] {prefix}{escape(message)}", soft_wrap=True)
+
+    @property
+    def global_batch(self) -> int:
+        return self.dist.world_size * self.cfg.batch_size * self.cfg.gradient_accumulation_steps
 
     @property
     def counts(self) -> dict[str, int]:
@@ -187,23 +257,130 @@ class LoRATrainer:
                 "lora": self.injection.num_parameters(),
                 "total": sum(p.numel() for p in self.model.parameters())}
 
-    # -- one step --------------------------------------------------------------------------------
-    def train_step(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        self.model.denoiser.train()
-        source = source.to(self.device)
-        target = target.to(self.device)
+    # -- data for one step -------------------------------------------------------------------
+    def my_positions(self, start: int, size: int) -> list[list[int]]:
+        """This process's epoch positions for each micro-step of the step covering
+        ``[start, start + size)`` (see the module docstring)."""
+        W, B, A = self.dist.world_size, self.cfg.batch_size, self.cfg.gradient_accumulation_steps
+        micro: list[list[int]] = [[] for _ in range(A)]
+        for j in range(size):
+            if (j % (W * B)) // B == self.dist.rank:
+                micro[j // (W * B)].append(start + j)
+        return micro
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            out = self.objective(self.model, source, target, self.generator)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.state.step + 1}; "
+            return self.objective.encode(self.model, images.to(self.device)).float()
+
+    def prepare_micro(self, epoch: int, positions: list[int]) -> _Micro | None:
+        """Decode (or fetch cached latents of) the samples at ``positions`` and draw their
+        timesteps and noise. None when none of them is usable."""
+        order = self.train_stream.order(epoch)
+        cache = self.latent_cache
+        latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for q in positions:
+            raw: RawSample = order[q]
+            hit = cache.get(raw) if cache is not None else None
+            if hit is not None:
+                latents[q] = hit
+                continue
+            decoded = self.train_stream.decode(raw)
+            if decoded is not None:
+                images[q] = decoded
+        if images:
+            keys = sorted(images)
+            z_src = self._encode(torch.stack([images[q][0] for q in keys]))
+            z_tgt = self._encode(torch.stack([images[q][1] for q in keys]))
+            for i, q in enumerate(keys):
+                latents[q] = (z_src[i].cpu(), z_tgt[i].cpu())
+                if cache is not None:
+                    cache.put(order[q], z_src[i], z_tgt[i])
+        good = [q for q in positions if q in latents]
+        if not good:
+            return None
+        z_src = torch.stack([latents[q][0] for q in good]).to(self.device)
+        z_tgt = torch.stack([latents[q][1] for q in good]).to(self.device)
+        draws = [self.objective.draw(sample_seed(self.cfg.seed, epoch, q), tuple(z_src.shape[1:])) for q in good]
+        sigma = torch.stack([d[0] for d in draws])
+        eps = torch.stack([d[1] for d in draws])
+        target = None
+        if self.objective.pixel_loss is not None:
+            target = torch.stack([images[q][1] for q in good]).to(self.device)
+        return _Micro(z_src, z_tgt, sigma, eps, target)
+
+    # -- one step --------------------------------------------------------------------------------
+    def optimizer_step(self, micros: list[_Micro | None]) -> dict[str, float] | None:
+        """One optimizer step over this process's micro-batches (None: no usable sample anywhere).
+
+        Each micro-loss is weighted by its share of the global sample count, so accumulation,
+        process count and batch size all give the same gradient; gradients and loss sums are then
+        summed over processes in one collective."""
+        self.model.denoiser.train()
+        count = torch.tensor([float(sum(m.n for m in micros if m is not None))], dtype=torch.float64)
+        n_global = float(self.dist.all_reduce_sum_(count.to(self._reduce_device))[0])
+        if n_global == 0:
+            return None
+        sums: dict[str, float] = {}
+        for m in micros:
+            if m is None:
+                continue
+            with self.autocast():
+                out = self.objective.loss_from_latents(self.model, m.z_src, m.z_tgt, m.sigma, m.eps, m.target)
+            loss = out["loss"].float() * (m.n / n_global)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float().item()) * m.n
+        names = sorted({"loss", "latent_loss", *(["pixel_loss"] if self.objective.pixel_loss is not None else [])})
+        self._all_reduce_grads([sums.get(k, 0.0) for k in names])
+        losses = {k: v / n_global for k, v in zip(names, self._reduced_sums, strict=True)}
+        if not math.isfinite(losses["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"non-finite loss ({losses['loss']}) at step {self.state.step + 1}; "
                                 "lower learning_rate or check the data")
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: float(v.detach().float().item()) for k, v in out.items()}
+        return losses
+
+    @property
+    def _reduce_device(self) -> torch.device:
+        return self.device if (self.dist.distributed and self.device.type == "cuda") else torch.device("cpu")
+
+    def _all_reduce_grads(self, loss_sums: list[float]) -> None:
+        """Sum the LoRA gradients (and the loss sums riding along) over processes."""
+        self._reduced_sums = loss_sums
+        if not self.dist.distributed:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads]
+                         + [torch.tensor(loss_sums, dtype=torch.float32, device=grads[0].device)])
+        flat = flat.to(self._reduce_device)
+        self.dist.all_reduce_sum_(flat)
+        offset = 0
+        for p, g in zip(self.params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(device=p.device, dtype=p.dtype)
+            offset += n
+        self._reduced_sums = [float(x) for x in flat[offset:].tolist()]
+
+    def train_step(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on a batch of images (timesteps/noise from the trainer's generator)."""
+        z_src, z_tgt = self._encode(source), self._encode(target)
+        sigma = self.objective.sample_sigmas(z_src.shape[0], self.generator)
+        eps = torch.randn(z_src.shape, generator=self.generator, dtype=torch.float32)
+        tgt = target.to(self.device) if self.objective.pixel_loss is not None else None
+        out = self.optimizer_step([_Micro(z_src, z_tgt, sigma, eps, tgt)])
+        assert out is not None
+        return out
 
     # -- validation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -252,7 +429,7 @@ class LoRATrainer:
             z = sample(self.model.velocity, self.model.vae.encode(src), steps=lbm.inference.steps,
                        bridge_noise_sigma=self.objective.bridge_noise_sigma, generator=gen)
             pred = self.model.vae.decode(z)
-        rows = [(to_pil(s), to_pil(p), to_pil(t)) for (s, t), p in zip(pairs, pred, strict=True)]
+        rows = [(to_pil(s), to_pil(p), to_pil(t)) for (s, t), p in zip(pairs, pred.float(), strict=True)]
         grid = sample_grid(rows, title=f"step {step}")
         path = save_image(grid, self.output_dir / "samples" / f"step-{step:08d}.png")
         save_image(grid, self.output_dir / SAMPLES)
@@ -260,12 +437,17 @@ class LoRATrainer:
         return self.output_dir / SAMPLES
 
     def _validation_round(self, step: int) -> float | None:
-        val = self.validate()
+        """Rank 0 validates and draws samples while the others wait; all learn the value."""
+        val = None
+        if self.dist.is_main:
+            val = self.validate()
+            if val is not None:
+                self.tracker.log_metrics({"val/loss": val}, step)
+            self.sample_images(step)
+            self.tracker.flush()
+        val = self.dist.broadcast(val)
         if val is not None:
             self.state.val_history.append((step, val))
-            self.tracker.log_metrics({"val/loss": val}, step)
-        self.sample_images(step)
-        self.tracker.flush()
         return val
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -273,18 +455,30 @@ class LoRATrainer:
     def skipped(self) -> int:
         return self._skipped_before + self.train_stream.skipped
 
-    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path | None:
+        """Rank 0 writes the checkpoint (every process holds the same LoRA and optimizer state)."""
         self.state.skipped = self.skipped
-        path = save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
-                               optimizer=self.optimizer, rng=rng or rng_state(self.generator),
-                               state=self.state, config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
+        path = None
+        if self.dist.is_main:
+            rng = dict(rng or rng_state(self.generator))
+            if self.scaler is not None:
+                rng["grad_scaler"] = self.scaler.state_dict()
+            path = save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
+                                   optimizer=self.optimizer, rng=rng, state=self.state,
+                                   config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
         self._last_checkpoint_step = self.state.step
+        self.dist.barrier()
         return path
 
     def _resume(self) -> int:
-        path = latest_checkpoint(self.output_dir)
-        assert path is not None  # check_output_dir ran
-        ckpt = load_checkpoint(path)
+        """Rank 0 reads the newest checkpoint and hands it to every process (no shared disk needed)."""
+        ckpt = None
+        if self.dist.is_main:
+            path = latest_checkpoint(self.output_dir)
+            assert path is not None  # check_output_dir ran
+            ckpt = load_checkpoint(path)
+        ckpt = self.dist.broadcast(ckpt)
+        path = ckpt.path
         self.injection.load_lora_file(ckpt.lora)
         self.injection.set_trainable(self.cfg.trainable_lora_modules)
         if ckpt.config.get("trainable_lora_modules") not in (None, self.cfg.trainable_lora_modules):
@@ -296,7 +490,9 @@ class LoRATrainer:
             raise TrainingError(f"{path}: optimizer state does not fit this run ({exc})") from None
         for group in self.optimizer.param_groups:  # the config may change the learning rate
             group["lr"] = self.cfg.learning_rate
-        restore_rng(ckpt.rng, self.generator)
+        if self.scaler is not None and "grad_scaler" in ckpt.rng:
+            self.scaler.load_state_dict(ckpt.rng["grad_scaler"])
+        restore_rng({k: v for k, v in ckpt.rng.items() if k != "grad_scaler"}, self.generator)
         self.state = ckpt.state
         self._skipped_before = ckpt.state.skipped
         self._last_checkpoint_step = self.state.step
@@ -308,20 +504,23 @@ class LoRATrainer:
         return ((cfg.max_steps is not None and self.state.step >= cfg.max_steps)
                 or (cfg.epochs is not None and self.state.epoch >= cfg.epochs))
 
-    def _batches(self) -> Iterator[Any]:
-        """Batches from the saved position onwards, crossing epochs until the limits are hit."""
+    def _steps(self) -> Iterator[list[_Micro | None]]:
+        """This process's micro-batches for each global step, from the saved position on.
+
+        The epoch counter moves as soon as a step uses the last position of an epoch, so four
+        passes over one sample report four epochs; a global step never spans two epochs."""
         while not self._done():
-            got = False
-            for batch in self.train_stream.batches(self.cfg.batch_size, epoch=self.state.epoch,
-                                                   start=self.state.position):
-                got = True
-                yield batch
-                if self._done():
-                    return
-            if not got and self.state.position == 0:
+            epoch, start = self.state.epoch, self.state.position
+            size = len(self.train_stream.order(epoch))
+            if size == 0:
                 raise DataError("no usable samples in the training shards")
-            self.state.epoch += 1
-            self.state.position = 0
+            if start >= size:  # a checkpoint taken at the very end of an epoch
+                self.state.epoch, self.state.position = epoch + 1, 0
+                continue
+            g = min(self.global_batch, size - start)
+            micros = [self.prepare_micro(epoch, pos) if pos else None for pos in self.my_positions(start, g)]
+            self._next_position = (epoch, start + g, size)
+            yield micros
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train until ``max_steps``/``epochs``; Ctrl-C saves a checkpoint, then re-raises.
@@ -341,16 +540,22 @@ class LoRATrainer:
     def _fit(self, resume: bool) -> TrainResult:
         cfg = self.cfg
         resumed_from = None
-        check_output_dir(self.output_dir, resume)
+        if self.dist.is_main:
+            check_output_dir(self.output_dir, resume)
         if resume:
             resumed_from = self._resume()
             self.log(f"resuming from step {resumed_from} ({self.output_dir / 'checkpoints'})")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         c = self.counts
+        layout = (f"; {self.dist.world_size} processes x batch {cfg.batch_size} x accumulation "
+                  f"{cfg.gradient_accumulation_steps} = {self.global_batch} samples per step"
+                  if self.global_batch != cfg.batch_size else "")
         self.log(f"trainable parameters: {c['trainable']:,} of {c['total']:,} "
                  f"(LoRA {c['lora']:,} in {len(self.injection.modules)} modules, "
-                 f"{len(self.trained_modules)} trained)")
+                 f"{len(self.trained_modules)} trained){layout}")
         self.tracker.log_params({"trainable_params": c["trainable"], "total_params": c["total"],
+                                 "num_processes": self.dist.world_size, "global_batch": self.global_batch,
                                  **{k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict | list)}})
         self.train_stream.warn = self.warn
         if self.val_stream is not None:
@@ -361,36 +566,58 @@ class LoRATrainer:
         initial_val = self.state.val_history[0][1] if self.state.val_history else None
         last_val = self.state.val_history[-1][1] if self.state.val_history else None
 
-        with _Progress(self.console, self.show_progress, cfg.max_steps, self.state.step) as bar:
+        with _Progress(self.console if self.dist.is_main else None, self.show_progress, cfg.max_steps,
+                       self.state.step) as bar:
             try:
                 # RNG state as of the last completed step: a Ctrl-C checkpoint must not include
                 # draws made by a half-done step, or the resumed run would diverge.
                 self._step_rng = rng_state(self.generator)
-                for batch in self._batches():
-                    losses = self.train_step(batch.source, batch.target)
+                last_loss = None
+                useful = self.state.position > 0  # resumed mid-epoch: that epoch had steps
+                for micros in self._steps():
+                    losses = self.optimizer_step(micros)
+                    epoch, position, size = self._next_position
+                    self.state.position = position
+                    useful = useful or losses is not None
+                    if position >= size:
+                        if not useful:
+                            raise DataError("no usable samples in the training shards")
+                        self.state.epoch, self.state.position, useful = epoch + 1, 0, False
+                    if losses is None:  # every sample of this step was bad (skip mode)
+                        continue
                     self.state.step += 1
-                    self.state.position = batch.position
                     self._step_rng = rng_state(self.generator)
                     step = self.state.step
-                    self.state.train_history.append((step, losses["loss"]))
+                    last_loss = losses["loss"]
+                    self.state.train_history.append((step, last_loss))
                     self.tracker.log_metrics({f"train/{k}": v for k, v in losses.items()}, step)
                     if step % cfg.validation_interval == 0:
                         last_val = self._validation_round(step)
                     if step % cfg.checkpoint_interval == 0:
                         self.save_checkpoint()
-                    bar.update(step, losses["loss"], last_val)
+                    bar.update(step, last_loss, last_val, self.state.epoch)
+                if self.state.step > 0 and (not self.state.val_history
+                                            or self.state.val_history[-1][0] != self.state.step):
+                    last_val = self._validation_round(self.state.step)
+                    bar.update(self.state.step, last_loss, last_val, self.state.epoch)
             except KeyboardInterrupt:
                 self._save_on_interrupt()
                 raise
-        if self.state.step > 0 and (not self.state.val_history or self.state.val_history[-1][0] != self.state.step):
-            last_val = self._validation_round(self.state.step)
         if self._last_checkpoint_step != self.state.step:
             self.save_checkpoint()
         return self._finish(initial_val, last_val, resumed_from)
 
     def _save_on_interrupt(self) -> None:
-        if self.state.step > self._last_checkpoint_step:
-            path = self.save_checkpoint(self._step_rng)
+        if self.state.step > self._last_checkpoint_step and self.dist.is_main:
+            self.state.skipped = self.skipped
+            rng = dict(self._step_rng or rng_state(self.generator))
+            if self.scaler is not None:
+                rng["grad_scaler"] = self.scaler.state_dict()
+            # no barrier: the other processes are being interrupted too
+            path = save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
+                                   optimizer=self.optimizer, rng=rng, state=self.state,
+                                   config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
+            self._last_checkpoint_step = self.state.step
             self.log(f"[yellow]interrupted at step {self.state.step}:[/] checkpoint saved to {path}; "
                      "run again with --resume to continue")
 
@@ -399,12 +626,17 @@ class LoRATrainer:
 
         recent = [v for _, v in self.state.train_history[-10:]]
         train_loss = sum(recent) / len(recent) if recent else None
-        lora = self.final_lora_file(train_loss, last_val)
-        lora_path = write_lora(lora, self.output_dir / FINAL_LORA, dtype=SAVE_DTYPES[self.cfg.save_dtype])
-        plot = loss_curve(self.state.train_history, self.state.val_history, self.output_dir / LOSS_PLOT)
-        self.tracker.log_artifact(plot)  # the weights go to the registry (stored once), not to this run
-        metrics = {k: v for k, v in (("final/train_loss", train_loss), ("final/val_loss", last_val)) if v is not None}
-        self.tracker.log_metrics(metrics, self.state.step)
+        lora_path = self.output_dir / FINAL_LORA
+        plot: Path | None = self.output_dir / LOSS_PLOT
+        if self.dist.is_main:  # the other processes hold the same LoRA: rank 0 writes it
+            lora = self.final_lora_file(train_loss, last_val)
+            lora_path = write_lora(lora, lora_path, dtype=SAVE_DTYPES[self.cfg.save_dtype])
+            plot = loss_curve(self.state.train_history, self.state.val_history, self.output_dir / LOSS_PLOT)
+            self.tracker.log_artifact(plot)  # the weights go to the registry (stored once), not to this run
+            metrics = {k: v for k, v in (("final/train_loss", train_loss), ("final/val_loss", last_val))
+                       if v is not None}
+            self.tracker.log_metrics(metrics, self.state.step)
+        self.dist.barrier()
         samples = self.output_dir / SAMPLES
         c = self.counts
         return TrainResult(

@@ -63,14 +63,17 @@ class BridgeObjective:
         """VAE latent mean (scaled), without gradients: the VAE is frozen."""
         return model.vae.encode(images)
 
-    def __call__(self, model: LBMModel, source: torch.Tensor, target: torch.Tensor,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Losses for one batch (images in [-1, 1] on the model's device). ``loss`` is the total."""
-        z_src = self.encode(model, source)
-        z_tgt = self.encode(model, target)
-        n = z_src.shape[0]
-        sigma = self.sample_sigmas(n, generator)
-        eps = torch.randn(z_src.shape, generator=generator, dtype=torch.float32)
+    def draw(self, sample_seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigma, eps)`` of one training sample from its own seed (see :func:`sample_seed`):
+        whatever the batch size, process count or accumulation, a sample gets the same draws."""
+        g = torch.Generator().manual_seed(sample_seed)
+        sigma = self.sample_sigmas(1, g)[0]
+        eps = torch.randn(shape, generator=g, dtype=torch.float32)
+        return sigma, eps
+
+    def loss_from_latents(self, model: LBMModel, z_src: torch.Tensor, z_tgt: torch.Tensor, sigma: torch.Tensor,
+                          eps: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Losses (batch means) for given latents, bridge times ``sigma`` (N,) and noise ``eps``."""
         sigma = sigma.to(z_src.device)
         eps = eps.to(device=z_src.device, dtype=z_src.dtype)
         x_t, v = bridge_interpolant(z_src, z_tgt, sigma, self.bridge_noise_sigma, noise=eps)
@@ -79,6 +82,8 @@ class BridgeObjective:
         out = {"latent_loss": latent.detach()}
         loss = latent
         if self.pixel_loss is not None:
+            if target is None:
+                raise ValueError("the pixel loss needs the target images")
             s = sigma.view(-1, 1, 1, 1).to(v_hat.dtype)
             z_tgt_hat = x_t - s * v_hat
             pixel = self.pixel_loss(model.vae.decode(z_tgt_hat), target)
@@ -86,3 +91,21 @@ class BridgeObjective:
             loss = loss + self.pixel_weight * pixel
         out["loss"] = loss
         return out
+
+    def __call__(self, model: LBMModel, source: torch.Tensor, target: torch.Tensor,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Losses for one batch (images in [-1, 1] on the model's device). ``loss`` is the total."""
+        z_src = self.encode(model, source)
+        z_tgt = self.encode(model, target)
+        n = z_src.shape[0]
+        sigma = self.sample_sigmas(n, generator)
+        eps = torch.randn(z_src.shape, generator=generator, dtype=torch.float32)
+        return self.loss_from_latents(model, z_src, z_tgt, sigma, eps, target)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for the sample at ``position`` of ``epoch``: the same in every process layout."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"lbm-train:{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
