@@ -1,7 +1,9 @@
 """Exception types. Every user-facing failure is an :class:`LBMError` with a one-line message.
 
 The CLI prints ``error: <message>`` and exits non-zero for these; anything else is a bug and
-keeps its traceback.
+keeps its traceback. A message that must name a way out says it per surface: ``str(exc)`` is
+worded for Python callers (``force=True``), ``exc.cli_message`` for the command line
+(``--force``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,17 @@ class LBMError(Exception):
 
     exit_code = 2
 
+    def __init__(self, *args: object, cli: str | None = None) -> None:
+        super().__init__(*args)
+        self.cli = cli
+
     def __str__(self) -> str:  # one line, always
         return " ".join(super().__str__().split())
+
+    @property
+    def cli_message(self) -> str:
+        """The message as the CLI shows it (its own wording where the fix is a flag)."""
+        return " ".join(self.cli.split()) if self.cli else str(self)
 
 
 class ConfigError(LBMError):

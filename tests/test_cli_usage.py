@@ -221,3 +221,51 @@ def test_training_checkpoints_keep_the_umask_mode(tmp_path, umask):
                            state=TrainState(), config={})
     assert path.stat().st_mode & 0o777 == 0o755
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in path.iterdir())
+
+
+# -- a home that does not exist --------------------------------------------------------------
+MISSING_HOME_COMMANDS = [
+    ["list"], ["list", "--json"], ["gc"], ["gc", "--json"], ["doctor"], ["doctor", "--repair"],
+    ["doctor", "--json"], ["alias", "set", "relight@1", "prod"], ["alias", "rm", "relight", "prod"],
+    ["show", "relight"], ["lineage", "relight@2"], ["layers", "relight"], ["show", "sha256:abcdef12"],
+    ["ui", "--port", "1"],
+]
+
+
+@pytest.mark.parametrize("args", MISSING_HOME_COMMANDS, ids=[" ".join(a) for a in MISSING_HOME_COMMANDS])
+def test_read_and_maintenance_commands_refuse_a_missing_home(cli, tmp_path, args):
+    home = tmp_path / "typo-ws"
+    rc, out, err = cli("--home", home, *args)
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "no registry at" in lines[0] and str(home) in lines[0], err
+    assert not home.exists()
+
+
+def test_missing_home_error_is_neutral_in_python(tmp_path):
+    from lbm_registry.api.registry import gc
+    from lbm_registry.errors import RegistryError
+    from lbm_registry.registry.settings import WorkspaceSettings
+
+    with pytest.raises(RegistryError) as info:
+        gc(WorkspaceSettings.resolve(home=tmp_path / "nope"))
+    assert "no registry at" in str(info.value) and "--home" not in str(info.value)
+    assert "--home" in info.value.cli_message
+
+
+def test_base_mismatch_is_worded_per_surface(cli, extract_tiny, make_tuned, lora_settings, tmp_path):
+    """Python callers are told ``force=True``, CLI users ``--force``."""
+    from PIL import Image
+
+    from lbm_registry.api.infer import plan_load
+    from lbm_registry.errors import LoRAError
+
+    lora = extract_tiny(make_tuned(rank=2), rank=2, conv_rank=2).path
+    other_base = make_tuned(rank=1)
+    with pytest.raises(LoRAError) as info:
+        plan_load(str(lora), base=str(other_base), settings=lora_settings)
+    assert "force=True" in str(info.value) and "--force" not in str(info.value)
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    rc, _, err = cli("--home", lora_settings.home, "infer", lora, "--base", other_base, "--source",
+                     tmp_path / "in.png", "--output", tmp_path / "out.png")
+    assert rc == 2 and "use --force" in err and "force=True" not in err

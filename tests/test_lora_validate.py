@@ -32,7 +32,7 @@ def test_defaults_come_from_metadata_and_partial_lora(make_tuned, tiny_base_path
     """Without --base/--tuned the hashes in the file are resolved (here: fail, nothing registered)."""
     tuned = make_tuned(rank=4)
     lora = extract_tiny(tuned, rank=2, conv_rank=2, dtype="fp32").result.path
-    with pytest.raises(LoRAError, match="not in the registry: pass --base"):
+    with pytest.raises(LoRAError, match="not in the registry: pass base=REF"):
         validate(str(lora), settings=lora_settings)
     v = validate(str(lora), base=str(tiny_base_path), tuned=str(tuned), settings=lora_settings)
     assert v.summary["mean_error"] == pytest.approx(0.2425, abs=1e-3)

@@ -60,8 +60,8 @@ def test_init_and_empty_list(tmp_path, cli, mlflow_template):
     import shutil
 
     home = tmp_path / "fresh"
-    rc, out, _ = cli("--home", home, "list")
-    assert rc == 0 and "no assets" in out and not home.exists()
+    rc, _, err = cli("--home", home, "list")  # read commands never create a workspace
+    assert rc == 2 and "no registry at" in err and not home.exists()
     home.mkdir()
     shutil.copyfile(mlflow_template, home / "mlflow.db")  # MLflow's own schema: see the fixture
     rc, out, _ = cli("--home", home, "init", "--json")

@@ -151,6 +151,7 @@ def test_lora_needs_base_and_kinds_are_fixed(reg_settings, make_weights):
 
 def test_dedup_one_blob_hard_linked(reg_settings, make_weights, tmp_path):
     src = make_weights(seed=4242)
+    src_mode = stat.S_IMODE(os.stat(src).st_mode)
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(src.read_bytes())
     a = R.register_asset(src, name="dup-a", kind="base", settings=reg_settings)
@@ -161,7 +162,7 @@ def test_dedup_one_blob_hard_linked(reg_settings, make_weights, tmp_path):
     blobs = [p for p in reg_settings.blobs_dir.rglob("*") if p.is_file() and p.name == a.sha256]
     assert len(blobs) == 1
     st = a.path.stat()
-    assert stat.S_IMODE(st.st_mode) == 0o444
+    assert stat.S_IMODE(st.st_mode) == src_mode & 0o444  # read-only; who may read it is unchanged
     assert st.st_ino == os.stat(src).st_ino  # registered by hard link, not copied
     assert a.path.relative_to(reg_settings.blobs_dir).parts == (a.sha256[:2], a.sha256)
     # the first registration wins for sha256: refs

@@ -90,7 +90,7 @@ def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str
         r, s = parse_lora_spec(spec)
         a = resolve(r, settings)
         if _kind(a) != "lora":
-            raise LoRAError(f"--lora {r}: not a LoRA")
+            raise LoRAError(f"{r} (in loras) is not a LoRA", cli=f"--lora {r}: not a LoRA")
         lora_assets.append((a, s))
 
     if base is not None:
@@ -100,11 +100,13 @@ def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str
     else:
         sha = _lora_base_sha(main)
         if not sha:
-            raise RefError(f"{ref}: the LoRA records no base; pass --base REF")
+            raise RefError(f"{ref}: the LoRA records no base; pass base=REF",
+                           cli=f"{ref}: the LoRA records no base; pass --base REF")
         try:
             base_asset = resolve(f"sha256:{sha}", settings)
         except RefError:
-            raise RefError(f"{ref}: its base sha256:{sha[:12]} is not in this registry; pass --base REF") from None
+            msg = f"{ref}: its base sha256:{sha[:12]} is not in this registry"
+            raise RefError(f"{msg}; pass base=REF", cli=f"{msg}; pass --base REF") from None
     if _kind(base_asset) == "lora":
         raise RefError(f"{base_asset.ref}: is a LoRA, not a base model")
 
@@ -115,7 +117,7 @@ def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str
             msg = (f"LoRA {a.label} was made for base sha256:{want[:12]}, not {base_asset.label} "
                    f"(sha256:{base_asset.sha256[:12]})")
             if not force:
-                raise LoRAError(msg + "; use --force to run anyway")
+                raise LoRAError(msg + "; pass force=True to run anyway", cli=msg + "; use --force to run anyway")
             plan.warnings.append(msg)
             log.warning(msg)
     return plan
@@ -131,7 +133,8 @@ def config_for(asset: ResolvedAsset) -> LBMConfig:
         return config_from_dict(asset.config, asset.label)
     cfg = config_from_checkpoint(CheckpointReader(asset.path))
     if cfg is None:
-        raise ConfigError(f"{asset.label}: no LBM config recorded; import it with --config")
+        msg = f"{asset.label}: no LBM config recorded"
+        raise ConfigError(f"{msg}; register it with a config", cli=f"{msg}; import it with --config")
     return cfg
 
 

@@ -193,7 +193,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise LoRAError(f"--alpha must be positive, got {alpha}")
     if output is None and register is None:
-        raise LoRAError("give --output FILE and/or --register NAME")
+        raise LoRAError("give output=FILE and/or register=NAME", cli="give --output FILE and/or --register NAME")
     if output is not None and Path(output).is_dir():
         raise LoRAError(f"--output {output} is a folder, expected a .safetensors file name")
     if register is not None:
@@ -331,9 +331,11 @@ def _resolve_role(explicit: str | None, lora_asset: ResolvedAsset, info: dict[st
         except RefError:
             continue
     if candidates and role == "base":
-        raise LoRAError(f"the LoRA's base ({candidates[-1][:19]}...) is not in the registry: pass --base REF")
+        msg = f"the LoRA's base ({candidates[-1][:19]}...) is not in the registry"
+        raise LoRAError(f"{msg}: pass base=REF", cli=f"{msg}: pass --base REF")
     if role == "base":
-        raise LoRAError("the LoRA records no base model: pass --base REF")
+        raise LoRAError("the LoRA records no base model: pass base=REF",
+                        cli="the LoRA records no base model: pass --base REF")
     return None
 
 

@@ -73,6 +73,22 @@ def _settings(settings: WorkspaceSettings | None) -> WorkspaceSettings:
     return settings if settings is not None else WorkspaceSettings.resolve()
 
 
+def open_existing(settings: WorkspaceSettings | None) -> Any:
+    """The workspace, opened for reading and maintenance; refused when there is none.
+
+    Only ``init`` and registering calls create a workspace: a typo in a home must not make a
+    new, empty registry that then reports "no problems"."""
+    from lbm_registry.registry.workspace import Workspace
+
+    s = _settings(settings)
+    ws = Workspace.open_existing(s)
+    if ws is None:
+        raise RegistryError(f"no registry at {s.home}: nothing was initialised or registered there",
+                            cli=f"no registry at {s.home}: check --home / $LBM_REG_HOME, "
+                                "or create one with 'lbm-reg init'")
+    return ws
+
+
 def _to_asset(ws: Any, rec: Any) -> ResolvedAsset:
     from lbm_registry.registry import catalog, refs, views
 
@@ -108,7 +124,7 @@ def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[st
     ws = Workspace.open_existing(_settings(settings))
     try:
         rel = relative_to.name if relative_to is not None and relative_to.kind != "file" else None
-        res = refs.resolve(ws, str(ref), relative_to=rel)
+        res = refs.resolve(ws, str(ref), relative_to=rel, home=_settings(settings).home)
         if res.record is not None:
             return _check_kind(_to_asset(ws, res.record), str(ref), kinds)
         size = res.path.stat().st_size
@@ -172,16 +188,11 @@ def list_assets(settings: WorkspaceSettings | None = None, kind: str | None = No
     dtype, created_at, aliases, and LoRA rank/policy/mean_error)."""
     from lbm_registry.registry import views
     from lbm_registry.registry.catalog import KINDS
-    from lbm_registry.registry.workspace import Workspace
 
     if kind is not None and kind not in KINDS:
         raise RegistryError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
-    ws = Workspace.open_existing(_settings(settings))
-    try:
+    with open_existing(settings) as ws:
         return views.list_assets(ws, kind)
-    finally:
-        if ws is not None:
-            ws.close()
 
 
 def _with_record(ref: str, settings: WorkspaceSettings | None, fn: Callable[[Any, Any], Any],
@@ -192,7 +203,7 @@ def _with_record(ref: str, settings: WorkspaceSettings | None, fn: Callable[[Any
     s = _settings(settings)
     ws = Workspace.open_existing(s)
     try:
-        res = refs.resolve(ws, str(ref))
+        res = refs.resolve(ws, str(ref), home=s.home)
         if res.record is None:
             if on_file is None:
                 raise RefError(f"{ref} is an unregistered file")
@@ -238,19 +249,17 @@ def set_alias(ref: str, alias: str, settings: WorkspaceSettings | None = None) -
     """Point ``alias`` at the version ``ref`` resolves to (mirrored as an MLflow alias).
     Returns {"name", "alias", "version", "previous"}."""
     from lbm_registry.registry import aliases
-    from lbm_registry.registry.workspace import Workspace
 
     aliases.validate_alias(alias)
-    with Workspace.open(_settings(settings)) as ws:
+    with open_existing(settings) as ws:
         return aliases.set_alias(ws, ref, alias)
 
 
 def remove_alias(name: str, alias: str, settings: WorkspaceSettings | None = None) -> dict[str, Any]:
     """Remove ``NAME@ALIAS``. Returns {"name", "alias", "version"} (where it pointed)."""
     from lbm_registry.registry import aliases
-    from lbm_registry.registry.workspace import Workspace
 
-    with Workspace.open(_settings(settings)) as ws:
+    with open_existing(settings) as ws:
         return aliases.remove_alias(ws, name, alias)
 
 
@@ -307,7 +316,8 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
         reader = SafetensorsHeader(path)
     cfg = cfg or config_from_metadata(reader.metadata, path)
     if cfg is None:
-        raise ConfigError(f"{path} carries no '{CONFIG_METADATA_KEY}' metadata: pass --config CFG")
+        msg = f"{path} carries no '{CONFIG_METADATA_KEY}' metadata"
+        raise ConfigError(f"{msg}: pass config=CFG", cli=f"{msg}: pass --config CFG")
     verify_shapes(reader.shapes(), cfg, path)
     if isinstance(reader, SafetensorsHeader):
         reader.check_finite()
@@ -361,9 +371,8 @@ def doctor(settings: WorkspaceSettings | None = None, repair: bool = False,
            progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Catalog vs blobs vs MLflow. See :mod:`lbm_registry.registry.doctor`."""
     from lbm_registry.registry import doctor as _doctor
-    from lbm_registry.registry.workspace import Workspace
 
-    with Workspace.open(_settings(settings)) as ws:
+    with open_existing(settings) as ws:
         return _doctor.doctor(ws, repair=repair, progress=progress)
 
 
@@ -371,9 +380,8 @@ def gc(settings: WorkspaceSettings | None = None, cache: bool = False) -> dict[s
     """Remove failed/abandoned registrations and blobs no version references; with ``cache``,
     also drop this home's copies of blobs the tracking server holds (never the only copy)."""
     from lbm_registry.registry import doctor as _doctor
-    from lbm_registry.registry.workspace import Workspace
 
-    with Workspace.open(_settings(settings)) as ws:
+    with open_existing(settings) as ws:
         return _doctor.gc(ws, cache=cache)
 
 
@@ -385,9 +393,8 @@ def pull(ref: str, settings: WorkspaceSettings | None = None, progress: Any = "d
     is the registry's own store, nothing to fetch). ``progress``: a fetch progress factory, None
     for no bar, or the default Rich bar on stderr."""
     from lbm_registry.registry import catalog, fetch, refs
-    from lbm_registry.registry.workspace import Workspace
 
-    with Workspace.open(_settings(settings)) as ws:
+    with open_existing(settings) as ws:
         res = refs.resolve(ws, str(ref))
         if res.record is None:
             raise RefError(f"{ref} is an unregistered file: there is nothing to pull")
@@ -446,6 +453,7 @@ def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1
 
         raise RegistryError(f"this workspace tracks to {mask_url(s.effective_tracking_uri)}: "
                             "open that server's UI instead")
+    open_existing(s).close()  # a UI on a typo'd home would show a new, empty registry
     init_workspace(s)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.effective_tracking_uri,
             "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]

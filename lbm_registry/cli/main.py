@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from lbm_registry.cli._common import console
 
-        console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        console(stderr=True).print(f"[bold red]error:[/] {escape(exc.cli_message)}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         exit_interrupted()

@@ -55,16 +55,19 @@ def _looks_like_path(ref: str) -> bool:
     return os.sep in ref or "/" in ref or ref.startswith(("~", ".")) or Path(ref).suffix != ""
 
 
-def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None) -> Resolution:
-    """Turn a reference into a ready catalog version or a file. ``ws`` None = no registry yet.
+def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None,
+            home: Path | None = None) -> Resolution:
+    """Turn a reference into a ready catalog version or a file. ``ws`` None = no registry yet
+    (at ``home``, named in the error when the reference needs one).
 
     ``relative_to`` is the asset name a bare ``vN``/``N`` refers to (compare's other argument).
     """
     ref = ref.strip()
     if not ref:
         raise RefError("empty reference")
+    empty = f"there is no registry at {home}" if ws is None and home is not None else "the registry is empty"
     if ref.lower().startswith("sha256:"):
-        return Resolution(ref, record=_by_hash(ws, ref))
+        return Resolution(ref, record=_by_hash(ws, ref, empty))
 
     name, sep, selector = ref.partition("@")
     if NAME_RE.fullmatch(name) and ws is not None:
@@ -88,19 +91,14 @@ def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None) -
     if path.is_dir():
         raise RefError(f"{ref} is a directory, expected a weight file or a registered name")
     if sep and NAME_RE.fullmatch(name):  # NAME@... with no registry at all
-        raise RefError(f"unknown asset {name!r} (the registry at {_where(ws)} is empty)")
+        raise RefError(f"unknown asset {name!r} ({empty if ws is None else f'the registry at {ws.home} is empty'})")
     names = catalog.asset_names(ws.db) if ws is not None else []
     hint = _suggest(name, names) if NAME_RE.fullmatch(name) else ""
     if not hint and (_looks_like_path(ref) or not NAME_RE.fullmatch(name)):
         raise RefError(f"file not found: {ref}")
     if not names:
-        raise RefError(f"unknown reference {ref!r}: no such file, and no asset of that name "
-                       f"(the registry is empty)")
+        raise RefError(f"unknown reference {ref!r}: no such file, and no asset of that name ({empty})")
     raise RefError(f"unknown reference {ref!r}: no such asset or file{hint}")
-
-
-def _where(ws: Workspace | None) -> str:
-    return str(ws.home) if ws is not None else "this workspace"
 
 
 def _by_name(ws: Workspace, name: str, selector: str) -> VersionRecord:
@@ -130,12 +128,12 @@ def _by_name(ws: Workspace, name: str, selector: str) -> VersionRecord:
     return rec
 
 
-def _by_hash(ws: Workspace | None, ref: str) -> VersionRecord:
+def _by_hash(ws: Workspace | None, ref: str, empty: str = "the registry is empty") -> VersionRecord:
     prefix = ref.split(":", 1)[1].strip().lower()
     if not HASH_RE.fullmatch(prefix):
         raise RefError(f"bad hash reference {ref!r}: give sha256: and at least 8 hex digits")
     if ws is None:
-        raise RefError(f"no registered version has sha256 {prefix} (the registry is empty)")
+        raise RefError(f"no registered version has sha256 {prefix} ({empty})")
     recs = catalog.versions_by_sha_prefix(ws.db, prefix)
     shas = sorted({r.sha256 for r in recs})
     if not shas:

@@ -126,8 +126,9 @@ def check_output_dir(output_dir: str | Path, resume: bool) -> None:
     if resume and latest_checkpoint(output_dir) is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {Path(output_dir) / 'checkpoints'}")
     if not resume and list_checkpoints(output_dir):
-        raise TrainingError(f"{output_dir} already holds checkpoints: pass --resume to continue, "
-                            "or choose another output_dir")
+        msg = f"{output_dir} already holds checkpoints"
+        raise TrainingError(f"{msg}: pass resume=True to continue, or choose another output_dir",
+                            cli=f"{msg}: pass --resume to continue, or choose another --output-dir")
 
 
 class _Progress:
