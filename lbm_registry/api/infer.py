@@ -75,6 +75,15 @@ def _lora_base_sha(asset: ResolvedAsset) -> str | None:
     return read_lora(asset.path, check_finite=False).base_sha256
 
 
+def _lora_base_tensor_sha(asset: ResolvedAsset) -> str | None:
+    sha = (asset.facts or {}).get("base_tensor_sha256")
+    if sha:
+        return sha
+    from lbm_registry.lora.format import read_lora
+
+    return read_lora(asset.path, check_finite=False).info.get("base_tensor_sha256")
+
+
 def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...] = (),
               scale: float = 1.0, force: bool = False, settings: WorkspaceSettings | None = None) -> LoadPlan:
     """Resolve the references and check that every LoRA was made for the chosen base."""
@@ -105,15 +114,22 @@ def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str
         try:
             base_asset = resolve(f"sha256:{sha}", settings)
         except RefError:
-            msg = f"{ref}: its base sha256:{sha[:12]} is not in this registry"
-            raise RefError(f"{msg}; pass base=REF", cli=f"{msg}; pass --base REF") from None
+            from lbm_registry.api.registry import resolve_by_tensor_sha
+
+            found = resolve_by_tensor_sha(_lora_base_tensor_sha(main), settings)
+            if found is None:
+                msg = f"{ref}: its base sha256:{sha[:12]} is not in this registry"
+                raise RefError(f"{msg}; pass base=REF", cli=f"{msg}; pass --base REF") from None
+            base_asset = found
     if _kind(base_asset) == "lora":
         raise RefError(f"{base_asset.ref}: is a LoRA, not a base model")
 
     plan = LoadPlan(base=base_asset, loras=lora_assets)
+    from lbm_registry.api.lora import lora_fits_base
+
     for a, _ in lora_assets:
         want = _lora_base_sha(a)
-        if want and want != base_asset.sha256:
+        if want and not lora_fits_base(want, _lora_base_tensor_sha(a), base_asset):
             msg = (f"LoRA {a.label} was made for base sha256:{want[:12]}, not {base_asset.label} "
                    f"(sha256:{base_asset.sha256[:12]})")
             if not force:

@@ -48,6 +48,35 @@ def _asset_dict(asset: ResolvedAsset) -> dict[str, Any]:
     return {"ref": asset.ref, "label": asset.label, "sha256": asset.sha256, "kind": asset.kind, "path": str(asset.path)}
 
 
+# -- base identity ----------------------------------------------------------------------------
+def tensor_sha_of(asset: ResolvedAsset) -> str | None:
+    """The sha256 of a base's tensor bytes: recorded for registered versions, else computed
+    (safetensors files only). Identifies a base whatever metadata a re-save gave it."""
+    recorded = (asset.facts or {}).get("tensor_sha256")
+    if recorded:
+        return str(recorded)
+    from lbm_registry.lbm.checkpoint import CKPT_SUFFIXES
+
+    if asset.kind != "file" or asset.path.suffix in CKPT_SUFFIXES:
+        return None
+    from lbm_registry.safetensors_layout import tensor_sha256
+
+    try:
+        return tensor_sha256(asset.path)
+    except (OSError, ValueError):
+        return None
+
+
+def lora_fits_base(base_sha256: str | None, base_tensor_sha256: str | None, base: ResolvedAsset) -> bool:
+    """Was a LoRA recorded for ``base``? Either hash matching is enough: the file sha256, or
+    the tensor-bytes sha256 (a re-saved identical base). A LoRA that records no base fits."""
+    if not base_sha256 and not base_tensor_sha256:
+        return True
+    if base_sha256 and base_sha256 == base.sha256:
+        return True
+    return bool(base_tensor_sha256) and base_tensor_sha256 == tensor_sha_of(base)
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 @dataclass
 class ModelPair:
@@ -181,7 +210,6 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     before anything is written.
     """
     import tempfile
-    from datetime import UTC, datetime
 
     from lbm_registry import __version__
     from lbm_registry.lora.extract import extract_lora, storage_dtype
@@ -216,8 +244,12 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     info = {
         "base_sha256": pair.base.sha256, "tuned_sha256": pair.tuned.sha256,
         "base_ref": pair.base.label, "tuned_ref": pair.tuned.label,
-        "tool": f"lbm-registry {__version__}", "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tool": f"lbm-registry {__version__}",
+        "base_tensor_sha256": tensor_sha_of(pair.base),
+        "base_config": pair.config.name if pair.config is not None else None,
     }
+    if register is not None:
+        info["title"] = register
     try:
         result = extract_lora(pair.base_reader, pair.tuned_reader, pair.modules, dest, policy=policy, alpha=alpha,
                               dtype=dtype, settings=svd or SVDSettings(), info=info, other_keys=pair.other_keys,
@@ -358,7 +390,7 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     lora = read_lora(lora_asset.path)
     base_asset = _resolve_role(base, lora_asset, lora.info, "base", settings)
     assert base_asset is not None
-    if lora.base_sha256 and base_asset.sha256 != lora.base_sha256:
+    if not lora_fits_base(lora.base_sha256, lora.info.get("base_tensor_sha256"), base_asset):
         raise LoRAError(f"{lora_asset.label} was extracted from base sha256:{lora.base_sha256[:12]}, "
                         f"not {base_asset.label} (sha256:{base_asset.sha256[:12]})")
     tuned_asset = _resolve_role(tuned, lora_asset, lora.info, "tuned", settings)

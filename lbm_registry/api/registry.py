@@ -140,11 +140,28 @@ def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[st
             ws.close()
 
 
+def resolve_by_tensor_sha(tensor_sha256: str | None, settings: WorkspaceSettings | None = None) -> ResolvedAsset | None:
+    """The first registered base/model whose tensor bytes hash to ``tensor_sha256``, or None."""
+    if not tensor_sha256 or not re.fullmatch(r"[0-9a-f]{64}", tensor_sha256):
+        return None
+    from lbm_registry.registry import catalog
+    from lbm_registry.registry.workspace import Workspace
+
+    ws = Workspace.open_existing(_settings(settings))
+    if ws is None:
+        return None
+    try:
+        recs = [r for r in catalog.versions_by_tensor_sha(ws.db, tensor_sha256) if r.kind in ("base", "model")]
+        return _to_asset(ws, recs[0]) if recs else None
+    finally:
+        ws.close()
+
+
 def register_asset(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings,
                    config: dict[str, Any] | None = None, facts: Mapping[str, Any] | None = None,
                    lineage: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
                    metrics: Mapping[str, Any] | None = None, artifacts: Any = None,
-                   tags: Mapping[str, Any] | None = None) -> ResolvedAsset:
+                   tags: Mapping[str, Any] | None = None, refuse_duplicate: bool = False) -> ResolvedAsset:
     """Register ``path`` as the next version of ``name`` (all-or-nothing; see registry/register.py).
 
     kind ``lora``: ``facts`` has rank, conv_rank, policy, alpha, dtype, mean_error, max_error,
@@ -160,7 +177,8 @@ def register_asset(path: str | Path, *, name: str, kind: str, settings: Workspac
     validate_name(name)
     with Workspace.open(_settings(settings)) as ws:
         rec = register(ws, path, name=name, kind=kind, config=config, facts=facts, lineage=lineage,
-                       params=params, metrics=metrics, artifacts=artifacts, tags=tags)
+                       params=params, metrics=metrics, artifacts=artifacts, tags=tags,
+                       refuse_duplicate=refuse_duplicate)
         return _to_asset(ws, rec)
 
 
@@ -282,7 +300,7 @@ def check_name_free(name: str, kind: str, settings: WorkspaceSettings | None = N
 
 
 def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings | None = None,
-                 config: str | Path | None = None) -> ResolvedAsset:
+                 config: str | Path | None = None, allow_duplicate: bool = False) -> ResolvedAsset:
     """Register an existing full LBM checkpoint as a ``base`` or ``model``.
 
     The file must match the architecture of its config (``config`` or the ``lbm_config``
@@ -346,10 +364,12 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
                                          {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"})
             reader.close()
             facts["converted_from"] = path.name
-            return register_asset(converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts)
+            return register_asset(converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
+                                  refuse_duplicate=not allow_duplicate)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    return register_asset(path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts)
+    return register_asset(path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
+                          refuse_duplicate=not allow_duplicate)
 
 
 def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:

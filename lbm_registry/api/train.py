@@ -110,8 +110,10 @@ def _parent_lora(cfg: TrainConfig, base: ResolvedAsset,
     parent = resolve(cfg.lora, settings, kinds=("lora",))
     lora = read_lora(parent.path)
     made_for = lora.base_sha256
-    if made_for and made_for != base.sha256:
-        raise LoRAError(f"LoRA {parent.label} was made for base sha256 {made_for[:12]}, "
+    from lbm_registry.api.lora import lora_fits_base
+
+    if not lora_fits_base(made_for, lora.info.get("base_tensor_sha256"), base):
+        raise LoRAError(f"LoRA {parent.label} was made for base sha256 {(made_for or '?')[:12]}, "
                         f"but the base {base.label} is {base.sha256[:12]}")
     return parent, lora
 
@@ -206,7 +208,10 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     amp = autocast_dtype(device, cfg.mixed_precision)
     base_dtype = amp if (amp is not None and device.type == "cuda") else torch.float32
     model = load_lbm(base.path, lbm, device=device, dtype=base_dtype)
-    lora_info = {"base_sha256": base.sha256, "base_ref": base.label}
+    from lbm_registry.api.lora import tensor_sha_of
+
+    lora_info = {"base_sha256": base.sha256, "base_ref": base.label, "base_tensor_sha256": tensor_sha_of(base),
+                 "base_config": lbm.name}
     if parent is not None:
         lora_info.update(parent_sha256=parent.sha256, parent_ref=parent.label)
 

@@ -45,13 +45,16 @@ def import_(
     name: str = typer.Option(..., "--name", help="Asset name."),
     kind: str = typer.Option(..., "--kind", help="base or model."),
     config: Path | None = typer.Option(None, "--config", help="LBM config YAML (default: from the file metadata)."),
+    allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
+                                         help="Register bytes that are already registered as a new version."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Register an existing full LBM checkpoint as a base or model."""
     from lbm_registry.api.registry import import_model
 
     with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):
-        asset = import_model(file, name=name, kind=kind, settings=settings(ctx), config=config)
+        asset = import_model(file, name=name, kind=kind, settings=settings(ctx), config=config,
+                             allow_duplicate=allow_duplicate)
     if as_json:
         print_json({"ref": asset.ref, "kind": asset.kind, "sha256": asset.sha256, "path": str(asset.path),
                     "size": asset.facts.get("size"), "dtype": asset.facts.get("dtype")})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -220,14 +220,46 @@ def check_finite(name: str, tensor: torch.Tensor, source: str | Path) -> None:
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], dest: str | Path,
-                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a safetensors file atomically (temp file + fsync + rename)."""
-    from safetensors.torch import save_file
+                     metadata: Mapping[str, str] | None = None,
+                     hash_metadata: Callable[[str, str], Mapping[str, str]] | None = None) -> Path:
+    """Write a safetensors file atomically (temp file + fsync + rename), reproducibly.
 
+    Same inputs, same bytes: metadata keys sorted, tensors in the ``safetensors`` library's
+    own layout (see :mod:`lbm_registry.safetensors_layout`), so the tensor bytes also equal
+    what that library writes and ``tensor_sha256`` survives a re-save by either.
+    ``hash_metadata(tensor_sha256, kohya_legacy_hash)`` returns extra metadata that depends on
+    the tensor bytes (ModelSpec / ``sshs_*`` keys of a LoRA).
+    """
+    from lbm_registry.safetensors_layout import Entry, header_bytes, layout_order, write_file
+
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     dest = Path(dest)
-    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    clean: dict[str, torch.Tensor] = {}
+    entries = []
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        if t.dtype not in names:
+            raise CheckpointError(f"cannot store {k!r}: unsupported dtype {t.dtype}")
+        clean[k] = t
+        entries.append(Entry(k, names[t.dtype], list(t.shape), t.numel() * t.element_size()))
+    entries = layout_order(entries)
+    meta = dict(metadata or {})
+
+    def chunks() -> Iterator[memoryview]:
+        for e in entries:
+            t = clean[e.name]
+            if e.nbytes:
+                yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+    if hash_metadata is not None:
+        from lbm_registry.safetensors_layout import TensorHasher, kohya_header_len
+
+        hasher = TensorHasher(kohya_header_len(entries, meta))
+        for c in chunks():
+            hasher.update(c)
+        meta.update(hash_metadata(hasher.sha256, hasher.legacy))
+    header = header_bytes(entries, meta)
+
     with atomic_path(dest) as tmp:
-        save_file(clean, str(tmp), metadata=dict(metadata or {}))
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
+        write_file(tmp, header, chunks())
     return dest

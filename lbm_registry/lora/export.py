@@ -89,7 +89,8 @@ def write_peft(lora: LoRAFile, out_dir: str | Path) -> list[Path]:
     cfg = peft_config(lora)
     meta = {DIFFUSERS_METADATA_KEY: json.dumps({k: v for k, v in cfg.items() if k != "peft_type"}, sort_keys=True),
             "format": "pt"}
-    weights = save_safetensors(peft_state_dict(lora), out_dir / PEFT_WEIGHTS, meta)
+    weights = save_safetensors(peft_state_dict(lora), out_dir / PEFT_WEIGHTS, _interop_metadata(lora, meta),
+                               hash_metadata=_hash_metadata(lora))
     with atomic_path(out_dir / PEFT_CONFIG) as tmp:
         tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return [weights, out_dir / PEFT_CONFIG]
@@ -104,7 +105,28 @@ def write_kohya(lora: LoRAFile, dest: str | Path) -> list[Path]:
         raise LoRAError(f"{dest} is a folder: give a .safetensors file name for a kohya export")
     meta = {k: v for k, v in lora.raw_metadata.items() if k.startswith("ss_") or k == "lbm_registry"}
     meta["format"] = "pt"
-    return [save_safetensors(kohya_state_dict(lora), dest, meta)]
+    return [save_safetensors(kohya_state_dict(lora), dest, _interop_metadata(lora, meta),
+                             hash_metadata=_hash_metadata(lora))]
+
+
+def _interop_metadata(lora: LoRAFile, meta: dict[str, str]) -> dict[str, str]:
+    """The kohya ``ss_*`` keys (and our entry) of the source LoRA on every exported file."""
+    out = {k: v for k, v in lora.raw_metadata.items() if k.startswith("ss_") or k == "lbm_registry"}
+    out.update(meta)
+    return out
+
+
+def _hash_metadata(lora: LoRAFile) -> Any:
+    """ModelSpec + ``sshs_*`` keys for the exported tensor bytes (title/architecture kept)."""
+    from lbm_registry.lora.format import architecture_id, modelspec_metadata
+
+    title = lora.raw_metadata.get("modelspec.title") or "LBM LoRA"
+    arch = lora.raw_metadata.get("modelspec.architecture") or architecture_id(lora.info.get("base_config"))
+
+    def fn(sha: str, legacy: str) -> dict[str, str]:
+        return {**modelspec_metadata(title, arch, sha), "sshs_model_hash": sha, "sshs_legacy_hash": legacy}
+
+    return fn
 
 
 def export_lora(lora: LoRAFile, fmt: str, output: str | Path) -> list[Path]:

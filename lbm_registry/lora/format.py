@@ -139,6 +139,41 @@ def _kohya_metadata(summaries: list[tuple[int, float, bool]], dtype: torch.dtype
     return meta
 
 
+MODELSPEC_VERSION = "1.0.1"
+IMPLEMENTATION = "https://github.com/gojasper/LBM"
+
+
+def modelspec_date() -> str:
+    """ModelSpec's date, reproducibly: ``$SOURCE_DATE_EPOCH`` (the reproducible-builds
+    convention), else the epoch. The real creation time is recorded in the catalog."""
+    from datetime import UTC, datetime
+
+    try:
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+    except ValueError:
+        epoch = 0
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def modelspec_metadata(title: str, architecture: str, tensor_sha256: str) -> dict[str, str]:
+    """ModelSpec 1.0.1 keys: an honest LBM architecture id (never an SDXL one), and the sha256
+    of the tensor bytes as ``0x`` + hex."""
+    return {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.title": title,
+        "modelspec.date": modelspec_date(),
+        "modelspec.hash_sha256": "0x" + tensor_sha256,
+    }
+
+
+def architecture_id(config_name: str | None) -> str:
+    """``lbm-relighting/lora`` for a LoRA of the ``lbm-relighting`` config (``lbm/lora`` unknown)."""
+    name = (config_name or "lbm").strip() or "lbm"
+    return f"{name}/lora"
+
+
 class LoRAWriter:
     """Write a LoRA file layer by layer; nothing appears at ``dest`` until :meth:`finish`.
 
@@ -196,11 +231,20 @@ class LoRAWriter:
         return len(self._alphas)
 
     def finish(self, info: dict[str, Any] | None = None, extra_metadata: dict[str, str] | None = None) -> Path:
-        """Write header + data to a temp file, fsync, rename onto ``dest``; returns ``dest``."""
-        import shutil
-        import struct
+        """Write header + data to a temp file, fsync, rename onto ``dest``; returns ``dest``.
 
+        Reproducible: metadata sorted, no timestamps, tensors in the safetensors library's
+        layout; the header carries ModelSpec and kohya's ``sshs_*`` hashes of those tensor bytes.
+        """
         from lbm_registry.lbm.checkpoint import atomic_path
+        from lbm_registry.safetensors_layout import (
+            Entry,
+            TensorHasher,
+            header_bytes,
+            kohya_header_len,
+            layout_order,
+            write_file,
+        )
 
         if not self._alphas:
             self.abort()
@@ -210,28 +254,47 @@ class LoRAWriter:
         meta_info = dict(info or {})
         meta_info["format_version"] = FORMAT_VERSION
         meta_info["dtype"] = SHORT_DTYPE_NAMES[self.dtype]
+        title = str(meta_info.pop("title", None) or "LBM LoRA")
+        architecture = architecture_id(meta_info.get("base_config"))
         metadata = _kohya_metadata(self._summaries, self.dtype, meta_info)
-        metadata[META_KEY] = json.dumps(meta_info, separators=(",", ":"), default=str)
+        metadata[META_KEY] = json.dumps(meta_info, separators=(",", ":"), sort_keys=True, default=str)
         metadata["format"] = "pt"
         metadata.update(extra_metadata or {})
-        header: dict[str, Any] = {"__metadata__": metadata}
-        alpha_bytes = 4 * len(self._alphas)
+
+        alpha_bytes = torch.tensor([a for _, a in self._alphas], dtype=torch.float32).numpy().tobytes()
+        sources: dict[str, tuple[str, int, int]] = {}
+        entries = []
         for i, (key, _) in enumerate(self._alphas):
-            header[key] = {"dtype": "F32", "shape": [], "data_offsets": [4 * i, 4 * i + 4]}
+            entries.append(Entry(key, "F32", [], 4))
+            sources[key] = ("alpha", 4 * i, 4 * i + 4)
         for key, dt, shape, begin, end in self._entries:
-            header[key] = {"dtype": dt, "shape": shape, "data_offsets": [alpha_bytes + begin, alpha_bytes + end]}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the spec allows trailing spaces; keeps data 8-byte aligned
-        alphas = torch.tensor([a for _, a in self._alphas], dtype=torch.float32).numpy().tobytes()
+            entries.append(Entry(key, dt, shape, end - begin))
+            sources[key] = ("body", begin, end)
+        entries = layout_order(entries)
+
+        def chunks(fh: Any) -> Any:
+            for e in entries:
+                where, begin, end = sources[e.name]
+                if where == "alpha":
+                    yield alpha_bytes[begin:end]
+                    continue
+                pos = begin
+                while pos < end:
+                    n = min(end - pos, 16 * 1024 * 1024)
+                    yield os.pread(fh.fileno(), n, pos)
+                    pos += n
+
         try:
-            with atomic_path(self.dest) as tmp:
-                with tmp.open("wb") as out, self._body_path.open("rb") as body:
-                    out.write(struct.pack("<Q", len(raw)))
-                    out.write(raw)
-                    out.write(alphas)
-                    shutil.copyfileobj(body, out, 16 * 1024 * 1024)
-                    out.flush()
-                    os.fsync(out.fileno())
+            hasher = TensorHasher(kohya_header_len(entries, metadata))
+            with self._body_path.open("rb") as body:
+                for c in chunks(body):
+                    hasher.update(c)
+            metadata.update(modelspec_metadata(title, architecture, hasher.sha256))
+            metadata["sshs_model_hash"] = hasher.sha256
+            metadata["sshs_legacy_hash"] = hasher.legacy
+            header = header_bytes(entries, metadata)
+            with atomic_path(self.dest) as tmp, self._body_path.open("rb") as body:
+                write_file(tmp, header, chunks(body))
         finally:
             self._body_path.unlink(missing_ok=True)
         return self.dest

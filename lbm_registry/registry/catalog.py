@@ -150,6 +150,14 @@ def versions_by_sha(db: Database | Tx, sha256: str) -> list[VersionRecord]:
     return [VersionRecord(**r) for r in rows]
 
 
+def versions_by_tensor_sha(db: Database | Tx, tensor_sha256: str) -> list[VersionRecord]:
+    """Ready base/model versions whose tensor bytes have this sha256 (``facts.tensor_sha256``)."""
+    pattern = f'%"tensor_sha256": "{tensor_sha256}"%'
+    rows = db.query(VERSION_SELECT + " WHERE v.facts_json LIKE :p AND v.status = 'ready' "
+                    "ORDER BY v.created_at, v.id", {"p": pattern})
+    return [VersionRecord(**r) for r in rows]
+
+
 def all_versions(db: Database | Tx, *, status: str | None = None) -> list[VersionRecord]:
     sql = VERSION_SELECT
     params: dict[str, Any] = {}

@@ -83,7 +83,9 @@ def lineage_edges(ws: Workspace, lineage: Mapping[str, Any] | None) -> tuple[lis
         value = lineage.get(role)
         if value is None:
             continue
-        out.append(_edge(ws, role, value))
+        # ``parent`` may be a list: a merge has several (each recorded as its own edge)
+        for item in (value if role == "parent" and isinstance(value, list | tuple) else [value]):
+            out.append(_edge(ws, role, item))
     for d in lineage.get("datasets") or []:
         if isinstance(d, str | Path):
             d = {"path": str(d)}
@@ -246,8 +248,13 @@ def _insert_pending(ws: Workspace, *, name: str, kind: str, sha: str, size: int,
 def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: Any = None,
              facts: Mapping[str, Any] | None = None, lineage: Mapping[str, Any] | None = None,
              params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
-             artifacts: Any = None, tags: Mapping[str, Any] | None = None) -> VersionRecord:
-    """Register ``path`` as the next version of ``name`` (see the module docstring)."""
+             artifacts: Any = None, tags: Mapping[str, Any] | None = None,
+             refuse_duplicate: bool = False) -> VersionRecord:
+    """Register ``path`` as the next version of ``name`` (see the module docstring).
+
+    ``refuse_duplicate``: bytes already registered (any name) raise "already registered as
+    NAME@N" before anything is written (``import`` without ``--allow-duplicate``). Base and
+    model versions also record ``tensor_sha256`` (the sha256 of their tensor bytes)."""
     started = time.time()
     if not refs.NAME_RE.fullmatch(name or "") or refs.parse_version(name or "") is not None:
         raise RegistryError(f"invalid name {name!r}")
@@ -267,7 +274,26 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     metric_values = metric_numbers(metrics)
     size = path.stat().st_size
     t0 = time.time()
+    tensor_future = None
+    if kind in ("base", "model") and "tensor_sha256" not in facts:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from lbm_registry.safetensors_layout import tensor_sha256
+
+        pool = ThreadPoolExecutor(max_workers=1)  # hashlib releases the GIL: both hashes in parallel
+        tensor_future = pool.submit(tensor_sha256, path)
+        pool.shutdown(wait=False)
     sha = refs.file_sha256(ws, path)
+    if tensor_future is not None:
+        try:
+            facts["tensor_sha256"] = tensor_future.result()
+        except (OSError, ValueError):
+            pass  # not a safetensors file: identified by its file hash only
+    if refuse_duplicate:
+        same = catalog.versions_by_sha(ws.db, sha)
+        if same:
+            raise RegistryError(f"{path.name}: already registered as {same[0].ref} (sha256:{sha[:12]}); "
+                                "pass --allow-duplicate to register it again")
     damaged = _damaged(ws, sha)
     if damaged:  # restoring a damaged blob: trust the bytes, not the hash cache
         sha = refs.file_sha256(ws, path, fresh=True)
