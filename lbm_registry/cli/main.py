@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import typer
 
 from lbm_registry import __version__
-from lbm_registry.cli import base, compare, demo, infer, lora, registry, train
+from lbm_registry.cli import algebra, base, compare, demo, infer, lora, registry, train
 from lbm_registry.registry.settings import WorkspaceSettings
 
 app = typer.Typer(
@@ -45,6 +45,7 @@ def _root(
 
 base.register(app)
 lora.register(app)
+algebra.register(app)
 registry.register(app)
 infer.register(app)
 train.register(app)

@@ -1,0 +1,346 @@
+"""LoRA algebra from the factors alone: resize (lower the rank) and merge (weighted sums).
+
+Why no dense matrix: a layer's delta ``s * up @ down`` has rank ``r`` (tens) while the layer is
+``out x in`` (up to 10240 x 1280). With ``up = Qu Ru`` and ``down^T = Qd Rd`` (thin QRs), the
+delta is ``Qu (s Ru Rd^T) Qd^T``, so the SVD of the small ``r x r`` core gives the delta's exact
+SVD: ``U = Qu W``, ``S``, ``V = Qd Z``. Truncating that is the optimal rank-``k``
+approximation (Eckart-Young), at ``O((m + n) r^2)`` per layer instead of ``O(m n min(m, n))``.
+
+A weighted merge ``sum_i w_i s_i up_i @ down_i`` is one low-rank product with the factors
+concatenated along the rank, so the same decomposition compresses it; uncompressed ("exact")
+the concatenation is stored as is (re-factored only if it exceeds the layer's full rank).
+
+Errors are measured on the stored (rounded) factors against the exact delta, also without a
+dense matrix: ``||A - B||^2 = ||A||^2 + ||B||^2 - 2 <A, B>`` with every term a sum over small
+Gram products (``<U_a D_a, U_b D_b> = sum((U_a^T U_b) * (D_a D_b^T))``), in float64 so the
+cancellation stays harmless at the errors we report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lbm_registry.errors import LoRAError
+from lbm_registry.lora.format import LoRAFile, LoRALayer, LoRAWriter, layer_kind, matrix_shape
+from lbm_registry.lora.ranks import (
+    DTYPE_BYTES,
+    LayerSpectrum,
+    RankPolicy,
+    allocate_budget,
+    energy_rank,
+    lora_header_overhead,
+)
+from lbm_registry.lora.threads import single_thread_below
+from lbm_registry.units import format_size
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Term:
+    """One addend of a layer's delta: ``up (m, r) @ down (r, n)`` with the scale folded into up."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class LayerSum:
+    """A layer's delta as a sum of low-rank terms (one for resize, one per LoRA for merge)."""
+
+    module: str
+    shape: tuple[int, ...]
+    terms: list[Term]
+
+    @property
+    def rank(self) -> int:
+        return sum(t.up.shape[1] for t in self.terms)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The terms concatenated along the rank: ``(m, R)`` and ``(R, n)``, fp32."""
+        if len(self.terms) == 1:
+            return self.terms[0].up, self.terms[0].down
+        return torch.cat([t.up for t in self.terms], 1), torch.cat([t.down for t in self.terms], 0)
+
+
+def layer_terms(layer: LoRALayer, weight: float = 1.0) -> Term:
+    """``weight * (alpha / r) * up @ down`` as a :class:`Term` of fp32 matrices."""
+    r = layer.rank
+    up = layer.up.reshape(layer.up.shape[0], r).to(torch.float32) * (weight * layer.scale)
+    down = layer.down.reshape(r, -1).to(torch.float32)
+    return Term(up, down)
+
+
+def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact thin SVD ``u (m, K), s (K,), vh (K, n)`` of ``up @ down`` from QRs of the factors
+    and the SVD of the small core; ``K = min(m, n, R)``. Never forms the ``m x n`` product."""
+    m, n = up.shape[0], down.shape[1]
+    with single_thread_below((m + n) * up.shape[1] * 64):
+        qu, ru = torch.linalg.qr(up)            # (m, a), (a, R)
+        qd, rd = torch.linalg.qr(down.T)        # (n, b), (b, R)
+        core = ru.double() @ rd.double().T      # (a, b)
+        w, s, zt = torch.linalg.svd(core, full_matrices=False)
+        k = min(m, n, s.shape[0])
+        u = qu @ w[:, :k].to(qu.dtype)
+        vh = (qd @ zt[:k].T.to(qd.dtype)).T
+    return u, s[:k].to(torch.float32), vh
+
+
+def spectrum_of(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The singular values of ``up @ down`` (exact, descending), from the core alone."""
+    with single_thread_below((up.shape[0] + down.shape[1]) * up.shape[1] * 64):
+        _, ru = torch.linalg.qr(up)
+        _, rd = torch.linalg.qr(down.T)
+        return torch.linalg.svdvals(ru.double() @ rd.double().T).to(torch.float32)
+
+
+def gram_sq_distance(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    """``(||A - B||^2, ||A||^2)`` for ``A = a0 @ a1``, ``B = b0 @ b1`` from Gram products (fp64)."""
+    ua, da = (t.double() for t in a)
+    ub, db = (t.double() for t in b)
+    aa = float(((ua.T @ ua) * (da @ da.T)).sum())
+    bb = float(((ub.T @ ub) * (db @ db.T)).sum())
+    ab = float(((ua.T @ ub) * (da @ db.T)).sum())
+    return max(aa + bb - 2 * ab, 0.0), aa
+
+
+def balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, shape: tuple[int, ...],
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored factors of the top-``k`` components, ``up = U sqrt(S)``, ``down = sqrt(S) V^T``
+    (alpha = k, scale 1), shaped for the layer (convs: ``(k, in, kh, kw)`` / ``(out, k, 1, 1)``)."""
+    root = s[:k].clamp_min(0).sqrt()
+    up = (u[:, :k] * root).to(dtype)
+    down = (root[:, None] * vh[:k]).to(dtype)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise LoRAError(f"factors overflow {str(dtype).replace('torch.', '')}: store as bf16 or fp32")
+    if len(shape) == 4:
+        return up.reshape(shape[0], k, 1, 1), down.reshape(k, *shape[1:])
+    return up, down
+
+
+# -- results ----------------------------------------------------------------------------------
+@dataclass
+class AlgebraLayer:
+    """One written layer: ``rank_in`` = rank of its (summed) delta's factors, ``rank`` stored;
+    ``rel_error`` = ||delta - stored|| / ||delta||, on the stored factors."""
+
+    module: str
+    kind: str
+    shape: tuple[int, ...]
+    rank_in: int
+    rank: int
+    rel_error: float
+    energy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class AlgebraResult:
+    path: Path
+    layers: list[AlgebraLayer]
+    skipped: list[dict[str, str]]
+    policy: RankPolicy | None           # None: exact (merge without compression)
+    dtype: str
+    size_bytes: int
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def policy_text(self) -> str:
+        return self.policy.describe() if self.policy is not None else "exact (ranks concatenated)"
+
+    @property
+    def mean_error(self) -> float:
+        return sum(la.rel_error for la in self.layers) / len(self.layers) if self.layers else 0.0
+
+    @property
+    def max_error(self) -> float:
+        return max((la.rel_error for la in self.layers), default=0.0)
+
+    def rank_histogram(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for la in self.layers:
+            out[la.rank] = out.get(la.rank, 0) + 1
+        return dict(sorted(out.items()))
+
+    def worst(self, n: int = 5) -> list[AlgebraLayer]:
+        return sorted(self.layers, key=lambda la: -la.rel_error)[:n]
+
+    def to_dict(self, layers: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "path": str(self.path), "size_bytes": self.size_bytes, "dtype": self.dtype,
+            "policy": self.policy.to_dict() if self.policy is not None else {"kind": "exact"},
+            "policy_text": self.policy_text, "layers_written": len(self.layers),
+            "mean_error": self.mean_error, "max_error": self.max_error,
+            "rank_histogram": {str(k): v for k, v in self.rank_histogram().items()},
+            "skipped": self.skipped, "seconds": self.seconds,
+            "worst": [{"module": la.module, "rank": la.rank, "rel_error": la.rel_error} for la in self.worst()],
+        }
+        if layers:
+            d["layers"] = [la.to_dict() for la in self.layers]
+        return d
+
+
+# -- rank planning ----------------------------------------------------------------------------
+def plan_ranks(sums: Sequence[LayerSum], policy: RankPolicy, dtype: str) -> dict[str, int] | None:
+    """Ranks per module for a ``budget`` policy (allocated across layers from the exact spectra);
+    None for ``fixed``/``energy``, which :func:`choose_rank` decides per layer."""
+    if policy.kind != "budget":
+        return None
+    bpp = DTYPE_BYTES[dtype]
+    modules = {s.module: s.shape for s in sums}
+    budget_params = (int(policy.budget_bytes or 0) - lora_header_overhead(modules)) // bpp
+    if budget_params <= 0:
+        raise LoRAError(f"--budget {format_size(policy.budget_bytes or 0)} is smaller than the file's header")
+    spectra = {}
+    for ls in sums:
+        up, down = ls.factors()
+        vals = spectrum_of(up, down)
+        m, n = matrix_shape(ls.shape)
+        spectra[ls.module] = LayerSpectrum(vals, m + n, min(policy.limit(ls.shape), len(vals)), True)
+    return allocate_budget(spectra, budget_params).ranks
+
+
+def choose_rank(policy: RankPolicy | None, planned: Mapping[str, int] | None, ls: LayerSum,
+                s: torch.Tensor) -> int:
+    """The rank a layer keeps, from its exact spectrum ``s`` (never above the rank it has)."""
+    m, n = matrix_shape(ls.shape)
+    if policy is None:
+        return min(m, n)
+    if planned is not None:
+        return planned.get(ls.module, 0)
+    if policy.kind == "fixed":
+        return policy.fixed_rank(ls.shape)
+    total = float((s.double() ** 2).sum())
+    r = energy_rank(s, total, float(policy.energy)) or len(s)
+    return max(1, min(r, policy.limit(ls.shape)))
+
+
+# -- the engine -------------------------------------------------------------------------------
+def combine(sums: Sequence[LayerSum], output: str | Path, *, policy: RankPolicy | None, dtype: str = "bf16",
+            info: Mapping[str, Any] | None = None, progress: ProgressFn | None = None) -> AlgebraResult:
+    """Write the LoRA whose layers are ``sums``: compressed under ``policy`` (optimal truncation
+    of each summed delta), or exact (``policy`` None: factors concatenated)."""
+    from lbm_registry.lora.extract import storage_dtype
+
+    t0 = time.perf_counter()
+    torch_dtype = storage_dtype(dtype)
+    planned = plan_ranks(sums, policy, dtype) if policy is not None else None
+    results: list[AlgebraLayer] = []
+    skipped: list[dict[str, str]] = []
+    with LoRAWriter(output, torch_dtype) as writer:
+        for i, ls in enumerate(sums, 1):
+            layer = _one(ls, policy, planned, torch_dtype)
+            if isinstance(layer, str):
+                skipped.append({"module": ls.module, "reason": layer})
+            else:
+                stored, row = layer
+                writer.add(stored)
+                results.append(row)
+            if progress:
+                progress("layers", i, len(sums))
+        if not results:
+            raise LoRAError("every layer of the result is zero: nothing to write")
+        meta = dict(info or {})
+        meta.update(summary_info(results, skipped, policy))
+        path = writer.finish(meta)
+    return AlgebraResult(path=path, layers=results, skipped=skipped, policy=policy, dtype=dtype,
+                         size_bytes=path.stat().st_size, seconds=time.perf_counter() - t0, info=meta)
+
+
+def _one(ls: LayerSum, policy: RankPolicy | None, planned: Mapping[str, int] | None,
+         dtype: torch.dtype) -> tuple[LoRALayer, AlgebraLayer] | str:
+    m, n = matrix_shape(ls.shape)
+    up, down = ls.factors()
+    total_rank = up.shape[1]
+    with single_thread_below((m + n) * total_rank * 64):
+        if policy is None and total_rank <= min(m, n):
+            # Exact: the concatenation itself, in the storage dtype (alpha = rank: scale 1).
+            su, sd = up.to(dtype), down.to(dtype)
+            if not (torch.isfinite(su).all() and torch.isfinite(sd).all()):
+                raise LoRAError(f"{ls.module}: factors overflow {str(dtype).replace('torch.', '')}")
+            sq, norm2 = gram_sq_distance((up, down), (su.float(), sd.float()))
+            if norm2 == 0:
+                return "zero delta"
+            k = total_rank
+            if len(ls.shape) == 4:
+                su, sd = su.reshape(ls.shape[0], k, 1, 1), sd.reshape(k, *ls.shape[1:])
+        else:
+            u, s, vh = factored_svd(up, down)
+            nonzero = int((s > s[0] * 1e-7).sum()) if len(s) and float(s[0]) > 0 else 0
+            if nonzero == 0:
+                return "zero delta"
+            want = choose_rank(policy, planned, ls, s)
+            if want <= 0:
+                return "budget: no component worth its bytes"
+            k = max(1, min(want, nonzero))
+            su, sd = balanced(u, s, vh, k, ls.shape, dtype)
+            sq, norm2 = gram_sq_distance((up, down), (su.reshape(ls.shape[0], k).float(), sd.reshape(k, -1).float()))
+    err = math.sqrt(sq / norm2) if norm2 > 0 else 0.0
+    stored = LoRALayer(ls.module, sd, su, float(k))
+    return stored, AlgebraLayer(ls.module, layer_kind(ls.shape), tuple(ls.shape), total_rank, k, err, 1.0 - err**2)
+
+
+def summary_info(results: list[AlgebraLayer], skipped: list[dict[str, str]], policy: RankPolicy | None) -> dict[str, Any]:
+    linear = [r.rank for r in results if r.kind == "linear"]
+    conv = [r.rank for r in results if r.kind != "linear"]
+    errs = [r.rel_error for r in results]
+    return {
+        "policy": policy.to_dict() if policy is not None else {"kind": "exact"},
+        "rank": max(linear, default=0), "conv_rank": max(conv, default=0), "alpha": None,
+        "mean_error": sum(errs) / len(errs), "max_error": max(errs),
+        "layers": {r.module: [r.rank, float(f"{r.rel_error:.4g}")] for r in results},
+        "skipped": {s["module"]: s["reason"] for s in skipped},
+    }
+
+
+# -- resize / merge ---------------------------------------------------------------------------
+def resize_sums(lora: LoRAFile) -> list[LayerSum]:
+    return [LayerSum(m, layer.weight_shape, [layer_terms(layer)]) for m, layer in lora.layers.items()]
+
+
+def merge_sums(loras: Sequence[tuple[LoRAFile, float]], labels: Sequence[str] | None = None) -> list[LayerSum]:
+    """Per module, the weighted terms of every LoRA that has it (in first-seen module order).
+    A module whose weight shape differs between LoRAs is refused."""
+    out: dict[str, LayerSum] = {}
+    for i, (lora, w) in enumerate(loras):
+        for m, layer in lora.layers.items():
+            cur = out.get(m)
+            if cur is None:
+                out[m] = LayerSum(m, layer.weight_shape, [layer_terms(layer, w)])
+                continue
+            if tuple(cur.shape) != tuple(layer.weight_shape):
+                who = labels[i] if labels else f"LoRA {i + 1}"
+                raise LoRAError(f"{who}: module {m!r} has shape {tuple(layer.weight_shape)}, "
+                                f"another LoRA has {tuple(cur.shape)}: not LoRAs of one architecture")
+            cur.terms.append(layer_terms(layer, w))
+    return list(out.values())
+
+
+def resize_lora(lora: LoRAFile, output: str | Path, *, policy: RankPolicy, dtype: str = "bf16",
+                info: Mapping[str, Any] | None = None, progress: ProgressFn | None = None) -> AlgebraResult:
+    """The optimal lower-rank LoRA of ``lora`` under ``policy`` (error vs its own delta)."""
+    return combine(resize_sums(lora), output, policy=policy, dtype=dtype, info=info, progress=progress)
+
+
+def merge_loras(loras: Sequence[tuple[LoRAFile, float]], output: str | Path, *, policy: RankPolicy | None = None,
+                dtype: str = "bf16", info: Mapping[str, Any] | None = None, labels: Sequence[str] | None = None,
+                progress: ProgressFn | None = None) -> AlgebraResult:
+    """``sum_i w_i * delta_i``: exact (ranks concatenated) or compressed under ``policy``."""
+    if len(loras) < 1:
+        raise LoRAError("merge needs at least one LoRA")
+    for _, w in loras:
+        if not math.isfinite(w):
+            raise LoRAError(f"merge weight {w} is not a finite number")
+    return combine(merge_sums(loras, labels), output, policy=policy, dtype=dtype, info=info, progress=progress)
