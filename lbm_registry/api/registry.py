@@ -311,7 +311,7 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
     from lbm_registry.errors import ConfigError
 
     if kind not in ("base", "model"):
-        raise RegistryError(f"import --kind must be base or model, not {kind!r} (LoRAs come from extract/train)")
+        raise RegistryError(f"import --kind must be base, model or lora, not {kind!r}")
     validate_name(name)
     path = Path(path)
     from lbm_registry.lbm.config import load_config

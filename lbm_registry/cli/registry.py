@@ -41,15 +41,27 @@ def init(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 
 def import_(
     ctx: typer.Context,
-    file: Path = typer.Argument(..., help="Weight file to register."),
+    file: Path = typer.Argument(..., help="Weight file (or a PEFT/diffusers LoRA folder) to register."),
     name: str = typer.Option(..., "--name", help="Asset name."),
-    kind: str = typer.Option(..., "--kind", help="base or model."),
+    kind: str = typer.Option(..., "--kind", help="base, model or lora."),
     config: Path | None = typer.Option(None, "--config", help="LBM config YAML (default: from the file metadata)."),
+    base: str | None = typer.Option(None, "--base", help="lora: the base REF it applies to."),
+    rank: int | None = typer.Option(None, "--rank", help="lora, LoHa/LoKr/DoRA/diff layers: rank [32]."),
+    conv_rank: int | None = typer.Option(None, "--conv-rank", help="... conv-layer rank [16]."),
+    energy: float | None = typer.Option(None, "--energy", help="... keep this fraction of each delta's energy."),
+    budget: str | None = typer.Option(None, "--budget", help="... total file size, e.g. 200MB."),
+    max_rank: int | None = typer.Option(None, "--max-rank", help="... cap on any layer's rank."),
     allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
                                          help="Register bytes that are already registered as a new version."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Register an existing full LBM checkpoint as a base or model."""
+    """Register an existing LBM checkpoint (base or model) or a LoRA (native, kohya, LyCORIS, PEFT)."""
+    if kind == "lora":
+        from lbm_registry.cli.algebra import import_lora
+
+        import_lora(ctx, file, name=name, base=base, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
+                    max_rank=max_rank, allow_duplicate=allow_duplicate, as_json=as_json)
+        return
     from lbm_registry.api.registry import import_model
 
     with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):

@@ -150,12 +150,18 @@ def versions_by_sha(db: Database | Tx, sha256: str) -> list[VersionRecord]:
     return [VersionRecord(**r) for r in rows]
 
 
-def versions_by_tensor_sha(db: Database | Tx, tensor_sha256: str) -> list[VersionRecord]:
-    """Ready base/model versions whose tensor bytes have this sha256 (``facts.tensor_sha256``)."""
-    pattern = f'%"tensor_sha256": "{tensor_sha256}"%'
+def versions_by_fact(db: Database | Tx, key: str, value: str) -> list[VersionRecord]:
+    """Ready versions whose top-level fact ``key`` is the string ``value`` (hashes: exact text
+    match on the sorted-keys JSON that :func:`dumps` writes)."""
+    pattern = "%" + json.dumps({key: value})[1:-1] + "%"
     rows = db.query(VERSION_SELECT + " WHERE v.facts_json LIKE :p AND v.status = 'ready' "
                     "ORDER BY v.created_at, v.id", {"p": pattern})
     return [VersionRecord(**r) for r in rows]
+
+
+def versions_by_tensor_sha(db: Database | Tx, tensor_sha256: str) -> list[VersionRecord]:
+    """Ready versions whose tensor bytes have this sha256 (``facts.tensor_sha256``)."""
+    return versions_by_fact(db, "tensor_sha256", tensor_sha256)
 
 
 def all_versions(db: Database | Tx, *, status: str | None = None) -> list[VersionRecord]:

@@ -1,0 +1,297 @@
+"""``lbm-reg import FILE --kind lora --name NAME --base REF``: any LoRA in, checked and recorded.
+
+Reads the file or folder with :mod:`lbm_registry.lora.convert`, checks every module against the
+base's architecture, writes our native file (plain low-rank layers kept exactly; LoHa, LoKr,
+DoRA and full-diff layers turned into dense deltas and re-factored with the extraction
+policies, their errors measured) and registers it with its source format, the original file's
+sha256 and its ``ss_*`` / ``modelspec.*`` metadata. Nothing is written or registered unless
+every check passes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lbm_registry.errors import LoRAError, RegistryError
+from lbm_registry.registry.settings import WorkspaceSettings
+
+ProgressFn = Callable[[str, int, int], None]
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp32"}
+
+
+@dataclass
+class ImportReport:
+    ref: str
+    path: str
+    sha256: str
+    source_format: str
+    source_sha256: str
+    layers: int
+    converted: int
+    mean_error: float
+    max_error: float
+    policy: str | None
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    kind: str = "lora"
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _already(settings: WorkspaceSettings, sha: str) -> str | None:
+    """The ref of a ready version with these bytes, or imported from them, else None."""
+    from lbm_registry.registry import catalog
+    from lbm_registry.registry.workspace import Workspace
+
+    ws = Workspace.open_existing(settings)
+    if ws is None:
+        return None
+    try:
+        recs = catalog.versions_by_sha(ws.db, sha) or catalog.versions_by_fact(ws.db, "source_sha256", sha)
+        return recs[0].ref if recs else None
+    finally:
+        ws.close()
+
+
+def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | None = None,
+                conv_rank: int | None = None, energy: float | None = None, budget: str | int | None = None,
+                max_rank: int | None = None, allow_duplicate: bool = False,
+                settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None) -> ImportReport:
+    """Register a LoRA from any supported format (see :mod:`lbm_registry.lora.convert`)."""
+    from lbm_registry.api.lora import PREFIX, denoiser_layers, tensor_sha_of
+    from lbm_registry.api.registry import register_asset, resolve, validate_name
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.loading import config_from_checkpoint
+    from lbm_registry.lora.convert import check_against_base, read_foreign
+    from lbm_registry.lora.ranks import RankPolicy
+    from lbm_registry.registry.blobs import sha256_file
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    validate_name(name)
+    if base is None:
+        raise LoRAError("import --kind lora needs --base REF (the base the LoRA is applied to)")
+    policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
+    settings = settings if settings is not None else WorkspaceSettings.resolve()
+    base_asset = resolve(base, settings, ("base", "model"))
+    base_reader = CheckpointReader(base_asset.path)
+    modules, _ = denoiser_layers(base_reader)
+    if not modules:
+        raise LoRAError(f"{base_asset.label}: not an LBM checkpoint (no {PREFIX}* weight layers)")
+    foreign = read_foreign(Path(path), modules)
+    check_against_base(foreign, modules)
+    timings["read_check_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    source_sha = sha256_file(foreign.weights_path)
+    timings["hash_s"] = time.perf_counter() - t1
+    if not allow_duplicate:
+        prior = _already(settings, source_sha)
+        if prior:
+            raise RegistryError(f"{foreign.weights_path.name}: already registered as {prior} "
+                                f"(sha256:{source_sha[:12]}); pass --allow-duplicate to register it again")
+    cfg = base_asset.config.get("name") if base_asset.config else None
+    if cfg is None:
+        c = config_from_checkpoint(base_reader)
+        cfg = c.name if c is not None else None
+    base_tensor = tensor_sha_of(base_asset)
+    if foreign.source_format == "native":
+        from lbm_registry.api.lora import lora_fits_base
+        from lbm_registry.lora.format import read_lora
+
+        lora = read_lora(foreign.weights_path)
+        if not lora_fits_base(lora.base_sha256, lora.info.get("base_tensor_sha256"), base_asset):
+            raise LoRAError(f"{foreign.weights_path.name} was made for base sha256:{(lora.base_sha256 or '?')[:12]}, "
+                            f"not {base_asset.label} (sha256:{base_asset.sha256[:12]})")
+    else:
+        lora = None
+    meta_keep = {k: v for k, v in foreign.metadata.items() if k.startswith(("ss_", "sshs_", "modelspec."))}
+    facts_extra = {"source_format": foreign.source_format, "source_sha256": source_sha,
+                   "source_file": foreign.weights_path.name, "source_metadata": meta_keep, "notes": foreign.notes,
+                   "layer_formats": foreign.formats()}
+
+    if lora is not None:  # our own format: register the bytes as they are
+        rows = _native_rows(lora)
+        errs = [r["rel_error"] for r in rows]
+        facts = {"rank": lora.info.get("rank") or max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
+                 "conv_rank": lora.info.get("conv_rank")
+                 or max((r["rank"] for r in rows if r["kind"] != "linear"), default=0),
+                 "policy": "import native", "alpha": lora.info.get("alpha"), "dtype": lora.info.get("dtype"),
+                 "mean_error": sum(errs) / len(errs), "max_error": max(errs), "layers": rows, "skipped": [],
+                 **facts_extra}
+        asset = register_asset(foreign.weights_path, name=name, kind="lora", settings=settings, facts=facts,
+                               lineage={"base": base_asset}, params={"source_format": "native"},
+                               refuse_duplicate=not allow_duplicate)
+        timings["total_s"] = time.perf_counter() - t0
+        return ImportReport(ref=asset.ref, path=str(asset.path), sha256=asset.sha256, source_format="native",
+                            source_sha256=source_sha, layers=len(rows), converted=0, mean_error=facts["mean_error"],
+                            max_error=facts["max_error"], policy=None, notes=foreign.notes, seconds=timings)
+
+    staging = Path(tempfile.mkdtemp(prefix="lbm-import-"))
+    try:
+        t2 = time.perf_counter()
+        dest = staging / f"{name}.safetensors"
+        info = {"base_sha256": base_asset.sha256, "base_tensor_sha256": base_tensor, "base_ref": base_asset.label,
+                "base_config": cfg, "source_format": foreign.source_format, "source_sha256": source_sha,
+                "title": name}
+        rows, dtype_name = write_native(foreign, modules, base_reader, dest, policy, info, progress)
+        timings["convert_s"] = time.perf_counter() - t2
+        dense = [r for r in rows if r["converted"]]
+        errs = [r["rel_error"] for r in rows]
+        facts = {"rank": max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
+                 "conv_rank": max((r["rank"] for r in rows if r["kind"] != "linear"), default=0),
+                 "policy": f"import {foreign.source_format}" + (f"; dense layers {policy.describe()}" if dense else ""),
+                 "alpha": None, "dtype": dtype_name, "mean_error": sum(errs) / len(errs), "max_error": max(errs),
+                 "layers": [{k: r[k] for k in ("module", "kind", "shape", "rank", "rel_error", "energy")} for r in rows],
+                 "skipped": [], **facts_extra}
+        t3 = time.perf_counter()
+        asset = register_asset(dest, name=name, kind="lora", settings=settings, facts=facts,
+                               lineage={"base": base_asset},
+                               params={"source_format": foreign.source_format, "policy": policy.describe()},
+                               metrics={"mean_error": facts["mean_error"], "max_error": facts["max_error"],
+                                        "converted_layers": len(dense)},
+                               refuse_duplicate=not allow_duplicate)
+        timings["register_s"] = time.perf_counter() - t3
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - t0
+    return ImportReport(ref=asset.ref, path=str(asset.path), sha256=asset.sha256, source_format=foreign.source_format,
+                        source_sha256=source_sha, layers=len(rows), converted=len(dense),
+                        mean_error=facts["mean_error"], max_error=facts["max_error"],
+                        policy=policy.describe() if dense else None, notes=foreign.notes, seconds=timings)
+
+
+def _native_rows(lora: Any) -> list[dict[str, Any]]:
+    """Per-layer rows of a native file: ranks from its tensors, errors from its own record."""
+    recorded = lora.info.get("layers") or {}
+    rows = []
+    for m, la in lora.layers.items():
+        err = recorded.get(m, [None, 0.0])[1] if isinstance(recorded, dict) else 0.0
+        err = float(err or 0.0)
+        rows.append({"module": m, "kind": la.kind, "shape": list(la.weight_shape), "rank": la.rank,
+                     "rel_error": err, "energy": 1.0 - err**2})
+    return rows
+
+
+def _dtype_of(foreign: Any) -> torch.dtype:
+    for layer in foreign.layers.values():
+        for t in layer.parts.values():
+            if t.is_floating_point():
+                return t.dtype if t.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return torch.float32
+
+
+def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader: Any, dest: Path, policy: Any,
+                 info: dict[str, Any], progress: ProgressFn | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Write ``foreign`` as a native LoRA at ``dest``; returns per-layer rows and the dtype name.
+
+    Plain layers: factors as they are (error = storage rounding only). Dense layers: factored
+    under ``policy``; under ``--budget`` the budget left after the plain layers is allocated over
+    the dense layers' spectra (the same greedy knapsack as extraction).
+    """
+    from lbm_registry.lora.convert import dense_delta, plain_factors
+    from lbm_registry.lora.extract import choose_energy_rank, factorize
+    from lbm_registry.lora.format import LoRALayer, LoRAWriter, layer_kind
+    from lbm_registry.lora.ranks import DTYPE_BYTES, LayerSpectrum, allocate_budget, lora_header_overhead
+    from lbm_registry.lora.svd import SVDSettings, top_singular_values
+    from lbm_registry.lora.threads import single_thread_below
+
+    dtype = _dtype_of(foreign)
+    dtype_name = _SHORT[dtype]
+    settings = SVDSettings()
+    src = foreign.weights_path
+
+    def delta(m: str) -> torch.Tensor:
+        return dense_delta(foreign.layers[m], modules[m], lambda: base_reader.get(f"denoiser.{m}.weight"), src)
+
+    planned: dict[str, int] | None = None
+    dense = foreign.dense_modules
+    if policy.kind == "budget" and dense:
+        plain_bytes = 0
+        for m, la in foreign.layers.items():
+            if not la.dense:
+                d, u, _ = plain_factors(la, modules[m], src)
+                plain_bytes += (d.numel() + u.numel()) * DTYPE_BYTES[dtype_name]
+        left = int(policy.budget_bytes) - plain_bytes - lora_header_overhead({m: modules[m] for m in foreign.layers})
+        if left <= 0:
+            raise LoRAError(f"--budget leaves no room for the {len(dense)} converted layers after the plain ones")
+        spectra = {}
+        for m in dense:
+            mat = delta(m).reshape(modules[m][0], -1)
+            vals, complete = top_singular_values(mat, min(policy.limit(modules[m]), 256), settings,
+                                                 settings.generator(m))
+            spectra[m] = LayerSpectrum(vals, sum(mat.shape), policy.limit(modules[m]),
+                                       complete or len(vals) >= policy.limit(modules[m]))
+        planned = allocate_budget(spectra, left // DTYPE_BYTES[dtype_name]).ranks
+    rows: list[dict[str, Any]] = []
+    total = len(foreign.layers)
+    with LoRAWriter(dest, dtype) as writer:
+        for i, (m, la) in enumerate(foreign.layers.items(), 1):
+            shape = tuple(modules[m])
+            if not la.dense:
+                down, up, alpha = plain_factors(la, shape, src)
+                stored = LoRALayer(m, down.to(dtype), up.to(dtype), alpha)
+                err = _rounding_error(down, up, stored)
+                writer.add(stored)
+                rows.append({"module": m, "kind": layer_kind(shape), "shape": list(shape), "rank": stored.rank,
+                             "rel_error": err, "energy": 1.0 - err**2, "converted": False})
+            else:
+                mat = delta(m).reshape(shape[0], -1).contiguous()
+                sq = float(torch.linalg.vector_norm(mat)) ** 2
+                if sq == 0.0:
+                    continue
+                svd = None
+                with single_thread_below(mat.numel()):
+                    if planned is not None:
+                        r = planned.get(m, 0)
+                        if r == 0:
+                            continue
+                    elif policy.kind == "energy":
+                        r, svd = choose_energy_rank(mat, sq, float(policy.energy), policy.limit(shape), settings,
+                                                    settings.generator(m))
+                    else:
+                        r = policy.fixed_rank(shape)
+                    f = factorize(mat, shape, r, sq_norm=sq, dtype=dtype, settings=settings,
+                                  generator=settings.generator(m), svd=svd)
+                writer.add(LoRALayer(m, f.down, f.up, f.alpha))
+                rows.append({"module": m, "kind": layer_kind(shape), "shape": list(shape), "rank": f.rank,
+                             "rel_error": f.rel_error, "energy": 1.0 - f.rel_error**2, "converted": True,
+                             "adapter": la.kind})
+            if progress:
+                progress("convert", i, total)
+        if not rows:
+            raise LoRAError(f"{src}: every layer is zero: nothing to import")
+        errs = [r["rel_error"] for r in rows]
+        meta = dict(info)
+        meta.update({"mean_error": sum(errs) / len(errs), "max_error": max(errs),
+                     "layers": {r["module"]: [r["rank"], float(f"{r['rel_error']:.4g}")] for r in rows},
+                     "rank": max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
+                     "conv_rank": max((r["rank"] for r in rows if r["kind"] != "linear"), default=0)})
+        if any(r["converted"] for r in rows):
+            meta["policy"] = policy.to_dict()
+        writer.finish(meta)
+    return rows, dtype_name
+
+
+def _rounding_error(down: torch.Tensor, up: torch.Tensor, stored: Any) -> float:
+    """Relative error of the stored factors vs the source ones (0 when the dtype is kept)."""
+    if down.dtype == stored.down.dtype and up.dtype == stored.up.dtype:
+        return 0.0
+    from lbm_registry.lora.algebra import gram_sq_distance
+
+    r = stored.rank
+    a = (up.float().reshape(up.shape[0], r), down.float().reshape(r, -1))
+    b = (stored.up.float().reshape(up.shape[0], r), stored.down.float().reshape(r, -1))
+    sq, norm2 = gram_sq_distance(a, b)
+    return math.sqrt(sq / norm2) if norm2 > 0 else 0.0
