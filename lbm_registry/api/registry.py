@@ -477,3 +477,20 @@ def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1
     init_workspace(s)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.effective_tracking_uri,
             "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]
+
+
+def remove(ref: str, *, force: bool = False, settings: WorkspaceSettings | None = None) -> dict[str, Any]:
+    """Delete a version: catalog rows, MLflow model version and run, and its blob when no other
+    version uses it. Refused while an alias points at it or a ready version names it in its
+    lineage, unless ``force``. See :mod:`lbm_registry.registry.remove`."""
+    from lbm_registry.registry.remove import remove_version
+    from lbm_registry.registry.workspace import Workspace
+
+    s = _settings(settings)
+    ws = Workspace.open_existing(s)
+    if ws is None:
+        raise RefError(f"unknown reference {ref!r}: the registry at {s.home} is empty")
+    try:
+        return remove_version(ws, ref, force=force).to_dict()
+    finally:
+        ws.close()

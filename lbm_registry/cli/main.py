@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import typer
 
 from lbm_registry import __version__
-from lbm_registry.cli import algebra, base, compare, demo, infer, lora, registry, train
+from lbm_registry.cli import algebra, base, compare, demo, infer, lora, registry, remove, train
 from lbm_registry.registry.settings import WorkspaceSettings
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ def _root(
 base.register(app)
 lora.register(app)
 algebra.register(app)
+remove.register(app)
 registry.register(app)
 infer.register(app)
 train.register(app)
