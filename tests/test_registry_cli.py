@@ -88,7 +88,9 @@ def test_import_verifies_lbm_checkpoints(reg_settings, tiny_base_path, tiny_conf
     rc, _, err = cli("--home", home, "import", make_weights(), "--name", "junk", "--kind", "model")
     assert rc != 0 and "--config" in err
     rc, _, err = cli("--home", home, "import", tiny_base_path, "--name", "junk", "--kind", "lora")
-    assert rc != 0 and "base or model" in err
+    assert rc != 0 and "needs --base" in err
+    rc, _, err = cli("--home", home, "import", tiny_base_path, "--name", "junk", "--kind", "weights")
+    assert rc != 0 and "base, model or lora" in err
     rc, out, _ = cli("--home", home, "list", "--json")
     assert "junk" not in {r["name"] for r in json.loads(out)}
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lbm_registry.errors import LoRAError
+from lbm_registry.lora.threads import single_thread_below
 
 KOHYA_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "base_model.model.text_encoder",
@@ -258,7 +259,9 @@ def _check_parts(layer: ForeignLayer, source: Path) -> None:
     if missing:
         raise LoRAError(f"{source}: module {m!r} lacks {', '.join(missing)}")
     for name, t in p.items():
-        if not bool(torch.isfinite(t.float()).all()):
+        with single_thread_below(t.numel()):
+            finite = bool(torch.isfinite(t).all())
+        if not finite:
             raise LoRAError(f"{source}: module {m!r} {name} contains NaN or Inf")
     if layer.alpha is not None and (not math.isfinite(layer.alpha)):
         raise LoRAError(f"{source}: module {m!r} alpha is not finite")

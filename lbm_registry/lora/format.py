@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lbm_registry.errors import LoRAError
+from lbm_registry.lora.threads import single_thread_below
 
 FORMAT_VERSION = 1
 PREFIX = "denoiser."
@@ -364,7 +365,9 @@ def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
             raise LoRAError(f"{path}: module {m!r} alpha must be a scalar")
         if check_finite:
             for t, part in ((down, "lora_down"), (up, "lora_up"), (alpha, "alpha")):
-                if not bool(torch.isfinite(t.float()).all()):
+                with single_thread_below(t.numel()):
+                    finite = bool(torch.isfinite(t).all())
+                if not finite:
                     raise LoRAError(f"{path}: module {m!r} {part} contains NaN or Inf")
         layers[m] = LoRALayer(m, down, up, float(alpha.float().item()))
     info: dict[str, Any] = {}
