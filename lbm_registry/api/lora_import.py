@@ -71,7 +71,7 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                 settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None) -> ImportReport:
     """Register a LoRA from any supported format (see :mod:`lbm_registry.lora.convert`)."""
     from lbm_registry.api.lora import PREFIX, denoiser_layers, tensor_sha_of
-    from lbm_registry.api.registry import register_asset, resolve, validate_name
+    from lbm_registry.api.registry import register_asset, resolve
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lbm.loading import config_from_checkpoint
     from lbm_registry.lora.convert import check_against_base, read_foreign
@@ -80,7 +80,9 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    validate_name(name)
+    from lbm_registry.api.registry import check_name_free
+
+    check_name_free(name, "lora", settings)
     if base is None:
         raise LoRAError("import --kind lora needs --base REF (the base the LoRA is applied to)")
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
@@ -99,8 +101,9 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
     if not allow_duplicate:
         prior = _already(settings, source_sha)
         if prior:
-            raise RegistryError(f"{foreign.weights_path.name}: already registered as {prior} "
-                                f"(sha256:{source_sha[:12]}); pass --allow-duplicate to register it again")
+            msg = f"{foreign.weights_path.name}: already registered as {prior} (sha256:{source_sha[:12]})"
+            raise RegistryError(f"{msg}; pass allow_duplicate=True to register it again",
+                                cli=f"{msg}; pass --allow-duplicate to register it again")
     cfg = base_asset.config.get("name") if base_asset.config else None
     if cfg is None:
         c = config_from_checkpoint(base_reader)

@@ -292,8 +292,9 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     if refuse_duplicate:
         same = catalog.versions_by_sha(ws.db, sha)
         if same:
-            raise RegistryError(f"{path.name}: already registered as {same[0].ref} (sha256:{sha[:12]}); "
-                                "pass --allow-duplicate to register it again")
+            msg = f"{path.name}: already registered as {same[0].ref} (sha256:{sha[:12]})"
+            raise RegistryError(f"{msg}; pass allow_duplicate=True to register it again",
+                                cli=f"{msg}; pass --allow-duplicate to register it again")
     damaged = _damaged(ws, sha)
     if damaged:  # restoring a damaged blob: trust the bytes, not the hash cache
         sha = refs.file_sha256(ws, path, fresh=True)

@@ -69,7 +69,9 @@ def remove_version(ws: Workspace, ref: str, *, force: bool = False) -> Removal:
                     shown = ", ".join(f"{k['name']}@{k['number']} ({k['role']})" for k in kids[:3])
                     more = f" and {len(kids) - 3} more" if len(kids) > 3 else ""
                     why.append(f"{shown}{more} name{'s' if len(kids) == 1 else ''} it in lineage")
-                raise RegistryError(f"refusing to remove {rec.ref}: {'; '.join(why)} (use --force to remove it anyway)")
+                msg = f"refusing to remove {rec.ref}: {'; '.join(why)}"
+                raise RegistryError(f"{msg} (pass force=True to remove it anyway)",
+                                    cli=f"{msg} (use --force to remove it anyway)")
             out.aliases_removed = [f"{rec.name}@{a}" for a in aliases]
             out.detached = [f"{k['name']}@{k['number']}" for k in kids]
             catalog.delete_version(tx, rec.id)  # aliases, lineage, facts, layers, tags; detaches children
