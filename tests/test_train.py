@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -372,3 +373,30 @@ def test_original_config_translation_notes():
     with pytest.raises(ConfigError, match="learning_rte: unknown field"):  # typos are still errors
         train_config_from_dict({"base_model_path": "b", "lora_weights_path": "l", "train_shards": "x",
                                 "learning_rte": 1})
+
+
+def test_cli_corrupt_shard_is_one_clean_line_and_skip_warns_on_stderr(tmp_path, tiny_base_path, start_lora_path,
+                                                                      synth_shards, capsys):
+    from lbm_registry.cli.main import main
+
+    good = synth_shards["train"][0]
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(good.read_bytes()[:3000])
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"base: {tiny_base_path}\nlora: {start_lora_path}\ntrain_shards: [{broken}, {good}]\n"
+                   f"resolution: 32\nbatch_size: 2\nmax_steps: 1\nmlflow: false\ndevice: cpu\nnum_sample_images: 0\n"
+                   f"validation_shards: []\n")
+    home = ["--home", str(tmp_path / "home")]
+    with pytest.raises(SystemExit) as exc:
+        main([*home, "train", "--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--json"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"error: broken\.tar: corrupt shard \(truncated: [^()]*\)", err[-1]), err
+    assert sum("corrupt shard" in line for line in err) == 1
+
+    main([*home, "train", "--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--on-bad-sample", "skip",
+          "--json"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped_samples"] == 1  # stdout is the JSON alone
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0] == err[-1].replace("error:", "warning: skipping bad sample:")

@@ -30,6 +30,14 @@ def _factors(path):
     return {n: torch.cat([la.down.flatten(), la.up.flatten()]) for n, la in lora.layers.items()}
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _rel_diff(a, b, start):
     """|a - b| relative to how far training moved a from the start."""
     num = torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in a))
@@ -184,3 +192,29 @@ def test_fp16_mixed_precision_keeps_fp32_master_lora(train_config_factory, tmp_p
     assert trainer.scaler is not None
     assert all(p.dtype == torch.float32 for p in trainer.params)
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in result.history["train"])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_entry_point(reference_1x4, train_config_factory, start_lora_path, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m lbm_registry.cli.main train ...` (gloo on a
+    CPU-only machine): every process joins the job, rank 0 picks the folder, the LoRA is the 1 x 4 one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = train_config_factory(tmp_path, batch_size=2, **COMMON)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if v is not None}))
+    out = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "-m", "lbm_registry.cli.main", "--home", str(tmp_path / "home"), "train", "--config", str(path), "--json"],
+        capture_output=True, text=True, env={**os.environ, "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+    assert result["num_processes"] == 2 and result["steps"] == 3
+    start = _factors(start_lora_path)
+    assert _rel_diff(_factors(result["lora_path"]), _factors(reference_1x4.lora_path), start) < 1e-3

@@ -329,7 +329,7 @@ def train_lora(config: TrainConfig | str | Path, overrides: Mapping[str, Any] | 
         "loss_plot": str(result.loss_plot) if result.loss_plot else None,
         "base": inputs.base.label, "parent": inputs.parent.label if inputs.parent else None,
         "mlflow_run_id": result.run_id, "device": str(inputs.device),
-        "num_processes": dist.world_size, "global_batch": trainer.global_batch,
+        "num_processes": dist.world_size, "global_batch": trainer.global_batch, "process_rank": dist.rank,
     }
     if cfg.register_name and dist.is_main:
         from lbm_registry.errors import LBMError

@@ -76,6 +76,8 @@ def train(
     con = console(stderr=as_json)
     result = train_lora(config, overrides, settings=settings(ctx), resume=resume, progress=True, console=con,
                         err_console=console(stderr=True), json_output=as_json)
+    if result.get("process_rank", 0) != 0:  # one of several workers (accelerate launch / torchrun): rank 0 reports
+        return
     if as_json:
         print_json(result)
         return

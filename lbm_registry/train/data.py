@@ -122,8 +122,8 @@ def index_shard(shard: Path) -> list[RawSample]:
         try:
             tar = tarfile.open(shard, "r:*")
             compressed = True
-        except (tarfile.ReadError, EOFError, OSError) as exc:
-            raise CorruptShard(_reason(exc), []) from None
+        except (tarfile.ReadError, EOFError, OSError):
+            raise CorruptShard("empty file" if size == 0 else "not a tar archive", []) from None
     current: dict[str, tuple[int, int]] = {}
     key: str | None = None
 
@@ -168,6 +168,8 @@ def _check_end(shard: Path, offset: int, size: int, samples: list[RawSample]) ->
         fh.seek(offset)
         block = fh.read(512)
     if block and block.strip(b"\0"):
+        if len(block) < 512:
+            raise CorruptShard(f"truncated: the file ends inside a tar header at byte {offset}", samples)
         raise CorruptShard(f"invalid tar header at byte {offset}", samples)
 
 
@@ -209,6 +211,7 @@ class PairStream:
         self.warn = warn or (lambda msg: None)
         self.skipped = 0
         self._index: dict[Path, list[RawSample]] = {}
+        self.quiet_index = False  # data-parallel workers but rank 0: every process indexes every shard
         self._order: tuple[int, list[RawSample]] | None = None
 
     # -- raw stream ----------------------------------------------------------------------------
@@ -226,7 +229,9 @@ class PairStream:
             try:
                 cached = index_shard(shard)
             except CorruptShard as exc:
-                self._bad(f"{shard.name}: corrupt shard ({exc.reason})")
+                message = f"{shard.name}: corrupt shard ({exc.reason})"
+                if self.on_bad_sample == "error" or not self.quiet_index:
+                    self._bad(message)
                 cached = exc.samples
             self._index[shard] = cached
         return cached

@@ -454,11 +454,17 @@ class LoRATrainer:
     # -- checkpoints -----------------------------------------------------------------------------
     @property
     def skipped(self) -> int:
+        """Bad samples skipped so far by this process (see :meth:`total_skipped`)."""
         return self._skipped_before + self.train_stream.skipped
+
+    def total_skipped(self) -> int:
+        """Skipped by all processes (a collective: every process must call it)."""
+        mine = torch.tensor([float(self.train_stream.skipped)], dtype=torch.float64).to(self._reduce_device)
+        return self._skipped_before + int(self.dist.all_reduce_sum_(mine)[0])
 
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path | None:
         """Rank 0 writes the checkpoint (every process holds the same LoRA and optimizer state)."""
-        self.state.skipped = self.skipped
+        self.state.skipped = self.total_skipped()
         path = None
         if self.dist.is_main:
             rng = dict(rng or rng_state(self.generator))
@@ -559,6 +565,7 @@ class LoRATrainer:
                                  "num_processes": self.dist.world_size, "global_batch": self.global_batch,
                                  **{k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict | list)}})
         self.train_stream.warn = self.warn
+        self.train_stream.quiet_index = not self.dist.is_main
         if self.val_stream is not None:
             self.val_stream.warn = self.warn
 
@@ -645,7 +652,7 @@ class LoRATrainer:
             train_loss=train_loss, val_loss=last_val, initial_val_loss=initial_val,
             trainable_params=c["trainable"], lora_params=c["lora"], total_params=c["total"],
             trained_modules=list(self.trained_modules), samples_path=samples if samples.is_file() else None,
-            loss_plot=plot, skipped_samples=self.skipped, run_id=self.tracker.run_id,
+            loss_plot=plot, skipped_samples=self.total_skipped(), run_id=self.tracker.run_id,
             resumed_from=resumed_from,
             history={"train": list(self.state.train_history), "val": list(self.state.val_history)})
 
