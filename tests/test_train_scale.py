@@ -84,27 +84,49 @@ def test_accumulation_matches_a_bigger_batch(reference_1x4, train_config_factory
     assert got == pytest.approx(ref, rel=1e-4)
 
 
-def test_two_processes_match_one_and_resume_after_a_stop(reference_1x4, train_config_factory, start_lora_path,
-                                                          tmp_path):
-    """2 gloo workers x batch 2 == 1 x 4; stopped after 2 steps and resumed in the 2-process mode, the
-    run ends where the uninterrupted one does. Only rank 0 wrote checkpoints and the LoRA."""
+def test_two_processes_match_one_and_resume_after_an_interrupt(reference_1x4, train_config_factory,
+                                                               start_lora_path, tmp_path):
+    """`lbm-reg train --num-processes 2` (2 gloo workers x batch 2) == 1 x 4; Ctrl-C (SIGINT to the
+    process group) makes rank 0 save a checkpoint, and resuming in the 2-process mode ends where the
+    uninterrupted run does. Only rank 0 wrote checkpoints and the LoRA."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
     from lbm_registry.api.train import train_lora
     from lbm_registry.registry.settings import WorkspaceSettings
     from lbm_registry.train.state import list_checkpoints
 
     settings = WorkspaceSettings.resolve(home=tmp_path / "home")
     start = _factors(start_lora_path)
-    cfg = train_config_factory(tmp_path, batch_size=2, num_processes=2, **{**COMMON, "max_steps": 2})
-    first = train_lora(cfg, settings=settings, progress=False)
-    assert first["num_processes"] == 2 and first["global_batch"] == 4 and first["steps"] == 2
-    assert first["epochs"] == 1  # 8 samples, 4 per step: step 2 completes the first pass
-    ref_step2 = list_checkpoints(reference_1x4.output_dir)[1] / "lora.safetensors"
-    assert _rel_diff(_factors(first["lora_path"]), _factors(ref_step2), start) < 1e-3
+    cfg = train_config_factory(tmp_path, batch_size=2, num_processes=2, **{**COMMON, "max_steps": 1000})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if v is not None}))
+    proc = subprocess.Popen([sys.executable, "-m", "lbm_registry.cli.main", "--home", str(settings.home), "train",
+                             "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list_checkpoints(cfg.output_dir) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    saved = list_checkpoints(cfg.output_dir)
+    stopped_at = int(saved[-1].name.split("-")[1])
+    assert 1 <= stopped_at < 3, saved
+    ref_first = list_checkpoints(reference_1x4.output_dir)[0] / "lora.safetensors"  # step 1
+    assert _rel_diff(_factors(saved[0] / "lora.safetensors"), _factors(ref_first), start) < 1e-3
 
     resumed = train_lora(cfg, {"max_steps": 3}, settings=settings, progress=False, resume=True)
-    assert resumed["resumed_from"] == 2 and resumed["steps"] == 3
+    assert resumed["num_processes"] == 2 and resumed["global_batch"] == 4
+    assert resumed["resumed_from"] == stopped_at and resumed["steps"] == 3 and resumed["epochs"] == 1
     assert _rel_diff(_factors(resumed["lora_path"]), _factors(reference_1x4.lora_path), start) < 1e-3
-    assert [c.name for c in list_checkpoints(cfg.output_dir)] == [f"step-{i:08d}" for i in (1, 2, 3)]
+    assert [c.name for c in list_checkpoints(cfg.output_dir)][-1] == "step-00000003"
 
 
 def test_multi_process_start_up_errors_come_before_any_worker(train_config_factory, tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ def launch_local(cfg: TrainConfig, *, settings: WorkspaceSettings, resume: bool 
     """Run ``cfg`` on ``cfg.num_processes`` local workers; return rank 0's summary."""
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -65,7 +66,11 @@ def launch_local(cfg: TrainConfig, *, settings: WorkspaceSettings, resume: bool 
         try:
             elastic_launch(launch, entrypoint=sys.executable)("-m", "lbm_registry.train.launch", str(spec))
         except ChildFailedError:
+            if (Path(tmp) / "interrupted").exists() and not list(Path(tmp).glob("error-*.json")):
+                raise KeyboardInterrupt from None
             raise _worker_error(Path(tmp)) from None
+        except SignalException:  # Ctrl-C / SIGTERM: the workers were stopped (rank 0 saved a checkpoint)
+            raise KeyboardInterrupt from None
         finally:
             quiet.setLevel(level)
         result = Path(tmp) / RESULT
@@ -104,9 +109,15 @@ def worker_main(spec_path: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
 
     def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # the launcher stops workers with SIGTERM: save a checkpoint first
+        # Ctrl-C reaches every process, and the launcher then stops its workers with SIGINT or
+        # SIGTERM: the first one interrupts (rank 0 saves a checkpoint), later ones must not
+        # interrupt that save.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     try:
         from lbm_registry.api.train import train_lora
         from lbm_registry.cli._common import console
@@ -126,6 +137,10 @@ def worker_main(spec_path: str) -> int:
     except KeyboardInterrupt:
         (folder / "interrupted").touch()
         return 130
+    except Exception:
+        if (folder / "interrupted").exists():  # a peer stopped mid-collective: part of the interrupt
+            return 130
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover - run by the launcher
