@@ -162,6 +162,21 @@ def load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...
     ``scale`` multiplies every LoRA (like a global LoRA strength); each ``--lora REF:S`` keeps its
     own strength ``S`` under that multiplier. ``pipe(image, scale=s)`` changes the multiplier.
     """
+    plan = plan_load(ref, base=base, loras=loras, scale=scale, force=force, settings=settings)
+    info = {"base": plan.base.label, "base_sha256": plan.base.sha256,
+            "loras": [{"ref": a.label, "sha256": a.sha256, "scale": s * scale} for a, s in plan.loras],
+            "warnings": plan.warnings}
+    return pipeline_from_files(plan.base.path, config_for(plan.base), [(a.path, s) for a, s in plan.loras],
+                               scale=scale, device=device, dtype=dtype, info=info)
+
+
+def pipeline_from_files(base_path: Path, cfg: LBMConfig, loras: list[tuple[Path, float]] | tuple = (), *,
+                        scale: float = 1.0, device: str = "auto", dtype: str = "auto",
+                        info: dict[str, Any] | None = None) -> LBMPipeline:
+    """The pipeline of a base file plus LoRA files (each with its own strength), no registry.
+
+    ``load`` and the MLflow pyfunc model both build their pipeline here, so ``mlflow ...
+    predict`` gives the pixels ``lbm-reg infer`` gives."""
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lbm.loading import load_lbm
     from lbm_registry.lbm.model import DENOISER_PREFIX, pick_device, pick_dtype
@@ -169,29 +184,25 @@ def load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...
     from lbm_registry.lora.apply import MergedLoRAs, check_lora_targets
     from lbm_registry.lora.format import read_lora
 
-    plan = plan_load(ref, base=base, loras=loras, scale=scale, force=force, settings=settings)
-    cfg = config_for(plan.base)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    model = load_lbm(plan.base.path, cfg, device=dev, dtype=dt)
+    model = load_lbm(base_path, cfg, device=dev, dtype=dt)
     merged = None
-    if plan.loras:
+    if loras:
         from lbm_registry.lbm.model import weight_layers
 
         shapes = {n: tuple(m.weight.shape) for n, m in weight_layers(model.denoiser).items()}
         files = []
-        for asset, s in plan.loras:
-            lf = read_lora(asset.path)
+        for path, s in loras:
+            lf = read_lora(path)
             check_lora_targets(lf, shapes)
             files.append((lf, s))
         # Re-scaling re-reads the base weights from the (memory-mapped) checkpoint instead of
         # keeping a second copy of every merged layer: that copy is 10 GB for the full model.
-        base_reader = CheckpointReader(plan.base.path)
+        base_reader = CheckpointReader(base_path)
         merged = MergedLoRAs(model.denoiser, files, global_scale=scale,
                              originals=lambda name: base_reader.get(f"{DENOISER_PREFIX}{name}.weight"))
-    info = {"base": plan.base.label, "base_sha256": plan.base.sha256,
-            "loras": [{"ref": a.label, "sha256": a.sha256, "scale": s * scale} for a, s in plan.loras],
-            "warnings": plan.warnings, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
+    info = {**(info or {}), "device": str(dev), "dtype": str(dt).replace("torch.", "")}
     return LBMPipeline(model=model, device=dev, dtype=dt, loras=merged, info=info)
 
 

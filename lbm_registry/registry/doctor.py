@@ -16,7 +16,8 @@ What can drift, and what ``--repair`` does about it:
   server holds;
 - orphan blobs (no catalog row) and temp files of dead writers are deleted;
 - MLflow: a ready version whose run or model version is missing is mirrored again from the
-  catalog; MLflow runs and model versions the catalog does not know are deleted, except those
+  catalog; one whose ``weights/`` folder is no MLflow model (registered before versions were
+  models) gets its ``MLmodel`` and environment files added next to the weights; MLflow runs and model versions the catalog does not know are deleted, except those
   tagged with another catalog's ``lbm.catalog_id`` (registries sharing one tracking server).
 
 Pending rows of live processes (same host, pid alive) are left alone, so doctor and gc are safe
@@ -399,6 +400,7 @@ class Doctor:
         for rec in ready:
             problem = tracker.check(rec)
             if problem is None:
+                self._check_model_folder(tracker, rec)
                 continue
             issue = self.add("mlflow_missing", rec.ref, problem)
             if self.repair:
@@ -434,6 +436,24 @@ class Doctor:
             if self.repair:
                 done = tracker.discard(run.data.tags.get("lbm.name", ""), run_id, None)
                 issue.fixed, issue.action = True, "; ".join(done) or "deleted"
+
+    def _check_model_folder(self, tracker: Any, rec: VersionRecord) -> None:
+        """A mirrored version whose ``weights/`` folder is not (yet) an MLflow model: add the
+        MLmodel and its environment files next to the weights (nothing else changes)."""
+        try:
+            problem = tracker.model_folder_problem(rec)
+        except LBMError as exc:
+            problem = str(exc)
+        if problem is None:
+            return
+        issue = self.add("mlflow_model", rec.ref, problem)
+        if self.repair:
+            try:
+                tracker.add_model_files(rec)
+            except LBMError as exc:
+                issue.action = f"cannot add the MLflow model files: {exc}"
+                return
+            issue.fixed, issue.action = True, "added MLmodel, pyfunc_model.py and environment files"
 
     def _in_flight_version(self, version_id: str) -> bool:
         try:

@@ -287,6 +287,7 @@ class Tracker:
                 files["config.json"] = json.dumps(rec.config, indent=1)
             files.update(self.layer_files(layers))
             weight_name = rec.file_name or f"{rec.name}-v{rec.number}.safetensors"
+            files.update(self.model_texts(rec, run_id))
             self.write_artifacts(run_id, run.info.artifact_uri, files,
                                  {f"weights/{weight_name}": weights, **dict(extra_artifacts or {})})
             self._ensure_registered_model(rec)
@@ -296,6 +297,38 @@ class Tracker:
                 description=description, await_creation_for=0)
             self.client.set_terminated(run_id, "FINISHED")
         return run_id, str(mv.version)
+
+    def model_texts(self, rec: VersionRecord, run_id: str | None) -> dict[str, str]:
+        """The MLflow model files of the version's ``weights/`` folder (see registry/mlmodel.py)."""
+        from lbm_registry.registry.mlmodel import model_files
+
+        return {f"weights/{k}": v for k, v in model_files(self.ws, rec, run_id=run_id).items()}
+
+    def model_folder_problem(self, rec: VersionRecord) -> str | None:
+        """Why the version's model folder is not a loadable MLflow model, or None."""
+        from lbm_registry.registry.mlmodel import MLMODEL, MODEL_FILES
+
+        if not rec.mlflow_run_id:
+            return "no MLflow run recorded"
+        with mlflow_errors(f"artifacts of {rec.ref}"):
+            run = self.client.get_run(rec.mlflow_run_id)
+            local = _local_dir(run.info.artifact_uri)
+            if local is not None:
+                have = {p.name for p in (local / "weights").iterdir()} if (local / "weights").is_dir() else set()
+            else:
+                have = {Path(a.path).name for a in self.client.list_artifacts(rec.mlflow_run_id, "weights")}
+        missing = [f for f in MODEL_FILES if f not in have]
+        if not missing:
+            return None
+        if MLMODEL in missing:
+            return "its model folder has no MLmodel: not loadable with mlflow.pyfunc (registered before models)"
+        return f"its model folder lacks {', '.join(missing)}"
+
+    def add_model_files(self, rec: VersionRecord) -> None:
+        """Write the MLflow model files next to the weights (adds files only; weights untouched)."""
+        assert rec.mlflow_run_id
+        with self.write_lock(), mlflow_errors(f"MLflow model of {rec.ref}"):
+            self.write_artifacts(rec.mlflow_run_id, None, self.model_texts(rec, rec.mlflow_run_id), {})
 
     def _log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
         """``log_batch`` takes at most 1000 metrics, 100 params and 100 tags per call."""

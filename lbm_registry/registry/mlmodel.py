@@ -1,0 +1,129 @@
+"""The MLflow model files of a version: its run's ``weights/`` folder becomes an MLflow model.
+
+A version's weights stay at ``<run artifacts>/weights/<file_name>`` (a hard link to the blob in
+a local store); next to them this module writes
+
+- ``MLmodel``: a ``python_function`` flavor, models from code (``pyfunc_model.py``, copied from
+  :mod:`lbm_registry.api.pyfunc_model`; no pickle), the weights file as the artifact
+  ``weights``, a signature (input ``image`` = base64 of any PIL-readable image, optional
+  ``scale``/``steps``/``seed``; output ``image`` = base64 PNG at the input's size) and a
+  ``model_config`` with what loading needs: the version's identity and LBM config and, for a
+  LoRA, its base by sha256 with the base version's own ``models:/`` URI (the base is referenced,
+  never copied);
+- ``requirements.txt``, ``python_env.yaml``, ``conda.yaml``: the pinned packages of the
+  environment that registered it, so ``mlflow models serve`` (or a fresh virtualenv) can rebuild it.
+
+Only files are added, so ``doctor --repair`` can turn a version registered before this existed
+into a loadable model without touching its weights. Everything here is built from catalog data.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lbm_registry import __version__
+from lbm_registry.registry import catalog
+from lbm_registry.registry.catalog import VersionRecord
+from lbm_registry.registry.workspace import Workspace
+
+MLMODEL = "MLmodel"
+CODE_FILE = "pyfunc_model.py"
+#: model_config format (bump when load_context must read it differently).
+FORMAT = 1
+#: Files this module writes into the model folder (besides the weights).
+MODEL_FILES = (MLMODEL, CODE_FILE, "requirements.txt", "python_env.yaml", "conda.yaml")
+#: The packages a loaded model imports (pinned at their installed versions when known).
+REQUIREMENTS = ("lbm-registry", "mlflow", "torch", "diffusers", "safetensors", "pillow", "numpy", "pandas",
+                "pyyaml", "pydantic", "sqlalchemy", "alembic", "filelock", "psutil")
+
+
+def code_source() -> Path:
+    """The models-from-code file shipped in the package."""
+    return Path(__file__).resolve().parents[1] / "api" / CODE_FILE
+
+
+def requirements() -> list[str]:
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name if name != "lbm-registry" else f"lbm-registry=={__version__}")
+    return out
+
+
+def models_uri(name: str, mlflow_version: str | int | None) -> str | None:
+    return f"models:/{name}/{mlflow_version}" if mlflow_version else None
+
+
+def model_config(ws: Workspace, rec: VersionRecord) -> dict[str, Any]:
+    """What :class:`lbm_registry.api.pyfunc.LBMPyfuncModel` needs to load the version."""
+    cfg: dict[str, Any] = {"format": FORMAT, "kind": rec.kind, "ref": rec.ref, "name": rec.name,
+                           "version": rec.number, "sha256": rec.sha256, "size": rec.size,
+                           "file_name": rec.file_name or f"{rec.name}-v{rec.number}.safetensors"}
+    if rec.config is not None:
+        cfg["config"] = json.dumps(rec.config, sort_keys=True)
+    if rec.kind == "lora":
+        for e in catalog.edges(ws.db, rec.id):
+            if e["role"] != "base":
+                continue
+            base: dict[str, Any] = {"sha256": e.get("sha256")}
+            target = catalog.version_by_id(ws.db, e["target_version_id"]) if e.get("target_version_id") else None
+            if target is not None:
+                base["ref"] = target.ref
+                base["size"] = target.size
+                uri = models_uri(target.name, target.mlflow_version)
+                if uri:
+                    base["models_uri"] = uri
+                if target.config is not None:
+                    base["config"] = json.dumps(target.config, sort_keys=True)
+            elif e.get("ref"):
+                base["ref"] = e["ref"]
+            cfg["base"] = base
+    return cfg
+
+
+def signature() -> Any:
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("double", "scale", required=False),
+                       ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)]),
+        outputs=Schema([ColSpec("string", "image")]))
+
+
+def model_files(ws: Workspace, rec: VersionRecord, *, run_id: str | None = None) -> dict[str, str]:
+    """``{file name: text}`` of the model folder (the weights file itself is not among them)."""
+    import yaml
+    from mlflow.models import Model
+
+    cfg = model_config(ws, rec)
+    reqs = requirements()
+    py = platform.python_version()
+    model = Model(artifact_path="weights", run_id=run_id, signature=signature())
+    model.add_flavor(
+        "python_function", loader_module="mlflow.pyfunc.loaders.code_model", python_version=py,
+        env={"conda": "conda.yaml", "virtualenv": "python_env.yaml"}, config=cfg,
+        model_code_path=CODE_FILE, artifacts={"weights": {"path": cfg["file_name"], "uri": cfg["file_name"]}},
+        streamable=False)
+    model.model_size_bytes = rec.size
+    try:
+        model.mlflow_version = metadata.version("mlflow")
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        pass
+    conda = {"name": "mlflow-env", "channels": ["conda-forge"],
+             "dependencies": [f"python={py}", "pip", {"pip": reqs}]}
+    python_env = {"python": py, "build_dependencies": ["pip", "setuptools", "wheel"],
+                  "dependencies": ["-r requirements.txt"]}
+    return {
+        MLMODEL: model.to_yaml(),
+        CODE_FILE: code_source().read_text(),
+        "requirements.txt": "\n".join(reqs) + "\n",
+        "python_env.yaml": yaml.safe_dump(python_env, sort_keys=False, default_flow_style=False),
+        "conda.yaml": yaml.safe_dump(conda, sort_keys=False, default_flow_style=False),
+    }
