@@ -57,3 +57,15 @@ class DataError(LBMError):
 
 class TrainingError(LBMError):
     """Training cannot start or continue (nothing to train, non-finite loss, no checkpoint to resume)."""
+
+
+class ImageTooLargeError(DataError):
+    """An image has more pixels than the limit (``lbm-reg serve --max-pixels``)."""
+
+
+class BaseMismatchError(LoRAError):
+    """A LoRA was made for another base than the one in use (a served base: HTTP 409)."""
+
+
+class OverloadedError(LBMError):
+    """The server's queue is full; retry later (HTTP 503)."""

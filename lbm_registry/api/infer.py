@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbm_registry.errors import ConfigError, LoRAError, RefError
+from lbm_registry.errors import BaseMismatchError, ConfigError, LoRAError, RefError
 from lbm_registry.registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
@@ -125,18 +125,26 @@ def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str
         raise RefError(f"{base_asset.ref}: is a LoRA, not a base model")
 
     plan = LoadPlan(base=base_asset, loras=lora_assets)
-    from lbm_registry.api.lora import lora_fits_base
-
     for a, _ in lora_assets:
-        want = _lora_base_sha(a)
-        if want and not lora_fits_base(want, _lora_base_tensor_sha(a), base_asset):
-            msg = (f"LoRA {a.label} was made for base sha256:{want[:12]}, not {base_asset.label} "
-                   f"(sha256:{base_asset.sha256[:12]})")
+        msg = base_mismatch(a, base_asset)
+        if msg:
             if not force:
-                raise LoRAError(msg + "; pass force=True to run anyway", cli=msg + "; use --force to run anyway")
+                raise BaseMismatchError(msg + "; pass force=True to run anyway", cli=msg + "; use --force to run anyway")
             plan.warnings.append(msg)
             log.warning(msg)
     return plan
+
+
+def base_mismatch(lora: ResolvedAsset, base: ResolvedAsset) -> str | None:
+    """Why ``lora`` does not belong to ``base`` (one line), or None when it does (by file or
+    tensor hash) or records no base."""
+    from lbm_registry.api.lora import lora_fits_base
+
+    want = _lora_base_sha(lora)
+    if want and want != base.sha256 and not lora_fits_base(want, _lora_base_tensor_sha(lora), base):
+        return (f"LoRA {lora.label} was made for base sha256:{want[:12]}, not {base.label} "
+                f"(sha256:{base.sha256[:12]})")
+    return None
 
 
 def config_for(asset: ResolvedAsset) -> LBMConfig:

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import typer
 
 from lbm_registry import __version__
-from lbm_registry.cli import algebra, base, compare, demo, infer, lora, registry, remove, train
+from lbm_registry.cli import algebra, base, compare, demo, infer, lora, registry, remove, serve, train
 from lbm_registry.registry.settings import WorkspaceSettings
 
 app = typer.Typer(
@@ -52,6 +52,7 @@ infer.register(app)
 train.register(app)
 compare.register(app)
 demo.register(app)
+serve.register(app)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

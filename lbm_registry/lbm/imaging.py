@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lbm_registry.errors import DataError
+from lbm_registry.errors import DataError, ImageTooLargeError
 
 if TYPE_CHECKING:
     import torch
@@ -39,9 +39,13 @@ def nearest_bucket(height: int, width: int, base_resolution: int = 1024, multipl
     return min(buckets(base_resolution, multiple), key=lambda hw: abs(hw[1] / hw[0] - ratio))
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
+def open_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
     """Open any PIL-readable image (content sniffed, not the extension), honour EXIF
-    orientation, convert RGBA/grayscale/palette to RGB (alpha composited on white)."""
+    orientation, convert RGBA/grayscale/palette to RGB (alpha composited on white).
+
+    ``max_pixels``: refuse (:class:`ImageTooLargeError`) images with more pixels, checked from
+    the header before any pixel is decoded (a server must not decode a 30000 x 30000 PNG).
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     name = "<bytes>" if isinstance(source, bytes) else str(source)
@@ -49,10 +53,15 @@ def open_image(source: str | Path | bytes) -> Image.Image:
         fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
         with fh:
             img = Image.open(fh)
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLargeError(f"image {name} is {img.width}x{img.height} = {img.width * img.height} "
+                                         f"pixels, over the limit of {max_pixels}")
             img.load()
     except FileNotFoundError:
         raise DataError(f"image not found: {name}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image {name} is too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"unreadable image {name}: {exc}") from None
     img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):

@@ -1,21 +1,61 @@
-"""Image-to-image pipeline: bucket, encode, bridge-sample, decode, resize back."""
+"""Image-to-image pipeline: bucket, encode, bridge-sample, decode, resize back.
+
+The three stages are plain functions so that ``lbm-reg infer`` (one image at a time) and
+``lbm-reg serve`` (batches of images, each with its own seed) run exactly the same code:
+:func:`prepare_image` (RGB, nearest aspect bucket, tensor), :func:`translate` (encode, sample,
+decode a batch of same-bucket images) and :func:`finish_image` (back to a PIL image of the
+input's size).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lbm_registry.lbm.imaging import nearest_bucket, open_image, to_pil, to_tensor
-from lbm_registry.lbm.sampler import sample
+from lbm_registry.lbm.sampler import VelocityFn, sample
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from PIL import Image
 
+    from lbm_registry.lbm.config import LBMConfig
     from lbm_registry.lbm.model import LBMModel
+
+
+def prepare_image(image: Image.Image | str | Path | bytes, config: LBMConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(1, 3, h, w) float32 CPU tensor in [-1, 1] at the nearest aspect bucket, and the input's (H, W)."""
+    img = image if hasattr(image, "size") and hasattr(image, "mode") else open_image(image)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    h, w = nearest_bucket(img.height, img.width, config.inference.base_resolution, config.pixel_multiple)
+    return to_tensor(img, (h, w)), (img.height, img.width)
+
+
+@torch.no_grad()
+def translate(model: LBMModel, x: torch.Tensor, *, steps: int | None = None,
+              generators: Sequence[torch.Generator], sample_latent: bool = False,
+              velocity: VelocityFn | None = None) -> torch.Tensor:
+    """Images (B, 3, h, w) in [-1, 1] on the model's device/dtype -> translated images.
+
+    ``generators`` holds one generator per sample (a request's seed), so a sample's noise is
+    the same whether it runs alone or in a batch. ``velocity`` defaults to the model's.
+    """
+    cfg = model.config
+    gens = list(generators)
+    z_src = model.vae.encode(x, sample=sample_latent, generator=gens if len(gens) > 1 else gens[0])
+    z = sample(velocity or model.velocity, z_src, steps=steps or cfg.inference.steps,
+               bridge_noise_sigma=cfg.bridge.bridge_noise_sigma, generator=gens if len(gens) > 1 else gens[0])
+    return model.vae.decode(z)
+
+
+def finish_image(out: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """One translated image (3, h, w) or (1, 3, h, w) -> PIL RGB at the input's (H, W)."""
+    return to_pil(out, size)
 
 
 @dataclass
@@ -37,15 +77,8 @@ class LBMPipeline:
                  seed: int = 0, scale: float | None = None, sample_latent: bool = False) -> Image.Image:
         if scale is not None and self.loras is not None:
             self.loras.set_scale(scale)
-        img = image if hasattr(image, "size") and hasattr(image, "mode") else open_image(image)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        cfg = self.model.config
-        h, w = nearest_bucket(img.height, img.width, cfg.inference.base_resolution, cfg.pixel_multiple)
-        x = to_tensor(img, (h, w)).to(self.device, self.dtype)
+        x, size = prepare_image(image, self.model.config)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        z_src = self.model.vae.encode(x, sample=sample_latent, generator=gen)
-        z = sample(self.model.velocity, z_src, steps=steps or cfg.inference.steps,
-                   bridge_noise_sigma=cfg.bridge.bridge_noise_sigma, generator=gen)
-        out = self.model.vae.decode(z)
-        return to_pil(out, (img.height, img.width))
+        out = translate(self.model, x.to(self.device, self.dtype), steps=steps, generators=[gen],
+                        sample_latent=sample_latent)
+        return finish_image(out, size)

@@ -7,7 +7,7 @@ added between steps. One step is exactly ``z_src - v``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,8 +23,13 @@ def sigma_schedule(steps: int) -> list[float]:
 
 @torch.no_grad()
 def sample(velocity: VelocityFn, z_source: torch.Tensor, *, steps: int = 1,
-           bridge_noise_sigma: float = 0.005, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integrate the bridge from the source latent (sigma=1) to the target (sigma=0)."""
+           bridge_noise_sigma: float = 0.005,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Integrate the bridge from the source latent (sigma=1) to the target (sigma=0).
+
+    ``generator`` may be one generator per sample: each sample then draws its bridge noise
+    from its own, so a batch gives every sample the noise it would get alone.
+    """
     x = z_source
     sigmas = sigma_schedule(steps)
     for i in range(steps):
@@ -33,9 +38,18 @@ def sample(velocity: VelocityFn, z_source: torch.Tensor, *, steps: int = 1,
         v = velocity(x, sigma)
         x = x + (s_next - s) * v
         if i < steps - 1 and bridge_noise_sigma > 0:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = _noise(x, generator)
             x = x + bridge_noise_sigma * (s_next * (1.0 - s_next)) ** 0.5 * eps
     return x
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+                      for g in generator])
 
 
 def bridge_interpolant(z_source: torch.Tensor, z_target: torch.Tensor, sigma: torch.Tensor,

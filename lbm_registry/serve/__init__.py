@@ -1,0 +1,6 @@
+"""The image server: mixed-LoRA batches over one warm base (knows no registry; ``api.serve`` wires it).
+
+``multilora`` (the per-sample low-rank path), ``cache`` (LRU of LoRA factors), ``batcher``
+(micro-batching worker), ``engine`` (all of it behind ``submit``/``run``), ``metrics``
+(Prometheus text), ``app`` (FastAPI), ``ray`` (a Ray Serve deployment, the ``ray`` extra).
+"""

@@ -1,0 +1,216 @@
+"""The HTTP API (DESIGN.md "Serving") over an :class:`~lbm_registry.serve.engine.Engine`.
+
+Errors are JSON ``{"error": "one line"}``: bad input 400, missing/wrong token 401, unknown
+reference 404, LoRA for another base 409, too large 413, queue full or shutting down 503,
+anything unexpected 500 (logged with its traceback here, never shown to the client). One
+request's failure never stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lbm_registry.errors import (
+    BaseMismatchError,
+    DataError,
+    ImageTooLargeError,
+    LBMError,
+    LoRAError,
+    OverloadedError,
+    RefError,
+)
+from lbm_registry.serve.metrics import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from lbm_registry.serve.engine import Engine, ImageResult
+
+log = logging.getLogger(__name__)
+
+
+class LoRASpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+    scale: float = 1.0
+
+
+class ImageRequest(BaseModel):
+    """``POST /v1/images``. ``scale`` multiplies every LoRA, as ``lbm-reg infer --scale``."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="base64 bytes of any PIL-readable image (a data: URL is accepted too)")
+    lora: str | None = Field(None, description="LoRA reference, e.g. relight@prod")
+    scale: float = 1.0
+    loras: list[LoRASpec] = Field(default_factory=list, description="stacked LoRAs, each with its own scale")
+    steps: int = 1
+    seed: int = 0
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+    pin: bool | None = Field(None, description="true pins, false unpins, absent leaves it as it is")
+
+
+def status_of(exc: BaseException) -> int:
+    if isinstance(exc, ImageTooLargeError):
+        return 413
+    if isinstance(exc, BaseMismatchError):
+        return 409
+    if isinstance(exc, RefError):
+        return 404
+    if isinstance(exc, OverloadedError):
+        return 503
+    if isinstance(exc, DataError):
+        return 400
+    if isinstance(exc, LoRAError):
+        return 409
+    return 500
+
+
+def decode_image_field(text: str) -> bytes:
+    """base64 (standard or URL-safe, with or without a ``data:...;base64,`` prefix) -> bytes."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    text = "".join(text.split())
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise DataError("image is not valid base64") from None
+
+
+def encode_png(result: ImageResult) -> str:
+    buf = io.BytesIO()
+    result.image.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def create_app(engine: Engine, *, token: str | None = None, max_body_bytes: int | None = None,
+               close_engine: bool = True) -> FastAPI:
+    """The FastAPI app. ``token``: every route but ``/healthz`` needs ``Authorization: Bearer TOKEN``.
+    ``close_engine``: drain and stop the engine when the app shuts down (uvicorn does that on
+    SIGTERM/SIGINT after in-flight requests are answered)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from lbm_registry import __version__
+
+    limit = max_body_bytes if max_body_bytes is not None else max(32 << 20, engine.options.max_pixels * 6)
+    metrics = engine.metrics
+    metrics.counter("http_requests_total", "HTTP requests by route and status code.")
+    metrics.histogram("http_request_seconds", "HTTP request latency by route.", LATENCY_BUCKETS_S)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if close_engine:
+            await run_in_threadpool(engine.close)
+
+    app = FastAPI(title="lbm-registry serve", version=__version__, lifespan=lifespan,
+                  description="One warm LBM base, many LoRAs per request, mixed-LoRA batches in one forward pass.")
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+
+    @app.exception_handler(LBMError)
+    async def _lbm_error(request: Request, exc: LBMError) -> JSONResponse:
+        return error(status_of(exc), str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        if errs:
+            e = errs[0]
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            return error(400, f"{where}: {e.get('msg', 'invalid')}")
+        return error(400, "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any):
+        t0 = time.perf_counter()
+        route = request.url.path
+        if token is not None and route != "/healthz":
+            got = request.headers.get("authorization", "")
+            scheme, _, value = got.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                response = error(401, "missing or wrong bearer token")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return _count(route, response, t0)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _count(route, error(413, f"request body is {int(length)} bytes, over the limit of {limit}"), t0)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # errors raised past the exception handlers (middleware order)
+            log.exception("unexpected error on %s", route)
+            response = error(500, f"internal error: {type(exc).__name__}")
+        return _count(route, response, t0)
+
+    def _count(route: str, response: Any, t0: float) -> Any:
+        known = route if route in ("/v1/images", "/v1/loras", "/healthz", "/metrics") else (
+            "/v1/loras/{ref}" if route.startswith("/v1/loras/") else "other")
+        metrics.inc("http_requests_total", route=known, code=str(response.status_code))
+        metrics.observe("http_request_seconds", time.perf_counter() - t0, route=known)
+        return response
+
+    @app.post("/v1/images")
+    async def images(req: ImageRequest) -> dict[str, Any]:
+        """Translate one image with the given LoRA(s); requests arriving together share a forward pass."""
+        data = decode_image_field(req.image)
+        fut = await run_in_threadpool(engine.submit, data, lora=req.lora, scale=req.scale,
+                                      loras=[(s.ref, s.scale) for s in req.loras], steps=req.steps, seed=req.seed)
+        result = await asyncio.wrap_future(fut)
+        png = await run_in_threadpool(encode_png, result)
+        first = result.loras[0] if result.loras else None
+        return {"image": png, "lora": first["ref"] if first else None, "sha256": first["sha256"] if first else None,
+                "loras": result.loras, "width": result.width, "height": result.height,
+                "ms": round(result.ms, 1), "batch_size": result.batch_size}
+
+    @app.get("/v1/loras")
+    async def list_loras() -> dict[str, Any]:
+        """Cached LoRAs, least recently used first."""
+        return {"loras": engine.loras(), "max_loras": engine.options.max_loras}
+
+    @app.post("/v1/loras")
+    async def load_lora(req: LoadRequest) -> dict[str, Any]:
+        """Load (resolve, verify, copy to the device) a LoRA now; ``pin`` keeps it from eviction."""
+        return await run_in_threadpool(engine.load_lora, req.ref, pin=req.pin)
+
+    @app.delete("/v1/loras/{ref:path}")
+    async def unload_lora(ref: str) -> dict[str, Any]:
+        return await run_in_threadpool(engine.unload_lora, ref)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return engine.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,417 @@
+"""Serving: mixed-LoRA batches in one forward pass equal ``lbm-reg infer``; cache; errors; HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lbm_registry.errors import BaseMismatchError, DataError, ImageTooLargeError, OverloadedError, RefError
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    return {"wide": _png((rng.random((70, 90, 3)) * 255).astype("uint8")),
+            "wide2": _png((rng.random((60, 80, 3)) * 255).astype("uint8")),
+            "tall": _png((rng.random((100, 50, 3)) * 255).astype("uint8"))}
+
+
+@pytest.fixture(scope="module")
+def infer_ref(serve_registry):
+    """``infer_ref(image_bytes, lora, loras=(), scale, steps, seed)`` -> uint8 array from ``lbm-reg infer``'s
+    code path (api.infer.load: LoRAs merged into the weights), pipelines cached per LoRA set."""
+    from lbm_registry.api.infer import load
+
+    pipes: dict = {}
+
+    def _run(image: bytes, lora: str | None = None, loras: tuple = (), scale: float = 1.0, steps: int = 1,
+             seed: int = 0) -> np.ndarray:
+        key = (lora, loras)
+        if key not in pipes:
+            specs = [f"{r}:{s}" for r, s in loras]
+            pipes[key] = load(lora or "sv-base@1", loras=specs, scale=scale, device="cpu", dtype="fp32",
+                              settings=serve_registry)
+        return np.asarray(pipes[key](image, scale=scale, steps=steps, seed=seed), dtype=np.int16)
+
+    return _run
+
+
+@pytest.fixture(scope="module")
+def server(serve_registry):
+    from lbm_registry.api.serve import Server
+
+    with Server("sv-base@1", settings=serve_registry, device="cpu", dtype="fp32", max_batch=8,
+                max_wait_ms=3000, max_loras=4) as srv:
+        yield srv
+
+
+def _arr(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+# -- the low-rank path itself --------------------------------------------------------------
+def test_mixed_batch_is_one_pass_and_equals_merging_each(tiny_config, torch_single_thread):
+    """Every layer: W x once for the batch, plus each sample's own LoRAs (stacked, different
+    scales, non-adjacent samples, one without); equals merging per sample."""
+    from lbm_registry.lbm.model import build_model, weight_layers
+    from lbm_registry.lora.apply import MergedLoRAs
+    from lbm_registry.lora.format import LoRAFile, LoRALayer
+    from lbm_registry.serve.multilora import MultiLoRA, factors_from_lora, plan_batch
+
+    model = build_model(tiny_config, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def lora(rank: int) -> LoRAFile:
+        layers = {}
+        for n, m in weight_layers(model.denoiser).items():
+            w = m.weight
+            down = torch.randn(rank, *w.shape[1:], generator=g) * 0.05
+            up = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.05
+            layers[n] = LoRALayer(n, down, up, float(rank))
+        return LoRAFile(layers)
+
+    a, b = lora(4), lora(2)
+    fa = factors_from_lora(a, "a", device="cpu", dtype=torch.float32)
+    fb = factors_from_lora(b, "b", device="cpu", dtype=torch.float32)
+    samples = [[(fa, 1.0)], [], [(fb, 0.7), (fa, 0.3)], [(fa, 0.5)], [(fb, 1.5)]]
+    plan = plan_batch(samples)
+    assert len(plan.groups) == 2 and not isinstance(plan.groups[0].rows, slice)  # a: rows 0, 2, 3
+    x = torch.randn(len(samples), 4, 16, 16, generator=g)
+    sigma = torch.ones(len(samples))
+    with MultiLoRA(model.denoiser) as multi, torch.no_grad():
+        with multi.apply(plan):
+            mixed = model.velocity(x, sigma)
+        assert multi.forward_passes == 1
+        plain = model.velocity(x, sigma)   # outside apply: the base, untouched
+        for i, sample in enumerate(samples):
+            files = [(a if f.key == "a" else b, s) for f, s in sample]
+            with MergedLoRAs(model.denoiser, files):
+                merged = model.velocity(x[i:i + 1], sigma[i:i + 1])
+            assert torch.allclose(mixed[i:i + 1], merged, atol=2e-5), i
+        assert torch.allclose(plain[1], mixed[1], atol=1e-5)
+        assert not torch.allclose(plain[0], mixed[0], atol=1e-3)
+
+
+def test_batcher_groups_by_key_and_a_failing_request_fails_alone():
+    from lbm_registry.serve.batcher import Batcher
+
+    seen: list[list] = []
+
+    def run(items):
+        seen.append(list(items))
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [i.upper() for i in items]
+
+    b = Batcher(run, max_batch=4, max_wait_ms=300, max_queue=16)
+    futs = [b.submit(x, key=k) for x, k in [("a", 1), ("b", 1), ("c", 2), ("bad", 1), ("d", 1)]]
+    b.close()
+    assert [f.result() for f in futs if f is not futs[3]] == ["A", "B", "C", "D"]
+    with pytest.raises(ValueError, match="bad item"):
+        futs[3].result()
+    assert all(len({type(i) for i in batch}) == 1 for batch in seen)
+    assert ["a", "b", "bad", "d"] in seen      # key 1 together (then retried one by one)
+    with pytest.raises(OverloadedError, match="shutting down"):
+        b.submit("e", key=1)
+
+
+# -- the in-process server (api.serve.Server) ----------------------------------------------
+REQUESTS = [  # (image, lora, stacked loras, scale, seed, steps)
+    ("wide", "sv-a@1", (), 1.0, 0, 1),
+    ("wide", "sv-a@1", (), 0.5, 1, 1),
+    ("wide2", "sv-b@1", (), 1.0, 2, 1),
+    ("wide", "sv-c@1", (), 1.5, 3, 1),
+    ("wide", None, (), 1.0, 4, 1),
+    ("wide2", "sv-a@2", (("sv-b@1", 0.5),), 1.0, 5, 1),
+    ("wide", "sv-b@1", (), 0.25, 6, 1),
+    ("wide2", "sv-c@1", (), 1.0, 7, 1),
+]
+
+
+def test_concurrent_mixed_requests_are_one_pass_and_equal_infer(server, images, infer_ref):
+    passes = server.multi.forward_passes
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        futs = [pool.submit(server.run, images[im], lora=lora, loras=stack, scale=s, seed=seed, steps=steps)
+                for im, lora, stack, s, seed, steps in REQUESTS]
+        results = [f.result() for f in futs]
+    assert server.multi.forward_passes - passes == 1     # 8 requests, 5 LoRA sets: one denoiser pass
+    assert {r.batch_size for r in results} == {8}
+    for (im, lora, stack, s, seed, steps), res in zip(REQUESTS, results, strict=True):
+        ref = infer_ref(images[im], lora, stack, s, steps, seed)
+        got = _arr(res.image)
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1, (lora, stack, s)
+    assert results[0].loras == [{"ref": "sv-a@1", "sha256": results[0].loras[0]["sha256"], "scale": 1.0}]
+    assert [x["ref"] for x in results[5].loras] == ["sv-a@2", "sv-b@1"]
+    assert results[4].loras == []
+    assert not np.array_equal(_arr(results[0].image), _arr(results[4].image))
+
+
+def test_buckets_run_in_separate_passes_and_steps_use_each_seed(server, images, infer_ref):
+    passes = server.multi.forward_passes
+    with ThreadPoolExecutor(3) as pool:
+        a = pool.submit(server.run, images["tall"], lora="sv-a@1", seed=1)
+        b = pool.submit(server.run, images["wide"], lora="sv-a@1", seed=2, steps=2)
+        c = pool.submit(server.run, images["wide"], lora="sv-b@1", seed=3, steps=2)
+        ra, rb, rc = a.result(), b.result(), c.result()
+    assert server.multi.forward_passes - passes in (3, 5)   # tall: 1; the two 2-step ones: 2 (or 4 apart)
+    assert np.abs(_arr(ra.image) - infer_ref(images["tall"], "sv-a@1", seed=1)).max() <= 1
+    assert np.abs(_arr(rb.image) - infer_ref(images["wide"], "sv-a@1", steps=2, seed=2)).max() <= 1
+    assert np.abs(_arr(rc.image) - infer_ref(images["wide"], "sv-b@1", steps=2, seed=3)).max() <= 1
+
+
+def test_alias_moved_while_serving_is_followed(server, serve_registry, images, infer_ref):
+    from lbm_registry.api.registry import set_alias
+
+    first = server.run(images["wide"], lora="sv-a@prod", seed=9)
+    assert first.loras[0]["ref"] == "sv-a@1"
+    set_alias("sv-a@2", "prod", serve_registry)
+    try:
+        moved = server.run(images["wide"], lora="sv-a@prod", seed=9)
+    finally:
+        set_alias("sv-a@1", "prod", serve_registry)
+    assert moved.loras[0]["ref"] == "sv-a@2"
+    assert np.abs(_arr(moved.image) - infer_ref(images["wide"], "sv-a@2", seed=9)).max() <= 1
+    assert not np.array_equal(_arr(moved.image), _arr(first.image))
+
+
+def test_lru_eviction_and_pinning(serve_registry):
+    from lbm_registry.api.serve import Server
+
+    with Server(settings=serve_registry, preload=["sv-a@1"], pin_preload=True, device="cpu", max_loras=2) as srv:
+        assert srv.health()["base"] == "sv-base@1"      # the preloaded LoRA's base
+        srv.load_lora("sv-b@1")
+        srv.load_lora("sv-c@1")                          # evicts sv-b (LRU, unpinned), not the pinned sv-a
+        assert [(e["ref"], e["pinned"]) for e in srv.loras()] == [("sv-a@1", True), ("sv-c@1", False)]
+        srv.load_lora("sv-a@prod")                       # same bytes: a hit, not a second entry
+        srv.load_lora("sv-b@1", pin=True)                # evicts sv-c
+        assert {e["ref"]: e["pinned"] for e in srv.loras()} == {"sv-a@1": True, "sv-b@1": True}
+        with pytest.raises(Exception, match="pinned"):
+            srv.load_lora("sv-c@1", pin=True)
+        m = srv.metrics
+        assert m.total("lora_cache_evictions_total") == 2
+        assert m.total("lora_cache_misses_total") == 4 and m.total("lora_cache_hits_total") >= 1
+        entry = next(e for e in srv.loras() if e["ref"] == "sv-a@1")
+        assert entry["refs"] == ["sv-a@1"] and entry["bytes_on_device"] > 0   # canonical refs
+        assert srv.unload_lora("sv-a@prod")["sha256"] == entry["sha256"]
+        with pytest.raises(RefError, match="not loaded"):
+            srv.unload_lora("sv-a@1")
+
+
+def test_request_errors_in_process(server, images):
+    big = _png(np.zeros((10, 10, 3), dtype="uint8"))
+    with pytest.raises(RefError, match="did you mean sv-a"):
+        server.run(images["wide"], lora="sv-aa@1")
+    with pytest.raises(RefError, match="not a registered reference"):
+        server.run(images["wide"], lora="/etc/passwd")
+    with pytest.raises(BaseMismatchError, match="another base|made for base"):
+        server.run(images["wide"], lora="sv-other@1")
+    with pytest.raises(DataError, match="not a LoRA"):
+        server.run(images["wide"], lora="sv-base@1")
+    with pytest.raises(DataError, match="unreadable image"):
+        server.run(b"not an image", lora="sv-a@1")
+    with pytest.raises(DataError, match="outside"):
+        server.run(images["wide"], lora="sv-a@1", scale=3.0)
+    with pytest.raises(DataError, match="steps"):
+        server.run(images["wide"], steps=0)
+    old = server.options.max_pixels
+    server.options.max_pixels = 99
+    try:
+        with pytest.raises(ImageTooLargeError, match="over the limit"):
+            server.run(big)
+    finally:
+        server.options.max_pixels = old
+    assert server.run(big).image.size == (10, 10)    # the server keeps serving
+
+
+def test_full_queue_is_overloaded_and_others_still_succeed(serve_registry, images):
+    from lbm_registry.api.serve import Server
+
+    with Server("sv-base@1", settings=serve_registry, device="cpu", max_batch=1, max_queue=1, max_wait_ms=0) as srv:
+        futs, refused = [], 0
+        for seed in range(5):
+            try:
+                futs.append(srv.submit(images["wide"], lora="sv-a@1", seed=seed))
+            except OverloadedError:
+                refused += 1
+        assert refused >= 1 and futs
+        assert all(f.result().image.size == (90, 70) for f in futs)
+        assert srv.metrics.value("requests_total", outcome="OverloadedError") == refused
+
+
+# -- over HTTP -------------------------------------------------------------------------------
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def test_http_concurrent_requests_equal_infer_and_metrics(server, images, infer_ref, http_server):
+    from lbm_registry.serve.app import create_app
+
+    srv = http_server(create_app(server, close_engine=False))
+    reqs = REQUESTS[:6] + [("wide", "sv-b@1", (), 2.0, 11, 1), ("wide2", None, (("sv-c@1", 0.5),), 0.5, 12, 1)]
+    passes = server.multi.forward_passes
+
+    def post(r):
+        im, lora, stack, s, seed, steps = r
+        return srv.request("POST", "/v1/images", {"image": _b64(images[im]), "lora": lora, "scale": s, "seed": seed,
+                                                  "steps": steps, "loras": [{"ref": x, "scale": y} for x, y in stack]})
+
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        answers = list(pool.map(post, reqs))
+    assert server.multi.forward_passes - passes == 1
+    for r, (status, body) in zip(reqs, answers, strict=True):
+        assert status == 200, body
+        im, lora, stack, s, seed, steps = r
+        assert (body["width"], body["height"]) == Image.open(io.BytesIO(images[im])).size
+        assert body["lora"] == (lora or (stack[0][0] if stack else None))
+        assert np.abs(_decode(body["image"]) - infer_ref(images[im], lora, stack, s, steps, seed)).max() <= 1
+    status, listing = srv.request("GET", "/v1/loras")
+    assert status == 200 and {"sv-a@1", "sv-b@1", "sv-c@1"} <= {e["ref"] for e in listing["loras"]}
+    status, text = srv.request("GET", "/metrics")
+    assert status == 200
+    for needle in ('lbm_serve_requests_total{outcome="ok"}', "lbm_serve_batch_size_bucket{le=\"8\"}",
+                   "lbm_serve_lora_cache_hits_total", "lbm_serve_lora_cache_misses_total",
+                   "lbm_serve_lora_cache_evictions_total", "lbm_serve_request_seconds_sum",
+                   'lbm_serve_http_requests_total{code="200",route="/v1/images"} 8'):
+        assert needle in text, needle
+    status, health = srv.request("GET", "/healthz")
+    assert status == 200 and health["base"] == "sv-base@1"
+
+
+def test_http_errors_are_one_line_json(server, images, http_server):
+    from lbm_registry.serve.app import create_app
+
+    srv = http_server(create_app(server, close_engine=False, max_body_bytes=200_000))
+    img = _b64(images["wide"])
+    cases = [
+        ({"image": "%%% not base64 %%%"}, 400, "base64"),
+        ({"image": _b64(b"GIF89a garbage")}, 400, "unreadable image"),
+        ({"image": img, "lora": "sv-aa"}, 404, "did you mean sv-a"),
+        ({"image": img, "lora": "sv-a@9"}, 404, "no version 9"),
+        ({"image": img, "lora": "sv-other@1"}, 409, "made for base"),
+        ({"image": img, "scale": "x"}, 400, "scale"),
+        ({"image": img, "colour": 1}, 400, "colour"),
+        ({"lora": "sv-a@1"}, 400, "image"),
+        ({"image": _b64(_png(np.zeros((200, 200, 3), dtype="uint8")))}, 413, "pixels"),
+    ]
+    old = server.options.max_pixels
+    server.options.max_pixels = 150 * 150
+    try:
+        for body, code, needle in cases:
+            status, answer = srv.request("POST", "/v1/images", body)
+            assert status == code, (body.keys(), answer)
+            assert set(answer) == {"error"} and needle in answer["error"] and "\n" not in answer["error"], answer
+        status, answer = srv.request("POST", "/v1/images", raw=b"{" + b" " * 300_000 + b"}")
+        assert status == 413 and "over the limit" in answer["error"]
+        status, answer = srv.request("POST", "/v1/images", raw=b"{not json")
+        assert status == 400
+        assert srv.request("DELETE", "/v1/loras/sv-b@9")[0] == 404
+        assert srv.request("GET", "/nope")[0] == 404
+    finally:
+        server.options.max_pixels = old
+    status, body = srv.request("POST", "/v1/images", {"image": img})
+    assert status == 200 and body["lora"] is None
+
+
+def test_http_load_pin_unload_and_token(serve_registry, http_server, monkeypatch):
+    from lbm_registry.api.serve import Server
+    from lbm_registry.serve.app import create_app
+
+    with Server("sv-base@1", settings=serve_registry, device="cpu", max_loras=2) as engine:
+        srv = http_server(create_app(engine, token="s3cret", close_engine=False))
+        assert srv.request("GET", "/healthz")[0] == 200                 # open without the token
+        assert srv.request("GET", "/v1/loras")[0] == 401
+        assert srv.request("GET", "/v1/loras", token="wrong")[0] == 401
+        assert srv.request("GET", "/metrics")[0] == 401
+        status, entry = srv.request("POST", "/v1/loras", {"ref": "sv-b@1", "pin": True}, token="s3cret")
+        assert status == 200 and entry["pinned"] and entry["ref"] == "sv-b@1"
+        assert srv.request("POST", "/v1/loras", {"ref": "sv-zz"}, token="s3cret")[0] == 404
+        status, listing = srv.request("GET", "/v1/loras", token="s3cret")
+        assert [e["ref"] for e in listing["loras"]] == ["sv-b@1"]
+        status, gone = srv.request("DELETE", "/v1/loras/sv-b@1", token="s3cret")
+        assert status == 200 and gone["sha256"] == entry["sha256"]
+        assert srv.request("GET", "/v1/loras", token="s3cret")[1]["loras"] == []
+        assert srv.request("GET", "/docs", token="s3cret")[0] == 200
+
+
+def test_cli_serve_drains_on_sigterm(serve_registry, images, tmp_path):
+    """``lbm-reg serve`` as a real process: requests in flight when SIGTERM arrives are answered,
+    then it exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fixtures.serve import http_request
+    from fixtures.servers import free_port
+
+    port = free_port()
+    env = dict(os.environ, SERVE_TOKEN="tok", MLFLOW_DISABLE_TELEMETRY="true")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "lbm_registry.cli.main", "--home", str(serve_registry.home),
+                                 "serve", "--base", "sv-base@1", "--port", str(port), "--device", "cpu",
+                                 "--max-wait-ms", "1500", "--preload", "sv-a@1", "--token-env", "SERVE_TOKEN"],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if http_request(url, "GET", "/healthz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        results: list = [None] * 4
+
+        def post(i: int) -> None:
+            results[i] = http_request(url, "POST", "/v1/images", {"image": _b64(images["wide"]), "lora": "sv-a@1",
+                                                                  "seed": i}, token="tok")
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        while True:   # all four queued (the batch waits 1.5 s to fill) before the signal
+            text = http_request(url, "GET", "/metrics", token="tok")[1]
+            if "lbm_serve_queue_depth 4" in text:
+                break
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        assert [r[0] for r in results] == [200] * 4, results
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_cli_serve_usage_errors(cli, serve_registry, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_TOKEN_VAR", raising=False)
+    rc, _, err = cli("--home", serve_registry.home, "serve", "--token-env", "NO_SUCH_TOKEN_VAR")
+    assert rc != 0 and "NO_SUCH_TOKEN_VAR" in err and "Traceback" not in err
+    rc, _, err = cli("--home", serve_registry.home, "serve", "--base", "sv-nope", "--port", "0")
+    assert rc != 0 and "unknown" in err and len(err.strip().splitlines()) == 1
