@@ -98,6 +98,23 @@ def encode_png(result: ImageResult) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+async def answer_image(engine: Engine, req: ImageRequest, *, lora: str | None = None) -> dict[str, Any]:
+    """Run one image request on ``engine`` off the event loop; the JSON answer of ``/v1/images``.
+
+    ``lora`` overrides ``req.lora`` (Ray Serve passes the multiplexed model id)."""
+    from starlette.concurrency import run_in_threadpool
+
+    data = decode_image_field(req.image)
+    fut = await run_in_threadpool(engine.submit, data, lora=lora or req.lora, scale=req.scale,
+                                  loras=[(s.ref, s.scale) for s in req.loras], steps=req.steps, seed=req.seed)
+    result = await asyncio.wrap_future(fut)
+    png = await run_in_threadpool(encode_png, result)
+    first = result.loras[0] if result.loras else None
+    return {"image": png, "lora": first["ref"] if first else None, "sha256": first["sha256"] if first else None,
+            "loras": result.loras, "width": result.width, "height": result.height,
+            "ms": round(result.ms, 1), "batch_size": result.batch_size}
+
+
 def create_app(engine: Engine, *, token: str | None = None, max_body_bytes: int | None = None,
                close_engine: bool = True) -> FastAPI:
     """The FastAPI app. ``token``: every route but ``/healthz`` needs ``Authorization: Bearer TOKEN``.
@@ -181,15 +198,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body_bytes: int 
     @app.post("/v1/images")
     async def images(req: ImageRequest) -> dict[str, Any]:
         """Translate one image with the given LoRA(s); requests arriving together share a forward pass."""
-        data = decode_image_field(req.image)
-        fut = await run_in_threadpool(engine.submit, data, lora=req.lora, scale=req.scale,
-                                      loras=[(s.ref, s.scale) for s in req.loras], steps=req.steps, seed=req.seed)
-        result = await asyncio.wrap_future(fut)
-        png = await run_in_threadpool(encode_png, result)
-        first = result.loras[0] if result.loras else None
-        return {"image": png, "lora": first["ref"] if first else None, "sha256": first["sha256"] if first else None,
-                "loras": result.loras, "width": result.width, "height": result.height,
-                "ms": round(result.ms, 1), "batch_size": result.batch_size}
+        return await answer_image(engine, req)
 
     @app.get("/v1/loras")
     async def list_loras() -> dict[str, Any]:
