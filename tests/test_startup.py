@@ -88,3 +88,74 @@ def test_import_refuses_a_name_of_another_kind_first(fresh_settings, tiny_base_p
     assert p.rc == 2
     assert "'relight' is a lora: it cannot get a model version" in p.err
     assert not p.heavy & {"torch", "diffusers", "mlflow"}, p.heavy
+
+
+def test_late_checks_come_first(fresh_settings, make_weights, tmp_path, cli_probe_many):
+    """Issue 11 item 10 and its siblings: each wrong option, file, name or reference is refused
+    (one line, exit 2) before torch or diffusers is imported, so before any model is built."""
+    from lbm_registry.api.registry import register_asset
+
+    s = fresh_settings()
+    base = register_asset(make_weights(), name="tb", kind="base", settings=s)
+    register_asset(make_weights(), name="relight", kind="lora", settings=s, lineage={"base": base})
+    junk = make_weights()
+    out = tmp_path / "out.safetensors"
+    img = tmp_path / "img.png"
+    img.write_bytes(b"")
+    h = ["--home", s.home]
+    cases = [
+        (["base", "create", "--config", "lbm-tiny", "--output", out, "--dtype", "int4"],
+         "unknown --dtype 'int4': use fp32, bf16 or fp16"),
+        (["base", "create", "--config", "lbm-tiny", "--output", out, "--sdxl-unet", tmp_path / "nope"],
+         "--sdxl-unet: file not found"),
+        (["base", "create", "--config", "lbm-tiny", "--output", out, "--sdxl-unet", tmp_path],
+         "no diffusion_pytorch_model"),
+        (["base", "create", "--config", "lbm-tiny", "--output", out, "--sdxl-unet", junk],
+         "not an SDXL UNet for this config"),
+        (["base", "create", "--config", "lbm-tiny", "--output", out, "--vae", junk], "not an AutoencoderKL VAE"),
+        (["base", "create", "--config", "lbm-tiny", "--output", tmp_path], "is a folder"),
+        (["base", "create", "--config", "lbm-nope", "--output", out], "config not found"),
+        ([*h, "base", "create", "--config", "lbm-tiny", "--register", "relight"], "'relight' is a lora"),
+        ([*h, "import", junk, "--name", "relight", "--kind", "model"], "'relight' is a lora"),
+        ([*h, "import", tmp_path / "nope.safetensors", "--name", "x", "--kind", "base"], "file not found"),
+        ([*h, "extract", "--base", "nope", "--tuned", "tb", "-o", out], "unknown reference 'nope'"),
+        ([*h, "extract", "--base", "tb", "--tuned", "nope", "-o", out], "unknown reference 'nope'"),
+        ([*h, "extract", "--base", "tb", "--tuned", "tb", "-o", out, "--dtype", "int4"], "unknown --dtype 'int4'"),
+        ([*h, "extract", "--base", "tb", "--tuned", "tb", "--register", "tb"], "'tb' is a base"),
+        ([*h, "validate", "nope"], "unknown reference 'nope'"),
+        ([*h, "layers", "nope"], "unknown reference 'nope'"),
+        ([*h, "export", "nope", "--format", "peft", "-o", tmp_path / "x"], "unknown reference 'nope'"),
+        ([*h, "export", "relight", "--format", "onnx", "-o", tmp_path / "x"], "unknown export format 'onnx'"),
+        ([*h, "infer", "nope", "--source", img, "-o", tmp_path / "o.png"], "unknown reference 'nope'"),
+        ([*h, "infer", "relight", "--lora", "nope", "--source", img, "-o", tmp_path / "o.png"],
+         "unknown reference 'nope'"),
+        ([*h, "infer", "tb", "--dtype", "int4", "--source", img, "-o", tmp_path / "o.png"], "unknown --dtype"),
+        ([*h, "compare", "nope", "relight"], "unknown reference 'nope'"),
+        ([*h, "train", "--config", "lora-finetune", "--base", "nope"], "unknown reference 'nope'"),
+    ]
+    results = cli_probe_many([c for c, _ in cases])
+    for (args, want), got in zip(cases, results, strict=True):
+        assert got["rc"] == 2, (args, got)
+        assert want in got["err"], (args, got["err"])
+        assert len(got["err"].strip().splitlines()) == 1, (args, got["err"])
+        assert not {"torch", "diffusers"} & set(got["heavy"]), (args, got["heavy"])
+
+
+def test_torch_free_option_lists_match_the_real_ones():
+    """The option lists checked before torch loads are the ones the torch code accepts."""
+    from lbm_registry.api.base import STORAGE_DTYPES
+    from lbm_registry.api.infer import INFER_DTYPES
+    from lbm_registry.api.lora import EXPORT_FORMATS, LORA_DTYPES
+    from lbm_registry.lora.export import FORMATS
+    from lbm_registry.lora.extract import STORAGE_DTYPES as LORA_STORAGE
+
+    assert EXPORT_FORMATS == FORMATS
+    assert set(LORA_DTYPES) == set(LORA_STORAGE)
+    assert set(STORAGE_DTYPES) == set(LORA_STORAGE)
+    import torch
+
+    from lbm_registry.lbm.model import pick_dtype
+
+    for name in INFER_DTYPES:
+        pick_dtype(name, torch.device("cpu"))
+

@@ -3,9 +3,61 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbm_registry.registry.settings import WorkspaceSettings
+
+if TYPE_CHECKING:
+    from lbm_registry.lbm.config import LBMConfig
+
+
+STORAGE_DTYPES = ("fp32", "bf16", "fp16")
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _preflight(config: str | Path, *, sdxl_unet: str | Path | None, vae: str | Path | None, dtype: str,
+               output: str | Path | None, register: str | None, settings: WorkspaceSettings | None) -> LBMConfig:
+    """Every check that needs no torch and no model: options, the config, the name, and the
+    key/shape tables of the SDXL UNet and VAE files (their headers), so a wrong input is refused
+    in well under a second instead of after the model is built."""
+    from lbm_registry.errors import CheckpointError, ConfigError
+    from lbm_registry.lbm.config import load_config
+    from lbm_registry.lbm.header import CKPT_SUFFIXES, SafetensorsHeader, check_architecture
+    from lbm_registry.lbm.unet_shapes import denoiser_shapes, vae_shapes
+
+    if _DTYPE_ALIASES.get(dtype, dtype) not in STORAGE_DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}: use {', '.join(STORAGE_DTYPES[:-1])} or {STORAGE_DTYPES[-1]}")
+    if output is None and register is None:
+        raise ConfigError("give --register NAME or --output FILE")
+    if output is not None and Path(output).is_dir():
+        raise ConfigError(f"--output {output} is a folder, expected a .safetensors file name")
+    cfg = load_config(config)
+    if register:
+        from lbm_registry.api.registry import check_name_free
+
+        check_name_free(register, "base", settings)
+    if sdxl_unet is not None:
+        from lbm_registry.lbm.exact_base import check_sdxl_shapes, locate_sdxl_unet, strip_denoiser_prefix
+
+        unet_file = locate_sdxl_unet(sdxl_unet)
+        target = denoiser_shapes(cfg.denoiser)
+        if unet_file.suffix not in CKPT_SUFFIXES:
+            shapes = strip_denoiser_prefix(SafetensorsHeader(unet_file).shapes())
+            if target is not None:
+                check_sdxl_shapes(shapes, target, str(sdxl_unet))  # type: ignore[arg-type]
+    if vae is not None:
+        if not Path(vae).is_file():
+            raise CheckpointError(f"--vae: file not found: {vae}" if not Path(vae).exists()
+                                  else f"--vae {vae} is a folder, expected a weight file")
+        want = vae_shapes(cfg.vae)
+        if Path(vae).suffix not in CKPT_SUFFIXES and want is not None:
+            have = SafetensorsHeader(vae).shapes()
+            for prefix in ("vae.vae_model.", "vae."):
+                if have and all(k.startswith(prefix) for k in have):
+                    have = {k[len(prefix):]: v for k, v in have.items()}
+                    break
+            check_architecture(have, want, vae, "AutoencoderKL VAE")
+    return cfg
 
 
 def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae: str | Path | None = None,
@@ -18,19 +70,16 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
     """
     import tempfile
 
+    cfg = _preflight(config, sdxl_unet=sdxl_unet, vae=vae, dtype=dtype, output=output, register=register,
+                     settings=settings)
+
     import torch
 
     from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
-    from lbm_registry.lbm.config import load_config
     from lbm_registry.lbm.exact_base import BaseReport, adapt_sdxl_unet, read_sdxl_unet
     from lbm_registry.lbm.loading import save_lbm
     from lbm_registry.lbm.model import DENOISER_PREFIX, build_model, pick_dtype
 
-    cfg = load_config(config)
-    if register:
-        from lbm_registry.api.registry import validate_name
-
-        validate_name(register)
     model = build_model(cfg, seed=seed)
     report = BaseReport()
     target = {k: tuple(v.shape) for k, v in model.denoiser.state_dict().items()}
@@ -58,7 +107,7 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
     else:
         report.initialised.extend("vae.vae_model." + k for k in model.vae.vae_model.state_dict())
 
-    store_dtype = pick_dtype(dtype, torch.device("cpu"))
+    store_dtype = pick_dtype(_DTYPE_ALIASES.get(dtype, dtype), torch.device("cpu"))
     meta = {"lbm_registry_base": "exact", "seed": str(seed),
             "sdxl_unet": str(sdxl_unet or ""), "base_report": str(report.summary())}
     if output is not None:

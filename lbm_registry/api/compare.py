@@ -159,16 +159,17 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
             settings: WorkspaceSettings | None = None, device: str = "auto", outputs: bool = True,
             seed: int = 0) -> dict[str, Any]:
     """Compare two LoRA versions. Returns facts, per-layer rows, output metrics and written files."""
+    settings = settings or WorkspaceSettings.resolve()
+    a, b = resolve_pair(a_ref, b_ref, settings)   # a wrong reference is refused before torch loads
+    for x in (a, b):
+        if x.kind not in ("lora", "file"):
+            raise RefError(f"{x.label}: compare takes two LoRAs, this is a {x.kind}")
+
     from lbm_registry.api.infer import collect_images
     from lbm_registry.errors import DataError
     from lbm_registry.lbm.imaging import open_image
     from lbm_registry.lora.format import read_lora
 
-    settings = settings or WorkspaceSettings.resolve()
-    a, b = resolve_pair(a_ref, b_ref, settings)
-    for x in (a, b):
-        if x.kind not in ("lora", "file"):
-            raise RefError(f"{x.label}: compare takes two LoRAs, this is a {x.kind}")
     fa, fb = _facts(a, settings), _facts(b, settings)
     lora_a, lora_b = read_lora(a.path), read_lora(b.path)
     rows = layer_table(lora_a, lora_b, a.facts or {}, b.facts or {})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.errors import BaseMismatchError, ConfigError, LoRAError, RefError
+from lbm_registry.lbm.header import CKPT_SUFFIXES, SafetensorsHeader, config_from_metadata
 from lbm_registry.registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SCALE = 2.0
+INFER_DTYPES = ("auto", "fp32", "bf16", "fp16")   # what lbm.model.pick_dtype takes (without torch)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
@@ -54,9 +56,12 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 
 def is_lora_file(path: Path) -> bool:
     """Sniff a weight file: a native LoRA has only ``denoiser.*.lora_down/up/alpha`` keys."""
-    from lbm_registry.lbm.checkpoint import CheckpointReader
+    if path.suffix in CKPT_SUFFIXES:
+        from lbm_registry.lbm.checkpoint import CheckpointReader
 
-    keys = CheckpointReader(path).keys()
+        keys = CheckpointReader(path).keys()
+    else:  # the header says it all: no torch
+        keys = SafetensorsHeader(path).keys()
     return bool(keys) and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
 
 
@@ -149,13 +154,17 @@ def base_mismatch(lora: ResolvedAsset, base: ResolvedAsset) -> str | None:
 
 def config_for(asset: ResolvedAsset) -> LBMConfig:
     """The LBM config of a base/model: from the registry record, else the file's metadata."""
-    from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lbm.config import config_from_dict
-    from lbm_registry.lbm.loading import config_from_checkpoint
 
     if asset.config:
         return config_from_dict(asset.config, asset.label)
-    cfg = config_from_checkpoint(CheckpointReader(asset.path))
+    if asset.path.suffix in CKPT_SUFFIXES:
+        from lbm_registry.lbm.checkpoint import CheckpointReader
+
+        metadata = CheckpointReader(asset.path).metadata
+    else:
+        metadata = SafetensorsHeader(asset.path).metadata
+    cfg = config_from_metadata(metadata, asset.path)
     if cfg is None:
         msg = f"{asset.label}: no LBM config recorded"
         raise ConfigError(f"{msg}; register it with a config", cli=f"{msg}; import it with --config")
@@ -170,11 +179,14 @@ def load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...
     ``scale`` multiplies every LoRA (like a global LoRA strength); each ``--lora REF:S`` keeps its
     own strength ``S`` under that multiplier. ``pipe(image, scale=s)`` changes the multiplier.
     """
+    if dtype not in INFER_DTYPES + ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown --dtype {dtype!r}: use {', '.join(INFER_DTYPES[:-1])} or {INFER_DTYPES[-1]}")
     plan = plan_load(ref, base=base, loras=loras, scale=scale, force=force, settings=settings)
+    cfg = config_for(plan.base)   # references and configs are checked before torch loads
     info = {"base": plan.base.label, "base_sha256": plan.base.sha256,
             "loras": [{"ref": a.label, "sha256": a.sha256, "scale": s * scale} for a, s in plan.loras],
             "warnings": plan.warnings}
-    return pipeline_from_files(plan.base.path, config_for(plan.base), [(a.path, s) for a, s in plan.loras],
+    return pipeline_from_files(plan.base.path, cfg, [(a.path, s) for a, s in plan.loras],
                                scale=scale, device=device, dtype=dtype, info=info)
 
 

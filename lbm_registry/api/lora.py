@@ -162,16 +162,20 @@ def open_pair(base_ref: str, tuned_ref: str, settings: WorkspaceSettings) -> Mod
     from concurrent.futures import ThreadPoolExecutor
 
     from lbm_registry.api.registry import resolve
+
+    if Path(base_ref).is_file() and Path(tuned_ref).is_file():
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tuned_future = pool.submit(resolve, tuned_ref, settings, MODEL_KINDS)
+            base = resolve(base_ref, settings, MODEL_KINDS)
+            tuned = tuned_future.result()
+    else:  # a registered name resolves in milliseconds: an unknown one is refused before torch loads
+        base = resolve(base_ref, settings, MODEL_KINDS)
+        tuned = resolve(tuned_ref, settings, MODEL_KINDS)
     from lbm_registry.lbm.checkpoint import CheckpointReader
 
-    both_files = Path(base_ref).is_file() and Path(tuned_ref).is_file()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        tuned_future = pool.submit(resolve, tuned_ref, settings, MODEL_KINDS) if both_files else None
-        base = resolve(base_ref, settings, MODEL_KINDS)
-        base_reader = CheckpointReader(base.path)
-        config = config_of(base, base_reader)
-        tuned = tuned_future.result() if tuned_future is not None else resolve(tuned_ref, settings, MODEL_KINDS)
-        tuned_reader = CheckpointReader(tuned.path)
+    base_reader = CheckpointReader(base.path)
+    config = config_of(base, base_reader)
+    tuned_reader = CheckpointReader(tuned.path)
     expected = _expected_denoiser(config)
     check_lbm_pair(base_reader, tuned_reader, config, expected)
     modules, others = denoiser_layers(base_reader)
@@ -179,6 +183,9 @@ def open_pair(base_ref: str, tuned_ref: str, settings: WorkspaceSettings) -> Mod
 
 
 # -- extract -----------------------------------------------------------------------------------
+LORA_DTYPES = ("bf16", "fp16", "fp32")   # lora.extract.STORAGE_DTYPES, named without importing torch
+
+
 @dataclass
 class ExtractReport:
     result: ExtractionResult
@@ -212,25 +219,28 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     import tempfile
 
     from lbm_registry import __version__
-    from lbm_registry.lora.extract import extract_lora, storage_dtype
     from lbm_registry.lora.ranks import RankPolicy
-    from lbm_registry.lora.svd import SVDSettings
 
+    # Every check that needs no torch comes first: a wrong option answers in a fraction of a second.
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
-    storage_dtype(dtype)
+    if dtype not in LORA_DTYPES:
+        raise LoRAError(f"unknown --dtype {dtype!r}: use bf16, fp16 or fp32")
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise LoRAError(f"--alpha must be positive, got {alpha}")
     if output is None and register is None:
         raise LoRAError("give output=FILE and/or register=NAME", cli="give --output FILE and/or --register NAME")
     if output is not None and Path(output).is_dir():
         raise LoRAError(f"--output {output} is a folder, expected a .safetensors file name")
-    if register is not None:
-        from lbm_registry.api.registry import validate_name
-
-        validate_name(register)
     settings = _settings(settings)
+    if register is not None:
+        from lbm_registry.api.registry import check_name_free
+
+        check_name_free(register, "lora", settings)
     t0 = time.perf_counter()
     pair = open_pair(base, tuned, settings)
+
+    from lbm_registry.lora.extract import extract_lora
+    from lbm_registry.lora.svd import SVDSettings
     timings = {"resolve_and_check_s": time.perf_counter() - t0}
     if pair.base.sha256 == pair.tuned.sha256:
         raise LoRAError(f"base and tuned are the same file (sha256 {pair.base.sha256[:12]}): nothing to extract")
@@ -380,13 +390,15 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     LoRA is a registered version, the results are recorded on it.
     """
     from lbm_registry.api.registry import resolve
+
+    settings = _settings(settings)
+    lora_asset = resolve(ref, settings, ("lora",))   # an unknown reference fails before torch loads
+
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lora.apply import check_lora_targets
     from lbm_registry.lora.format import read_lora
     from lbm_registry.lora.validate import coverage, functional_check, layer_checks
 
-    settings = _settings(settings)
-    lora_asset = resolve(ref, settings, ("lora",))
     lora = read_lora(lora_asset.path)
     base_asset = _resolve_role(base, lora_asset, lora.info, "base", settings)
     assert base_asset is not None
@@ -502,14 +514,18 @@ class LayersReport:
 def layers(ref: str, *, settings: WorkspaceSettings | None = None) -> LayersReport:
     """A LoRA's modules with rank, alpha, weight shape and kind (in file order)."""
     from lbm_registry.api.registry import resolve
-    from lbm_registry.lora.format import read_lora
 
     asset = resolve(ref, _settings(settings), ("lora",))
+    from lbm_registry.lora.format import read_lora
+
     lora = read_lora(asset.path)
     rows = [{"module": m, "kind": la.kind, "rank": la.rank, "alpha": la.alpha, "shape": list(la.weight_shape),
              "params": la.num_params()} for m, la in lora.layers.items()]
     info = {k: v for k, v in lora.info.items() if k not in ("layers", "skipped")}
     return LayersReport(lora=_asset_dict(asset), layers=rows, info=info)
+
+
+EXPORT_FORMATS = ("peft", "kohya")   # lora.export.FORMATS, named without importing torch
 
 
 @dataclass
@@ -526,12 +542,13 @@ class ExportReport:
 def export(ref: str, *, fmt: str, output: str | Path, settings: WorkspaceSettings | None = None) -> ExportReport:
     """Write the LoRA as a PEFT/diffusers folder (``peft``) or a kohya file (``kohya``)."""
     from lbm_registry.api.registry import resolve
-    from lbm_registry.lora.export import FORMATS, export_lora
+
+    if fmt not in EXPORT_FORMATS:
+        raise LoRAError(f"unknown export format {fmt!r}: use {' or '.join(EXPORT_FORMATS)}")
+    asset = resolve(ref, _settings(settings), ("lora",))
+    from lbm_registry.lora.export import export_lora
     from lbm_registry.lora.format import read_lora
 
-    if fmt not in FORMATS:
-        raise LoRAError(f"unknown export format {fmt!r}: use {' or '.join(FORMATS)}")
-    asset = resolve(ref, _settings(settings), ("lora",))
     lora = read_lora(asset.path)
     paths = export_lora(lora, fmt, output)
     return ExportReport(lora=_asset_dict(asset), format=fmt, paths=[str(p) for p in paths], layers=len(lora.layers))

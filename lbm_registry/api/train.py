@@ -122,18 +122,20 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     """Every start-up check that needs no model weights (references, data, shapes, module
     patterns, options): run before loading anything, and by ``--num-processes`` before
     starting workers. Returns ``(base, lbm, train_shards, val_shards, parent, lora)``."""
-    from lbm_registry.api.registry import resolve, validate_name
+    from lbm_registry.api.registry import check_name_free, resolve
     from lbm_registry.errors import ConfigError
+
+    if cfg.register_name:
+        check_name_free(cfg.register_name, "lora", settings)
+    if cfg.cache_latents != "no" and cfg.pixel_loss is not None:
+        raise ConfigError("cache_latents needs the images only for a pixel_loss: turn one of them off")
+    base = resolve(cfg.base, settings, kinds=("base", "model"))   # refused before torch loads
+
     from lbm_registry.lbm.model import build_model, pick_device
     from lbm_registry.train.data import expand_shards
     from lbm_registry.train.inject import check_lora_fits, match_modules, new_lora_file
     from lbm_registry.train.loop import check_optimizer_available
 
-    if cfg.register_name:
-        validate_name(cfg.register_name)
-    if cfg.cache_latents != "no" and cfg.pixel_loss is not None:
-        raise ConfigError("cache_latents needs the images only for a pixel_loss: turn one of them off")
-    base = resolve(cfg.base, settings, kinds=("base", "model"))
     lbm = _lbm_config_for(base, cfg.model_config_path)
     if cfg.resolution % lbm.pixel_multiple:
         raise ConfigError(f"resolution {cfg.resolution} must be a multiple of {lbm.pixel_multiple} "
@@ -165,6 +167,13 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     are not cached, an MLflow store that cannot be reached, an invalid ``register`` name, and
     (when ``resume`` is given) an output folder that holds another run or nothing to resume.
     """
+    from lbm_registry.api.registry import check_name_free, resolve
+
+    settings = settings or WorkspaceSettings.resolve()
+    if config.register_name:  # the cheap refusals come before torch is imported
+        check_name_free(config.register_name, "lora", settings)
+    resolve(config.base, settings, kinds=("base", "model"))
+
     import torch
 
     from lbm_registry.lbm.loading import load_lbm

@@ -18,13 +18,13 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from lbm_registry.errors import LoRAError
-from lbm_registry.lora.format import matrix_shape
 from lbm_registry.units import format_size
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_RANK = 32
 DEFAULT_CONV_RANK = 16
@@ -84,6 +84,8 @@ class RankPolicy:
 
     def limit(self, shape: tuple[int, ...]) -> int:
         """The highest rank this layer may get: its smaller side, capped by ``max_rank``."""
+        from lbm_registry.lora.format import matrix_shape  # torch: options are checked without it
+
         m, n = matrix_shape(shape)
         return min(m, n, self.max_rank or m * n)
 
@@ -116,6 +118,8 @@ def energy_rank(singular_values: torch.Tensor, total_energy: float, fraction: fl
     """
     if total_energy <= 0:
         return 0
+    import torch
+
     cum = torch.cumsum(singular_values.double() ** 2, 0)
     target = fraction * total_energy * (1 - 1e-12)
     hit = torch.nonzero(cum >= target)
