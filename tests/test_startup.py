@@ -159,3 +159,84 @@ def test_torch_free_option_lists_match_the_real_ones():
     for name in INFER_DTYPES:
         pick_dtype(name, torch.device("cpu"))
 
+
+# -- MLflow without MLflow: aliases, doctor and init read/write the local SQLite store directly --
+def test_fast_path_knows_the_installed_mlflow_schema(mlflow_template):
+    """The direct SQL of registry/mlflow_sqlite.py was checked against this MLflow's schema; a new
+    MLflow (another revision) needs that check again before its revision is added."""
+    import sqlite3
+
+    from lbm_registry.registry.mlflow_sqlite import KNOWN_REVISIONS
+
+    with sqlite3.connect(mlflow_template) as conn:
+        (rev,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert rev in KNOWN_REVISIONS, f"MLflow schema {rev}: verify mlflow_sqlite.py against it, then add it"
+
+
+def test_alias_fast_path_is_what_mlflow_sees(fresh_settings, make_weights):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from lbm_registry.api.registry import register_asset, remove_alias, set_alias
+    from lbm_registry.registry.mlflow_sqlite import SqliteMirror
+    from lbm_registry.registry.workspace import Workspace
+
+    s = fresh_settings()
+    v1 = register_asset(make_weights(), name="al", kind="base", settings=s)
+    v2 = register_asset(make_weights(), name="al", kind="base", settings=s)
+    with Workspace.open(s) as ws:
+        assert SqliteMirror.open(ws) is not None  # the fast path is the one under test
+    client = MlflowClient(tracking_uri=s.effective_tracking_uri, registry_uri=s.effective_tracking_uri)
+    set_alias(v1.ref, "prod", s)
+    assert client.get_model_version_by_alias("al", "prod").tags["lbm.sha256"] == v1.sha256
+    set_alias(v2.ref, "prod", s)  # moving an alias replaces the row
+    assert client.get_model_version_by_alias("al", "prod").tags["lbm.sha256"] == v2.sha256
+    assert client.get_registered_model("al").aliases == {"prod": client.get_model_version_by_alias("al", "prod").version}
+    remove_alias("al", "prod", s)
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("al", "prod")
+
+
+def test_doctor_fast_reads_agree_with_the_mlflow_client(fresh_settings, make_weights, monkeypatch):
+    """doctor without --repair finds the same drift through sqlite3 as through MLflow's client."""
+    from mlflow import MlflowClient
+
+    import lbm_registry.registry.mlflow_sqlite as fast
+    from lbm_registry.api.registry import doctor, register_asset
+
+    s = fresh_settings()
+    ok = register_asset(make_weights(), name="dr", kind="base", settings=s)
+    gone = register_asset(make_weights(), name="dr", kind="base", settings=s)
+    register_asset(make_weights(), name="dr", kind="base", settings=s)
+    client = MlflowClient(tracking_uri=s.effective_tracking_uri, registry_uri=s.effective_tracking_uri)
+    mv = {m.tags["lbm.sha256"]: m for m in client.search_model_versions("name = 'dr'")}
+    client.delete_model_version("dr", mv[gone.sha256].version)          # drift: a lost model version
+    client.delete_run(mv[ok.sha256].run_id)                                # drift: a deleted run
+    exp = client.get_experiment_by_name("lbm-registry").experiment_id
+    client.create_run(exp, run_name="stray", tags={"lbm.name": "dr"})     # drift: a run nobody knows
+    quick = doctor(s)
+    monkeypatch.setattr(fast.SqliteMirror, "open", classmethod(lambda cls, ws: None))
+    slow = doctor(s)
+
+    def issues(report):
+        return sorted((i["kind"], i["subject"] if i["kind"] != "mlflow_orphan_run" else "-", i["detail"])
+                      for i in report["issues"])
+
+    assert issues(quick) == issues(slow)
+    assert {i[0] for i in issues(quick)} == {"mlflow_missing", "mlflow_orphan_run"}
+    assert len(quick["issues"]) == 3 and quick["checked"]["mlflow"] and not quick["ok"]
+
+
+def test_maintenance_commands_import_no_heavy_module(fresh_settings, make_weights, cli_probe_many):
+    """alias set/rm, doctor, gc and a repeated init load neither torch nor diffusers (nor MLflow,
+    whose local store they read and write with sqlite3), in one real subprocess."""
+    from lbm_registry.api.registry import register_asset
+
+    s = fresh_settings()
+    v = register_asset(make_weights(), name="mt", kind="base", settings=s)
+    h = ["--home", s.home]
+    results = cli_probe_many([[*h, "init"], [*h, "alias", "set", v.ref, "prod"], [*h, "alias", "rm", "mt", "prod"],
+                              [*h, "doctor"], [*h, "doctor", "--json"], [*h, "gc"], [*h, "list"]])
+    for got in results:
+        assert got["rc"] == 0, got
+        assert not {"torch", "diffusers", "mlflow"} & set(got["heavy"]), got

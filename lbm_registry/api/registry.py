@@ -376,12 +376,15 @@ def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
     """Create or upgrade the workspace: catalog (Alembic), MLflow DB + experiment, blob store."""
     from lbm_registry.registry import schema
     from lbm_registry.registry.db import mask_url
+    from lbm_registry.registry.mlflow_sqlite import SqliteMirror
     from lbm_registry.registry.tracking import Tracker
     from lbm_registry.registry.workspace import Workspace
 
     s = _settings(settings)
     with Workspace.open(s) as ws:
-        tracker = Tracker(ws)
+        # An MLflow store that is already set up is read with sqlite3 (no MLflow import);
+        # creating one runs MLflow's own migrations.
+        tracker = SqliteMirror.open(ws) or Tracker(ws)
         return {"home": str(ws.home), "catalog": mask_url(s.effective_catalog_url), "schema": schema.SCHEMA_HEAD,
                 "tracking_uri": mask_url(s.effective_tracking_uri), "experiment_id": tracker.experiment_id,
                 "blobs": str(ws.blobs_dir)}

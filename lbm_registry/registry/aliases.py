@@ -10,6 +10,7 @@ from typing import Any
 from lbm_registry.errors import LBMError, RefError, RegistryError
 from lbm_registry.registry import catalog, refs
 from lbm_registry.registry.db import with_retries
+from lbm_registry.registry.mlflow_sqlite import SqliteMirror
 from lbm_registry.registry.workspace import Workspace, actor
 
 
@@ -36,7 +37,9 @@ def set_alias(ws: Workspace, ref: str, alias: str) -> dict[str, Any]:
             return old
 
     previous = with_retries(txn, f"setting alias {alias}")
-    _mirror(ws, lambda t: t.set_alias(rec, alias))
+    fast = SqliteMirror.open(ws)
+    if fast is None or not fast.set_alias(rec, alias):
+        _mirror(ws, lambda t: t.set_alias(rec, alias))
     return {"name": rec.name, "alias": alias, "version": rec.number, "previous": previous}
 
 
@@ -56,12 +59,19 @@ def remove_alias(ws: Workspace, name: str, alias: str) -> dict[str, Any]:
     if old is None:
         have = list(catalog.aliases_of_asset(ws.db, name))
         raise RefError(f"{name} has no alias {alias!r}" + (f" (aliases: {', '.join(have)})" if have else ""))
-    _mirror(ws, lambda t: t.delete_alias(name, alias))
+    fast = SqliteMirror.open(ws)
+    if fast is not None:
+        fast.delete_alias(name, alias)
+    else:
+        _mirror(ws, lambda t: t.delete_alias(name, alias))
     return {"name": name, "alias": alias, "version": old}
 
 
 def _mirror(ws: Workspace, fn: Callable[[Any], None]) -> None:
-    """The MLflow copy of an alias is a convenience for the UI; failing to write it is not an error."""
+    """The MLflow copy of an alias is a convenience for the UI; failing to write it is not an error.
+
+    A local SQLite store at a known schema is written directly (:mod:`.mlflow_sqlite`: one row,
+    no MLflow import); this is the path for everything else."""
     from lbm_registry.registry.tracking import Tracker
 
     try:

@@ -114,9 +114,17 @@ class Doctor:
 
     # -- helpers ---------------------------------------------------------------------------
     def tracker(self) -> Any:
+        """The MLflow client (Tracker). Without ``repair`` only reads are needed: a local SQLite
+        store at a known schema is read directly (:mod:`.mlflow_sqlite`, no MLflow import)."""
         if self._tracker is None and self._tracker_error is None:
             from lbm_registry.registry.tracking import Tracker
 
+            if not self.repair:
+                from lbm_registry.registry.mlflow_sqlite import SqliteMirror
+
+                self._tracker = SqliteMirror.open(self.ws)
+                if self._tracker is not None:
+                    return self._tracker
             try:
                 self._tracker = Tracker(self.ws)
             except LBMError as exc:
