@@ -118,6 +118,15 @@ def _parent_lora(cfg: TrainConfig, base: ResolvedAsset,
     return parent, lora
 
 
+def _cheap_checks(cfg: TrainConfig, settings: WorkspaceSettings) -> None:
+    """The refusals that need no torch (a taken name, an unknown base), before torch is imported."""
+    from lbm_registry.api.registry import check_name_free, resolve
+
+    if cfg.register_name:
+        check_name_free(cfg.register_name, "lora", settings)
+    resolve(cfg.base, settings, kinds=("base", "model"))
+
+
 def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, ...]:
     """Every start-up check that needs no model weights (references, data, shapes, module
     patterns, options): run before loading anything, and by ``--num-processes`` before
@@ -167,12 +176,8 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     are not cached, an MLflow store that cannot be reached, an invalid ``register`` name, and
     (when ``resume`` is given) an output folder that holds another run or nothing to resume.
     """
-    from lbm_registry.api.registry import check_name_free, resolve
-
     settings = settings or WorkspaceSettings.resolve()
-    if config.register_name:  # the cheap refusals come before torch is imported
-        check_name_free(config.register_name, "lora", settings)
-    resolve(config.base, settings, kinds=("base", "model"))
+    _cheap_checks(config, settings)
 
     import torch
 
@@ -308,10 +313,12 @@ def train_lora(config: TrainConfig | str | Path, overrides: Mapping[str, Any] | 
     :mod:`lbm_registry.train.launch`); started by ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE``
     set) it is one of the workers: every process trains its share, only rank 0 logs to MLflow,
     writes checkpoints and the LoRA, and registers it."""
-    from lbm_registry.train.distributed import init_distributed, launched_world_size
-
     settings = settings or WorkspaceSettings.resolve()
     cfg = load_training_config(config, overrides)
+    _cheap_checks(cfg, settings)
+
+    from lbm_registry.train.distributed import init_distributed, launched_world_size
+
     err_console = err_console or console
     if launched_world_size() <= 1 and cfg.num_processes > 1:
         from lbm_registry.train.launch import launch_local
