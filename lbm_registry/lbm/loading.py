@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite, save_safetensors
+from lbm_registry.lbm.checkpoint import CheckpointReader, save_safetensors
 from lbm_registry.lbm.config import LBMConfig
 from lbm_registry.lbm.header import (
     CONFIG_METADATA_KEY,
@@ -40,11 +40,9 @@ def load_lbm(path: str | Path, config: LBMConfig, *, device: str | torch.device 
     reader = CheckpointReader(path)
     verify_checkpoint(reader, config)   # from the key/shape table: a wrong file fails before any model
     model = build_model(config, meta=True)
-    sd = {}
-    for key, t in reader.items():
-        if check_nan:
-            check_finite(key, t, reader.path)
-        sd[key] = t
+    if check_nan:
+        reader.check_finite()
+    sd = dict(reader.items())
     if "num_iterations" not in sd:
         sd["num_iterations"] = torch.zeros((), dtype=torch.int64)
     model.load_state_dict(sd, strict=True, assign=True)
