@@ -41,6 +41,7 @@ from lbm_registry.registry.blobs import (
     TMP_PREFIX,
     blob_path,
     iter_blob_files,
+    link_or_copy,
     make_read_only,
     sha256_file,
     store_blob,
@@ -266,8 +267,11 @@ class Doctor:
                     make_read_only(path)
                     issue.fixed, issue.action = True, "made read-only"
             if not on_server:
-                self.add("unmirrored_blob", sha[:16], f"the tracking server has no copy of {refs}: this home "
-                         f"holds the only one" + (f" ({unknown})" if unknown else ""))
+                issue = self.add("unmirrored_blob", sha[:16], f"the tracking server has no copy of {refs}: this "
+                                 f"home holds the only one" + (f" ({unknown})" if unknown else ""))
+                if self.repair and unknown is None:
+                    issue.action = self._upload(recs, path)
+                    issue.fixed = issue.action.startswith("uploaded")
             return
         if not on_server:
             self.add("corrupt_blob", sha[:16], f"blob of {refs} is corrupt here and the tracking server has "
@@ -282,6 +286,31 @@ class Doctor:
                 issue.fixed, issue.action = True, "fetched again from the tracking server"
             except LBMError as exc:
                 issue.action = f"dropped; fetching it again failed: {exc}"
+
+    def _upload(self, recs: list[VersionRecord], blob: Path) -> str:
+        """Give the server back its copy: upload the verified local blob as each run's weight file."""
+        from lbm_registry.registry import fetch
+
+        tracker = self.tracker()
+        if tracker is None:
+            return f"cannot upload: {self._tracker_error}"
+        done = []
+        for rec in recs:
+            if not rec.mlflow_run_id:
+                continue
+            folder, _, name = fetch.weight_artifact(rec).rpartition("/")
+            staging = self.ws.staging_dir / f"upload-{rec.sha256[:16]}-{os.getpid()}"
+            try:
+                link_or_copy(blob, staging / name)
+                try:
+                    tracker.client.log_artifact(rec.mlflow_run_id, str(staging / name), folder)
+                except Exception as exc:  # MLflow's exception zoo: one line
+                    return f"upload failed: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc}"
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            if self._server_size(rec) == rec.size:
+                done.append(rec.ref)
+        return f"uploaded to the tracking server ({', '.join(done)})" if done else "upload did not complete"
 
     def _check_blob(self, sha: str, recs: list[VersionRecord]) -> None:
         from lbm_registry.registry.fetch import is_cache_home

@@ -251,28 +251,89 @@ def _mlflow_download(ws: Workspace, rec: VersionRecord, uri: str) -> Iterator[Pa
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+class _HashingWriter:
+    """Hash and write chunks on a second thread while the caller keeps reading the socket.
+
+    ``hashlib`` and file writes release the GIL, so receiving, hashing and writing overlap (curl
+    only receives and writes). At most ``QUEUE_CHUNKS`` chunks wait in memory; dirty pages are
+    flushed every ``SYNC_EVERY`` bytes so the final fsync does not wait for a whole file."""
+
+    QUEUE_CHUNKS = 16
+    SYNC_EVERY = 64 * 1024 * 1024
+
+    def __init__(self, out: Any) -> None:
+        import queue
+        import threading
+
+        self.out, self.h = out, hashlib.sha256()
+        self.q: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_CHUNKS)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="lbm-fetch-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        unsynced = 0
+        try:
+            while (chunk := self.q.get()) is not None:
+                if self.error is not None:
+                    continue  # drain: the reader is told at its next put
+                self.h.update(chunk)
+                self.out.write(chunk)
+                unsynced += len(chunk)
+                if unsynced >= self.SYNC_EVERY:
+                    self.out.flush()
+                    os.fdatasync(self.out.fileno())
+                    unsynced = 0
+            self.out.flush()
+            os.fsync(self.out.fileno())
+        except BaseException as exc:
+            self.error = exc
+            while self.q.get() is not None:  # let the reader finish its puts
+                pass
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(chunk)
+
+    def finish(self) -> str:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.h.hexdigest()
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("aborted")
+            self.q.put(None)
+            self.thread.join()
+
+
 def _write_verified(rec: VersionRecord, chunks: Iterator[bytes], dest: Path, progress: Progress | None,
                     source: str) -> None:
     """Stream ``chunks`` into a temp file beside ``dest``, check size and sha256, rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-    h = hashlib.sha256()
     done = 0
     try:
         with open(tmp, "wb") as out:
-            if progress:
-                progress(0, rec.size)
-            for chunk in chunks:
-                done += len(chunk)
-                if done > rec.size:
-                    break
-                h.update(chunk)
-                out.write(chunk)
+            writer = _HashingWriter(out)
+            try:
                 if progress:
-                    progress(done, rec.size)
-            out.flush()
-            os.fsync(out.fileno())
-        got = h.hexdigest() if done == rec.size else None
+                    progress(0, rec.size)
+                for chunk in chunks:
+                    done += len(chunk)
+                    if done > rec.size:
+                        break
+                    writer.put(chunk)
+                    if progress:
+                        progress(done, rec.size)
+                digest = writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+        got = digest if done == rec.size else None
         if got != rec.sha256:
             what = (f"sha256 {got[:12]}, expected {rec.sha256[:12]}" if got else
                     f"{'more than ' if done > rec.size else ''}{done:,} bytes, expected {rec.size:,}")
