@@ -149,6 +149,33 @@ class SqliteMirror:
         return [SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=name),
                                 data=SimpleNamespace(tags=tags[run_id])) for run_id, name in rows]
 
+    def model_folder_problem(self, rec: VersionRecord) -> str | None:
+        """Why the version's model folder is not a loadable MLflow model, or None (same answers
+        as Tracker.model_folder_problem for a local artifact store; other stores ask the client)."""
+        from lbm_registry.errors import RegistryError
+        from lbm_registry.registry.mlmodel import MLMODEL, MODEL_FILES
+        from lbm_registry.registry.tracking import _local_dir
+
+        if not rec.mlflow_run_id:
+            return "no MLflow run recorded"
+        with self._connect(self.path) as conn:
+            row = conn.execute("SELECT artifact_uri FROM runs WHERE run_uuid = ?", (rec.mlflow_run_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"MLflow artifacts of {rec.ref} failed: Run '{rec.mlflow_run_id}' not found")
+        local = _local_dir(row[0] or "")
+        if local is None:
+            from lbm_registry.registry.tracking import Tracker
+
+            return Tracker(self.ws).model_folder_problem(rec)
+        folder = local / "weights"
+        have = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        missing = [f for f in MODEL_FILES if f not in have]
+        if not missing:
+            return None
+        if MLMODEL in missing:
+            return "its model folder has no MLmodel: not loadable with mlflow.pyfunc (registered before models)"
+        return f"its model folder lacks {', '.join(missing)}"
+
     # -- aliases ---------------------------------------------------------------------------
     def set_alias(self, rec: VersionRecord, alias: str) -> bool:
         """Point the MLflow alias at the version's model version. False when that model version
