@@ -233,6 +233,9 @@ def test_gc_cache_drops_what_the_server_holds_and_keeps_the_only_copy(team, tmp_
     kinds = [i["kind"] for i in R.doctor(f)["issues"]]
     assert "unmirrored_blob" in kinds and "missing_blob" not in kinds
     assert _sha(R.resolve("t-lora", f).path) == R.show("t-lora", a)["sha256"]  # fetched again on use
+    rc, out, err = cli(*_args(f), "pull", "t-lora")
+    assert rc == 0, err
+    assert "t-lora@1 (version" in out and "already here" in out and "t-base@1 (base" in out and "fetched in" in out
     # a home with its own (file) tracking store is no cache: its blobs are the only copy
     rc, _, err = cli("--home", tmp_path / "solo", "--catalog-url", team["url"], "gc", "--cache")
     assert rc != 0 and "not a cache" in err
