@@ -244,3 +244,28 @@ def test_cli_import_kind_lora(cli, tmp_path, factors, reg_settings, base_ref):
     rc, out, err = cli("--home", reg_settings.home, "import", path, "--kind", "lora", "--name", "imp-cli",
                        "--base", base_ref)
     assert rc != 0 and "already registered as imp-cli@1" in err and "Traceback" not in err
+
+
+def test_dora_and_full_diff_become_dense_deltas(tmp_path, factors, shapes, reg_settings, base_ref, tiny_base_path):
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+
+    base = CheckpointReader(tiny_base_path)
+    lin, ff = MODULES[0], MODULES[1]
+    down, up = factors[lin]
+    w0 = base.get(f"denoiser.{lin}.weight").float()
+    g = torch.Generator().manual_seed(9)
+    mag = torch.rand(w0.shape[0], generator=g) + 0.5
+    merged = w0 + up @ down
+    want_dora = merged * (mag / torch.linalg.vector_norm(merged, dim=1))[:, None] - w0
+    diff = torch.randn(shapes[ff], generator=g) * 0.01
+    sd = {f"{lin}.lora_A.weight": down, f"{lin}.lora_B.weight": up, f"{lin}.lora_magnitude_vector": mag}
+    path = tmp_path / "dora.safetensors"
+    save_file(sd, str(path))
+    rep = do_import(path, "imp-dora", reg_settings, base_ref, rank=9999, conv_rank=9999)
+    assert rep.converted == 1
+    assert rel(imported_delta(rep.ref, reg_settings, lin), want_dora) < 1e-5
+    path = tmp_path / "diff.safetensors"
+    save_file({"lora_unet_" + ff.replace(".", "_") + ".diff": diff}, str(path))
+    rep = do_import(path, "imp-diff", reg_settings, base_ref, rank=9999, conv_rank=9999)
+    assert rep.source_format == "kohya+full"
+    assert rel(imported_delta(rep.ref, reg_settings, ff), diff) < 1e-5

@@ -141,8 +141,8 @@ def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSO
     lin = info["lineage"]
     for role in ("base", "tuned", "parent"):
         if role in lin:
-            e = lin[role]
-            t.add_row(role, f"{e['ref'] or '(unregistered)'}  sha256 {_short(e['sha256'])}")
+            for i, e in enumerate(lin.get("parents") or [lin[role]] if role == "parent" else [lin[role]]):
+                t.add_row(role if i == 0 else "", f"{e['ref'] or '(unregistered)'}  sha256 {_short(e['sha256'])}")
     if lin.get("datasets"):
         t.add_row("datasets", f"{len(lin['datasets'])} shard(s): " +
                   ", ".join(Path(d['path'] or '?').name for d in lin["datasets"][:4]))

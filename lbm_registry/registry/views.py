@@ -36,8 +36,12 @@ def lineage_of(edges: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, 
         if e["role"] == "dataset":
             out.setdefault("datasets", []).append({"path": e.get("path"), "sha256": e.get("sha256")})
             continue
-        out[e["role"]] = {"sha256": e.get("sha256"), "ref": _target_ref(e),
-                          "registered": e.get("target_version_id") is not None}
+        node = {"sha256": e.get("sha256"), "ref": _target_ref(e), "registered": e.get("target_version_id") is not None}
+        if e["role"] == "parent":  # a merge has several: "parent" is the first, "parents" all of them
+            out.setdefault("parents", []).append(node)
+            out.setdefault("parent", node)
+            continue
+        out[e["role"]] = node
     if facts.get("training_config") is not None:
         out["training_config"] = facts["training_config"]
     return out
