@@ -71,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny twin instead of full size")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--dense-shapes", type=int, default=0,
+                    help="dense route on this many distinct shapes (largest, then spread out); 0 = all")
     args = ap.parse_args()
     import torch
 
@@ -99,12 +101,15 @@ def main() -> None:
                 la.up = la.up.clone()
             write_lora(lora, tmp / "copy.safetensors", dtype=torch.bfloat16)
 
+        print(f"synthetic rank-64 file: {res['file_mb']:.0f} MB in {t_synth:.1f} s", flush=True)
         _, res["read_write_s"] = timed(read_write)
+        print(f"read + write: {res['read_write_s']:.2f} s", flush=True)
         lora = read_lora(src)
         out, res["resize_s"] = timed(resize_lora, lora, tmp / "r32.safetensors",
                                      policy=RankPolicy.from_options(rank=32, conv_rank=32), dtype="bf16")
         res["resize_mean_error"] = out.mean_error
         res["resize_vs_read_write"] = res["resize_s"] / res["read_write_s"]
+        print(f"resize 64 -> 32: {res['resize_s']:.2f} s", flush=True)
 
         # dense route vs factor route on one layer per distinct shape
         by_shape: dict[tuple[int, ...], str] = {}
@@ -112,7 +117,12 @@ def main() -> None:
             by_shape.setdefault(s, m)
         count = {s: sum(1 for v in shapes.values() if v == s) for s in by_shape}
         dense_t = factor_t = dense_full_est = 0.0
-        for s, m in sorted(by_shape.items(), key=lambda kv: -math.prod(kv[0])):
+        ordered = sorted(by_shape.items(), key=lambda kv: -math.prod(kv[0]))
+        if args.dense_shapes and args.dense_shapes < len(ordered):
+            step = len(ordered) / args.dense_shapes
+            ordered = [ordered[int(i * step)] for i in range(args.dense_shapes)]
+        by_shape = dict(ordered)
+        for s, m in ordered:
             term = layer_terms(lora.layers[m])
             t = time.perf_counter()
             u, sv, vh = factored_svd(term.up, term.down)
@@ -126,11 +136,13 @@ def main() -> None:
             factor_t += ft
             dense_t += dt
             dense_full_est += dt * count[s]
+            print(f"  shape {s}: factor {ft * 1e3:.1f} ms, dense {dt * 1e3:.0f} ms", flush=True)
         res["sample_layers"] = len(by_shape)
         res["sample_factor_s"] = factor_t
         res["sample_dense_s"] = dense_t
         res["dense_over_factor"] = dense_t / factor_t
         res["dense_all_layers_est_s"] = dense_full_est
+        res["dense_est_note"] = "sampled shapes only" if args.dense_shapes else "all shapes"
 
         # import of a kohya file, by phase
         kohya = tmp / "kohya.safetensors"
