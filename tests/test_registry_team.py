@@ -239,3 +239,39 @@ def test_gc_cache_drops_what_the_server_holds_and_keeps_the_only_copy(team, tmp_
     # a home with its own (file) tracking store is no cache: its blobs are the only copy
     rc, _, err = cli("--home", tmp_path / "solo", "--catalog-url", team["url"], "gc", "--cache")
     assert rc != 0 and "not a cache" in err
+
+
+def _register_paused(settings: WorkspaceSettings, src: str, log: str) -> None:
+    """Register with the pause hook armed after the upload (a forked process)."""
+    import sys
+
+    from lbm_registry.registry.register import PAUSE_ENV
+
+    sys.stderr = open(log, "w", buffering=1)  # noqa: SIM115  (the hook reports here)
+    os.environ[PAUSE_ENV], os.environ["LBM_REG_DEBUG_PAUSE_S"] = "mlflow_version", "4"
+    try:
+        R.register_asset(Path(src), name="t-halfway", kind="model", settings=settings)
+    except RegistryError as exc:
+        sys.stderr.write(f"refused: {exc}\n")
+        os._exit(3)
+
+
+def test_a_version_is_visible_only_when_the_server_holds_its_whole_file(team, tmp_path):
+    import time
+
+    a = team["a"]
+    src = write_weights(tmp_path / "t-halfway.safetensors", 31)
+    log = tmp_path / "paused.log"
+    log.touch()
+    proc = mp.get_context("fork").Process(target=_register_paused, args=(a, str(src), str(log)))
+    proc.start()
+    deadline = time.time() + 120
+    while "paused at mlflow_version" not in log.read_text():
+        assert proc.is_alive() and time.time() < deadline, log.read_text()
+        time.sleep(0.05)
+    (uploaded,) = team["server"].artifacts.rglob("t-halfway.safetensors")
+    with open(uploaded, "r+b") as fh:  # the server kept only part of the upload
+        fh.truncate(100)
+    proc.join(60)
+    assert proc.exitcode == 3 and "tracking server holds 100 bytes" in log.read_text(), log.read_text()
+    assert "t-halfway" not in {r["name"] for r in R.list_assets(a)}
