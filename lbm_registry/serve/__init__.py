@@ -2,5 +2,6 @@
 
 ``multilora`` (the per-sample low-rank path), ``cache`` (LRU of LoRA factors), ``batcher``
 (micro-batching worker), ``engine`` (all of it behind ``submit``/``run``), ``metrics``
-(Prometheus text), ``app`` (FastAPI), ``ray`` (a Ray Serve deployment, the ``ray`` extra).
+(Prometheus text), ``app`` (FastAPI). The Ray Serve deployment is ``api.ray_serve`` (it wraps
+the registry-backed ``api.serve.Server``).
 """
