@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import threading
 import time
@@ -55,8 +56,21 @@ def server(serve_registry):
     from lbm_registry.api.serve import Server
 
     with Server("sv-base@1", settings=serve_registry, device="cpu", dtype="fp32", max_batch=8,
-                max_wait_ms=3000, max_loras=4) as srv:
+                max_wait_ms=50, max_loras=4) as srv:
         yield srv
+
+
+@contextlib.contextmanager
+def one_batch(server, refs=("sv-a@1", "sv-a@2", "sv-b@1", "sv-c@1")):
+    """LoRAs loaded and a long batching window, so 8 concurrent requests surely meet in one
+    batch even on a loaded machine (the batch starts as soon as the 8th arrives)."""
+    for ref in refs:
+        server.load_lora(ref)
+    old, server.batcher.max_wait_s = server.batcher.max_wait_s, 120.0
+    try:
+        yield
+    finally:
+        server.batcher.max_wait_s = old
 
 
 def _arr(img: Image.Image) -> np.ndarray:
@@ -144,7 +158,7 @@ REQUESTS = [  # (image, lora, stacked loras, scale, seed, steps)
 
 def test_concurrent_mixed_requests_are_one_pass_and_equal_infer(server, images, infer_ref):
     passes = server.multi.forward_passes
-    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+    with one_batch(server), ThreadPoolExecutor(len(REQUESTS)) as pool:
         futs = [pool.submit(server.run, images[im], lora=lora, loras=stack, scale=s, seed=seed, steps=steps)
                 for im, lora, stack, s, seed, steps in REQUESTS]
         results = [f.result() for f in futs]
@@ -274,7 +288,7 @@ def test_http_concurrent_requests_equal_infer_and_metrics(server, images, infer_
         return srv.request("POST", "/v1/images", {"image": _b64(images[im]), "lora": lora, "scale": s, "seed": seed,
                                                   "steps": steps, "loras": [{"ref": x, "scale": y} for x, y in stack]})
 
-    with ThreadPoolExecutor(len(reqs)) as pool:
+    with one_batch(server), ThreadPoolExecutor(len(reqs)) as pool:
         answers = list(pool.map(post, reqs))
     assert server.multi.forward_passes - passes == 1
     for r, (status, body) in zip(reqs, answers, strict=True):
