@@ -9,8 +9,9 @@
    seconds per optimizer step and peak RSS with and without the UNet's gradient checkpointing.
    Each variant runs in its own process; the activation memory is the peak RSS during the
    steps minus the RSS just before the first one (weights, LoRA, its gradients and AdamW state
-   are all allocated by then: one warm-up step runs first).
-2. **Cached vs uncached latents** on the tiny twin (the real trainer; 16 pairs at 128 px, batch 4):
+   are all allocated by then: one warm-up step runs first; glibc is told to return freed memory,
+   so RSS follows live memory).
+2. **Cached vs uncached latents** on the tiny twin (the real trainer; 16 pairs at 64 px, batch 4):
    seconds per step once the cache is warm (epochs after the first).
 3. **1 vs 2 processes** on the tiny twin (the real ``--num-processes`` path, gloo): the same
    global batch (1 x 8 vs 2 x 4), wall time of a short and a longer run, and the per-step time
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +64,16 @@ class _PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
+
+
+def _trim() -> None:
+    """Hand freed heap back to the OS so RSS measures live memory (glibc keeps it otherwise)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def full_size_worker(checkpointing: bool, steps: int, resolution: int) -> dict:
@@ -111,6 +123,7 @@ def full_size_worker(checkpointing: bool, steps: int, resolution: int) -> dict:
         opt.zero_grad(set_to_none=False)  # keep the gradient buffers: they are not activations
 
     step()  # warm-up: allocates gradients and AdamW state
+    _trim()
     before = _rss()
     times = []
     with _PeakRSS() as peak:
@@ -128,7 +141,10 @@ def full_size(steps: int, resolution: int) -> list[str]:
     for checkpointing in (False, True):
         out = subprocess.run([sys.executable, __file__, "--_full-worker", str(int(checkpointing)),
                               "--full-steps", str(steps), "--resolution", str(resolution)],
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             capture_output=True, text=True,
+                             # a fixed mmap threshold: freed activations go back to the OS at once,
+                             # so RSS follows live memory rather than glibc's high-water mark
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072"})
         if out.returncode != 0:
             raise SystemExit(out.stderr[-3000:])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -157,19 +173,22 @@ def _tiny_setup(root: Path) -> dict:
 
     tiny = load_config(ROOT / "configs" / "lbm-tiny.yaml")
     base = save_lbm(build_model(tiny, seed=0), root / "base.safetensors")
-    shards = write_synth_shards(root / "data", 16, resolution=128, seed=1, shard_size=8, prefix="train")
+    shards = write_synth_shards(root / "data", 16, resolution=64, seed=1, shard_size=8, prefix="train")
     del torch
     return {"base": str(base), "train_shards": [str(p) for p in shards], "validation_shards": [],
-            "new_lora": {"rank": 8, "conv_rank": 4}, "trainable_lora_modules": ["*"], "resolution": 128,
+            "new_lora": {"rank": 8, "conv_rank": 4}, "trainable_lora_modules": ["*"], "resolution": 64,
             "num_sample_images": 0, "mlflow": False, "device": "cpu", "checkpoint_interval": 10_000,
             "validation_interval": 10_000, "learning_rate": 1e-3}
 
 
 def cached_latents(root: Path, common: dict) -> list[str]:
+    import torch
+
     from lbm_registry.api.train import build_lora_trainer
     from lbm_registry.registry.settings import WorkspaceSettings
     from lbm_registry.train.config import train_config_from_dict
 
+    torch.set_num_threads(1)  # tiny ops: thread hand-off dominates, and the machine may be shared
     results = {}
     for mode in ("no", "memory"):
         cfg = train_config_from_dict({**common, "batch_size": 4, "max_steps": 8, "cache_latents": mode,
@@ -187,11 +206,13 @@ def cached_latents(root: Path, common: dict) -> list[str]:
         t0 = time.perf_counter()
         trainer.fit()
         times = [b - a for (_, a), (_, b) in zip([(0, t0), *stamps[:-1]], stamps, strict=True)]
-        warm = times[4:]  # 16 pairs / 4 = 4 steps per epoch: steps 5..8 are the second epoch
-        results[mode] = (sum(times[:4]) / 4, sum(warm) / len(warm))
+        # 16 pairs / 4 = 4 steps per epoch: steps 2..4 are the first epoch (step 1 also warms up),
+        # steps 5..8 the second, with the cache warm
+        results[mode] = (statistics.median(times[1:4]), statistics.median(times[4:]))
     no, mem = results["no"], results["memory"]
-    return ["**Cached latents, tiny twin, 128 px, batch 4 (real trainer, 8 steps = 2 epochs)**", "",
-            "| | first epoch, s / step | later epochs, s / step |", "| --- | --- | --- |",
+    return ["**Cached latents, tiny twin, 64 px, batch 4, 1 thread (real trainer, 8 steps = 2 epochs, "
+            "medians)**", "",
+            "| | first epoch, s / step | second epoch, s / step |", "| --- | --- | --- |",
             f"| `cache_latents: no` | {no[0]:.3f} | {no[1]:.3f} |",
             f"| `cache_latents: memory` | {mem[0]:.3f} | {mem[1]:.3f} ({no[1] / mem[1]:.2f}x faster) |"]
 
@@ -216,7 +237,7 @@ def processes(root: Path, common: dict) -> list[str]:
             else:
                 train_lora(cfg, settings=settings, progress=False)
             walls[(n, steps)] = time.perf_counter() - t0
-    lines = ["**1 vs 2 processes, tiny twin, 128 px, global batch 8 (1 x 8 vs 2 x 4, gloo), 2 CPU cores**", "",
+    lines = ["**1 vs 2 processes, tiny twin, 64 px, global batch 8 (1 x 8 vs 2 x 4, gloo), 2 CPU cores**", "",
              "| | wall, 2 steps | wall, 6 steps | s / step (difference / 4) | samples / s |",
              "| --- | --- | --- | --- | --- |"]
     per = {n: (walls[(n, 6)] - walls[(n, 2)]) / 4 for n in (1, 2)}
