@@ -16,7 +16,10 @@ if TYPE_CHECKING:  # pragma: no cover
 def load(ref: str, **kwargs: Any) -> LBMPipeline:
     """Resolve ``ref`` (e.g. ``"relight-v3@latest"``) and return a ready image pipeline.
 
-    See :func:`lbm_registry.api.infer.load` for the keyword arguments.
+    The workspace is ``settings=`` (a :class:`~lbm_registry.registry.settings.WorkspaceSettings`)
+    when given, else ``$LBM_REG_HOME`` (default ``./mlruns``) with ``$LBM_REG_CATALOG_URL`` and
+    ``$MLFLOW_TRACKING_URI``, as for the CLI. See :func:`lbm_registry.api.infer.load` for the
+    other keyword arguments.
     """
     from lbm_registry.api.infer import load as _load
 

@@ -269,3 +269,116 @@ def test_base_mismatch_is_worded_per_surface(cli, extract_tiny, make_tuned, lora
     rc, _, err = cli("--home", lora_settings.home, "infer", lora, "--base", other_base, "--source",
                      tmp_path / "in.png", "--output", tmp_path / "out.png")
     assert rc == 2 and "use --force" in err and "force=True" not in err
+
+
+# -- the Python API ----------------------------------------------------------------------------
+def test_api_submodules_by_attribute_without_importing_torch():
+    code = ("import sys\nfrom lbm_registry import api\nassert 'torch' not in sys.modules, 'torch at import'\n"
+            "assert callable(api.lora.extract) and callable(api.infer.load) and callable(api.registry.resolve)\n"
+            "assert 'lora' in dir(api)\n"
+            "try:\n    api.nope\nexcept AttributeError as e:\n    print('ok', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok module 'lbm_registry.api' has no attribute 'nope'" in proc.stdout
+
+
+# -- smaller items (issue 11, item 11) ---------------------------------------------------------
+@pytest.mark.parametrize(("name", "why"), [
+    (".", "must start with a letter or a digit"), ("...", "must start with a letter or a digit"),
+    ("-dash", "must start with a letter or a digit"), ("a b", "' ' not allowed"), ("a/b", "'/' not allowed"),
+    ("latest", "reserved"), ("sha256", "reserved"), ("v2", "looks like a version"), ("", "empty"),
+])
+def test_name_rule_messages_say_what_is_wrong(name, why):
+    from lbm_registry.api.registry import validate_name
+    from lbm_registry.errors import RegistryError
+    from lbm_registry.registry.aliases import validate_alias
+
+    with pytest.raises(RegistryError, match="invalid name") as info:
+        validate_name(name)
+    assert why in str(info.value)
+    if name not in ("latest", "v2"):  # those are refused as aliases with their own message
+        with pytest.raises(RegistryError, match="invalid alias"):
+            validate_alias(name)
+
+
+def test_sha256_is_refused_as_an_alias():
+    from lbm_registry.errors import RegistryError
+    from lbm_registry.registry.aliases import validate_alias
+
+    with pytest.raises(RegistryError, match="reserved"):
+        validate_alias("sha256")
+    validate_alias("prod")
+
+
+def test_nothing_after_at_is_refused_not_latest(cli, populated):
+    rc, _, err = cli("--home", populated["settings"].home, "show", "relight@")
+    assert rc == 2 and "nothing after '@' in 'relight@'" in err
+
+
+def test_config_name_typo_gets_did_you_mean():
+    from lbm_registry.errors import ConfigError
+    from lbm_registry.lbm.config import resolve_config_path
+
+    with pytest.raises(ConfigError, match="did you mean lbm-tiny"):
+        resolve_config_path("lbm-tin")
+
+
+def test_gc_json_has_no_repair_flag(cli, fresh_settings):
+    import json
+
+    s = fresh_settings()
+    rc, out, err = cli("--home", s.home, "gc", "--json")
+    report = json.loads(out)
+    assert rc == 0 and "repair" not in report and report["removed"] == 0
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    from lbm_registry.errors import ConfigError
+    from lbm_registry.train.config import load_train_config
+
+    cfg = Path(__file__).parents[1] / "configs" / "lora-finetune.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_train_config(cfg, {"batch_size": 0})
+    assert "batch_size=0" in str(info.value) and "override, not in" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_train_config(cfg, {"foo": 1})
+    assert "foo=1" in str(info.value) and "unknown field" in str(info.value)
+
+
+def test_show_hides_empty_rows_and_renders_validation(cli, populated, make_weights):
+    from fixtures.registry import lora_facts
+
+    from lbm_registry.api.registry import register_asset, update_facts
+
+    s = populated["settings"]
+    base = register_asset(make_weights(), name="seeded-base", kind="base", settings=s,
+                          config={"name": "lbm-tiny"}, facts={"sdxl_unet": None, "seed": 0})
+    rc, out, _ = cli("--home", s.home, "show", base.ref)
+    assert rc == 0 and "sdxl_unet" not in out
+    trained = register_asset(make_weights(), name="trained", kind="lora", settings=s, lineage={"base": base},
+                             facts=lora_facts(4, layers=[{"module": "a", "kind": "linear", "shape": [32, 32],
+                                                          "rank": 4, "rel_error": None, "energy": None}]))
+    update_facts(trained, {"validation": {"mean_error": 0.0123, "max_error": 0.05,
+                                          "functional": {"functional_error": 0.002, "recovered": 0.99},
+                                          "coverage": {"expected": 792, "found": 792, "applied": 792},
+                                          "validated_at": "2026-12-01T09:00:00+00:00"}}, s)
+    rc, out, _ = cli("--home", s.home, "show", trained.ref)
+    assert rc == 0
+    assert "worst relative errors" not in out and "no per-layer errors recorded" in out
+    assert "rel. error mean 0.0123 max 0.05" in out and "recovered 99.00%" in out and "{" not in out
+
+
+def test_list_shows_rank_ranges_for_non_fixed_policies(cli, populated, make_weights):
+    from fixtures.registry import lora_facts
+
+    from lbm_registry.api.registry import register_asset
+
+    s = populated["settings"]
+    layers = [{"module": f"m{i}", "kind": "linear", "shape": [32, 32], "rank": r, "rel_error": 0.1, "energy": 0.99}
+              for i, r in enumerate((1, 3, 6))] + [
+             {"module": "c", "kind": "conv", "shape": [8, 8, 3, 3], "rank": 12, "rel_error": 0.1, "energy": 0.99}]
+    register_asset(make_weights(), name="budgeted", kind="lora", settings=s, lineage={"base": populated["base"]},
+                   facts=lora_facts(6, conv_rank=12, policy="budget 2 MB", layers=layers))
+    rc, out, _ = cli("--home", s.home, "list")
+    row = next(line for line in out.splitlines() if "budgeted" in line)
+    assert "1-6/12 (budget 2 MB)" in row

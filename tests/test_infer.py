@@ -73,7 +73,7 @@ def test_lora_for_another_base_is_refused_unless_forced(lora_pair, make_tuned, i
 
     _, _, lora_a, _ = lora_pair
     other_base = make_tuned(rank=2, seed=9, scale=0.01)
-    with pytest.raises(LoRAError, match="--force"):
+    with pytest.raises(LoRAError, match="force=True"):
         load(str(lora_a), base=str(other_base), device="cpu", settings=workspace)
     pipe = load(str(lora_a), base=str(other_base), force=True, device="cpu", settings=workspace)
     assert pipe.info["warnings"] and pipe(image).size == image.size
@@ -90,7 +90,7 @@ def test_unregistered_lora_without_known_base(lora_pair, workspace):
     from lbm_registry.api.infer import load
     from lbm_registry.errors import RefError
 
-    with pytest.raises(RefError, match="--base"):
+    with pytest.raises(RefError, match="base=REF"):
         load(str(lora_pair[2]), device="cpu", settings=workspace)
 
 
@@ -181,3 +181,122 @@ def test_registered_lora_runs_by_name_with_base_from_lineage(reg_settings, lora_
     assert pipe.info["base"] == "infer-base@1"
     tuned = load(str(lora_pair[0]), device="cpu", dtype="fp32", settings=reg_settings)
     assert np.abs(_arr(pipe(image)) - _arr(tuned(image))).max() <= 1
+
+
+# -- refusals before any model loads (issue 11, items 2-4) ------------------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if inference gets as far as loading a model."""
+    import lbm_registry.api.infer as infer_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(infer_mod, "load", refuse)
+
+
+@pytest.fixture
+def one_image(tmp_path, image):
+    path = tmp_path / "in.png"
+    image.save(path)
+    return path
+
+
+def test_unavailable_or_unknown_device_is_one_line(cli, no_model, one_image, tiny_base_path, tmp_path):
+    rc, _, err = cli("--home", tmp_path / "h", "infer", tiny_base_path, "--source", one_image, "--output",
+                     tmp_path / "o.png", "--device", "tpu")
+    assert rc == 2 and err.strip() == "error: unknown --device 'tpu': use auto, cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        rc, _, err = cli("--home", tmp_path / "h", "infer", tiny_base_path, "--source", one_image, "--output",
+                         tmp_path / "o.png", "--device", "cuda")
+        assert rc == 2 and err.strip() == "error: CUDA is not available here; use --device cpu"
+    rc, _, err = cli("--home", tmp_path / "h", "infer", tiny_base_path, "--source", one_image, "--output",
+                     tmp_path / "o.png", "--dtype", "int4")
+    assert rc == 2 and "unknown --dtype 'int4'" in err
+
+
+def test_pick_device_refuses_unknown_names():
+    from lbm_registry.errors import ConfigError
+    from lbm_registry.lbm.model import pick_device
+
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        pick_device("tpu")
+    assert pick_device("cpu").type == "cpu"
+
+
+def test_empty_or_unreadable_source_is_refused_before_loading(no_model, tiny_base_path, tmp_path, workspace):
+    from lbm_registry.api.infer import run_infer
+    from lbm_registry.errors import DataError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images in .*empty: the folder is empty"):
+        run_infer(str(tiny_base_path), source=empty, output=tmp_path / "out", settings=workspace)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notimage.png").write_text("hi")
+    with pytest.raises(DataError) as info:
+        run_infer(str(tiny_base_path), source=junk, output=tmp_path / "out", settings=workspace)
+    msg = str(info.value)
+    assert "notimage.png: not an image format PIL can read" in msg and "BufferedReader" not in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_skipped_file_message_names_path_and_reason(cli, tiny_base_path, image, tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    image.save(src / "good.png")
+    (src / "notimage.png").write_text("hi")
+    rc, out, err = cli("--home", tmp_path / "h", "infer", tiny_base_path, "--source", src, "--output",
+                       tmp_path / "out", "--device", "cpu")
+    assert rc == 0, err
+    assert f"skipped {src / 'notimage.png'}: not an image format PIL can read" in err
+    assert "BufferedReader" not in err and (tmp_path / "out" / "good.png").is_file()
+
+
+@pytest.mark.parametrize(("source_kind", "output", "message"), [
+    ("file", "x.txt", "'.txt' is not an image format"),
+    ("file", "x.gif", "'.gif' is not an image format"),
+    ("dir", "single.png", "must be a folder, not an image file name"),
+    ("dir", "existing-file", "is a file: give a folder"),
+])
+def test_output_that_cannot_be_right_is_refused(no_model, cli, one_image, tiny_base_path, tmp_path,
+                                                source_kind, output, message):
+    (tmp_path / "existing-file").write_text("keep me")
+    source = one_image if source_kind == "file" else one_image.parent
+    rc, _, err = cli("--home", tmp_path / "h", "infer", tiny_base_path, "--source", source, "--output",
+                     tmp_path / output)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "single.png").exists() and (tmp_path / "existing-file").read_text() == "keep me"
+
+
+def test_output_extension_picks_the_format(tiny_base_path, one_image, tmp_path, workspace):
+    from lbm_registry.api.infer import run_infer
+
+    for name, fmt in (("o.jpg", "JPEG"), ("o.webp", "WEBP"), ("o.bmp", "BMP"), ("o.tif", "TIFF")):
+        run_infer(str(tiny_base_path), source=one_image, output=tmp_path / name, device="cpu", settings=workspace)
+        assert Image.open(tmp_path / name).format == fmt
+
+
+def test_same_stem_inputs_do_not_overwrite_each_other(tmp_path):
+    from lbm_registry.api.infer import plan_outputs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    inputs = [src / "a.jpg", src / "a.png", src / "b.png"]
+    for p in inputs:
+        p.write_bytes(b"")
+    dest = plan_outputs(src, tmp_path / "out", inputs)
+    assert sorted(p.name for p in dest.values()) == ["a.jpg.png", "a.png.png", "b.png"]
+
+
+def test_bad_lora_scale_suffix_is_named(no_model, tmp_path, workspace, one_image, tiny_base_path):
+    from lbm_registry.api.infer import parse_lora_spec, run_infer
+
+    with pytest.raises(LoRAError, match="bad LoRA spec 'relight@1:abc'.*scale 'abc'"):
+        parse_lora_spec("relight@1:abc")
+    assert parse_lora_spec("relight@1:0.5") == ("relight@1", 0.5)
+    assert parse_lora_spec("sha256:abcdef12") == ("sha256:abcdef12", 1.0)
+    with pytest.raises(LoRAError, match="bad LoRA spec"):
+        run_infer(str(tiny_base_path), source=one_image, output=tmp_path / "o.png", loras=["relight@1:abc"],
+                  settings=workspace)

@@ -274,3 +274,22 @@ def test_bad_options(tiny_base_path, make_tuned, lora_settings, tmp_path, kw):
 
 def test_identical_inputs(tiny_base_path, lora_settings, tmp_path):
     _fails(LoRAError, "same file", tiny_base_path, tiny_base_path, tmp_path / "o.safetensors", lora_settings)
+
+
+def test_budget_summary_counts_rank_zero_layers(varied_tuned, extract_tiny, capsys):
+    """Layers a budget gives rank 0 keep their whole delta: they count with rel. error 1.0 in
+    every summary, and lists of them state their totals (issue 11, item 8)."""
+    from lbm_registry.cli.lora import _render_extract
+
+    rep = extract_tiny(varied_tuned, budget="1MB")
+    res = rep.result
+    dropped = [s for s in res.skipped if s.rel_error == 1.0]
+    assert len(dropped) > 4
+    errs = [r.rel_error for r in res.layers] + [1.0] * len(dropped)
+    assert res.mean_error == pytest.approx(sum(errs) / len(errs)) and res.max_error == 1.0
+    d = rep.to_dict(layers=False)
+    assert d["layers_counted"] == len(res.layers) + len(dropped)
+    assert d["rank_histogram"]["0"] == len(dropped)
+    _render_extract(d)
+    out = capsys.readouterr().out
+    assert f"{len(dropped)} with rank 0 count as 1.0" in out and f"(+{len(dropped) - 4} more)" in out

@@ -81,3 +81,21 @@ def test_registered_extract_validate_records(make_tuned, tiny_base_path, tiny_co
     assert again.facts["validation"]["functional"]["functional_error"] == pytest.approx(
         v.functional["functional_error"])
     assert again.facts["functional_error"] == pytest.approx(v.functional["functional_error"])
+
+
+def test_validation_counts_layers_left_out_and_lists_them_all(varied_tuned, tiny_base_path, lora_settings,
+                                                             extract_tiny, capsys):
+    from lbm_registry.cli.lora import _render_validate
+
+    lora = extract_tiny(varied_tuned, budget="1MB").result
+    dropped = sorted(s.module for s in lora.skipped if s.rel_error == 1.0)
+    v = validate(str(lora.path), base=str(tiny_base_path), tuned=str(varied_tuned), settings=lora_settings,
+                 functional=False)
+    assert sorted(v.coverage["changed_not_covered"]) == dropped and len(dropped) > 20  # complete, not 20
+    assert v.summary["max_error"] == pytest.approx(1.0)
+    assert v.summary["layers_counted"] == 792 - v.summary["layers_unchanged"]
+    assert v.summary["mean_error"] == pytest.approx(lora.mean_error, rel=1e-3)
+    _render_validate(v.to_dict(layers=False))
+    out = capsys.readouterr().out
+    assert f"{len(dropped)} changed by the fine-tune but not in the LoRA" in out
+    assert f"(+{len(dropped) - 3} more)" in out

@@ -266,7 +266,7 @@ def test_cli_bad_sample_is_one_line(tmp_path, tiny_base_path, start_lora_path, c
         main(["--home", str(tmp_path / "home"), "train", "--config", str(cfg), "--json"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == "error: bad.tar: sample 'x' source.jpg: unreadable image (cannot identify image file)"
+    assert err == "error: bad.tar: sample 'x' source.jpg: unreadable image (not an image format PIL can read)"
 
 
 def test_cli_train_registers_with_lineage_and_mlflow(tmp_path, tiny_base_path, start_lora_path, synth_shards, capsys):

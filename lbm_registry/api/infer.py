@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 MAX_SCALE = 2.0
 INFER_DTYPES = ("auto", "fp32", "bf16", "fp16")   # what lbm.model.pick_dtype takes (without torch)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# What an output file name may end in, and the format written (the extension decides).
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                  ".tif": "TIFF", ".tiff": "TIFF"}
 
 
 @dataclass
@@ -43,13 +46,19 @@ def check_scale(scale: float) -> float:
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``REF[:SCALE]``: a trailing ``:<number>`` is the scale (``sha256:PREFIX`` alone is not)."""
+    """``REF[:SCALE]``: a trailing ``:<number>`` is the scale (``sha256:PREFIX`` alone is not).
+
+    Anything else after a ``:`` is refused here (``relight@1:abc`` is a bad scale, not an alias
+    named ``1:abc``), unless the whole spec is an existing file."""
     head, sep, tail = spec.rpartition(":")
-    if sep and head and head != "sha256":
+    if sep and head and head.lower() != "sha256":
         try:
             value = float(tail)
         except ValueError:
-            return spec, 1.0
+            if Path(spec).expanduser().exists():
+                return spec, 1.0
+            raise LoRAError(f"bad LoRA spec {spec!r}: write REF or REF:SCALE (a number), "
+                            f"got scale {tail!r}") from None
         return head, check_scale(value)
     return spec, 1.0
 
@@ -178,9 +187,12 @@ def load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str, ...
 
     ``scale`` multiplies every LoRA (like a global LoRA strength); each ``--lora REF:S`` keeps its
     own strength ``S`` under that multiplier. ``pipe(image, scale=s)`` changes the multiplier.
+    The workspace is ``settings``, else the one ``$LBM_REG_HOME`` (default ``./mlruns``) names.
     """
-    if dtype not in INFER_DTYPES + ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"unknown --dtype {dtype!r}: use {', '.join(INFER_DTYPES[:-1])} or {INFER_DTYPES[-1]}")
+    from lbm_registry.lbm.device import check_device, check_dtype
+
+    check_device(device)  # before resolving or hashing anything (torch only for a cuda request)
+    check_dtype(dtype)
     plan = plan_load(ref, base=base, loras=loras, scale=scale, force=force, settings=settings)
     cfg = config_for(plan.base)   # references and configs are checked before torch loads
     info = {"base": plan.base.label, "base_sha256": plan.base.sha256,
@@ -234,34 +246,92 @@ def collect_images(source: Path) -> list[Path]:
     raise ConfigError(f"source not found: {source}")
 
 
+def plan_outputs(source: Path, output: Path, inputs: list[Path]) -> dict[Path, Path]:
+    """Where each input's result goes; refuses what cannot be right before any model loads.
+
+    A folder source needs a folder output (``a.jpg`` -> ``OUT/a.png``; two inputs with the same
+    stem keep their whole names, ``a.jpg.png``). A file source writes ``OUTPUT`` in the format
+    its extension names (.png, .jpg, .webp, .bmp, .tif), or ``OUTPUT/<stem>.png`` when OUTPUT
+    is a folder or has no extension."""
+    output = Path(output)
+    suffix = output.suffix.lower()
+    if source.is_dir():
+        if output.exists() and not output.is_dir():
+            raise ConfigError(f"the source {source} is a folder, but the output {output} is a file: give a folder")
+        if not output.exists() and suffix in IMAGE_SUFFIXES:
+            raise ConfigError(f"the source {source} is a folder, so the output must be a folder, "
+                              f"not an image file name ({output})")
+        stems: dict[str, int] = {}
+        for p in inputs:
+            stems[p.stem] = stems.get(p.stem, 0) + 1
+        return {p: output / ((p.name if stems[p.stem] > 1 else p.stem) + ".png") for p in inputs}
+    if output.is_dir() or not suffix:
+        return {p: output / (p.stem + ".png") for p in inputs}
+    if suffix not in OUTPUT_FORMATS:
+        raise ConfigError(f"cannot write {output}: {suffix!r} is not an image format this writes "
+                          f"(use {', '.join(OUTPUT_FORMATS)})")
+    return {p: output for p in inputs}
+
+
+def check_inputs(source: Path, inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Header-check every input (no decoding): (readable, skipped with path and reason).
+
+    Nothing readable is an error, raised before any model loads."""
+    from lbm_registry.errors import DataError
+    from lbm_registry.lbm.imaging import image_problem
+
+    readable, skipped = [], []
+    for p in inputs:
+        reason = image_problem(p)
+        if reason is None:
+            readable.append(p)
+        else:
+            skipped.append({"path": str(p), "reason": reason})
+    if not readable:
+        if not source.is_dir():
+            raise DataError(f"{source}: {skipped[0]['reason']}")
+        if not skipped:
+            raise DataError(f"no images in {source}: the folder is empty")
+        first = skipped[0]
+        raise DataError(f"no readable images in {source} ({len(skipped)} file(s) skipped; "
+                        f"first: {first['path']}: {first['reason']})")
+    return readable, skipped
+
+
 def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps: int | None = None,
               seed: int = 0, base: str | None = None, loras: list[str] | tuple[str, ...] = (),
               device: str = "auto", dtype: str = "auto", force: bool = False, sample_latent: bool = False,
               log_run: bool = False, settings: WorkspaceSettings | None = None,
               progress: Any = None) -> dict[str, Any]:
-    """Run a file or a folder. Unreadable files are reported and skipped; the rest still run."""
+    """Run a file or a folder. Unreadable files are reported and skipped; the rest still run.
+
+    Everything that can be checked cheaply (scale, device, dtype, the inputs, where outputs
+    go) is checked before the model loads."""
     from lbm_registry.errors import DataError
+    from lbm_registry.lbm.device import check_device, check_dtype
     from lbm_registry.lbm.imaging import open_image
 
     check_scale(scale)
+    for spec in loras:
+        parse_lora_spec(spec)
+    check_dtype(dtype)
+    check_device(device)
     settings = settings or WorkspaceSettings.resolve()
-    inputs = collect_images(Path(source))
-    batch = Path(source).is_dir()
-    if not batch and output.exists() and output.is_dir():
-        output = output / (Path(source).stem + ".png")
-    if batch:
-        output.mkdir(parents=True, exist_ok=True)
+    source = Path(source)
+    inputs = collect_images(source)
+    destinations = plan_outputs(source, Path(output), inputs)
+    readable, skipped = check_inputs(source, inputs)
     pipe = load(ref, base=base, loras=loras, scale=scale, device=device, dtype=dtype, force=force, settings=settings)
-    written, skipped = [], []
-    task = progress.add_task("infer", total=len(inputs)) if progress is not None else None
-    for path in inputs:
+    written = []
+    task = progress.add_task("infer", total=len(readable)) if progress is not None else None
+    for path in readable:
         try:
             img = open_image(path)
-        except DataError as exc:
-            skipped.append({"path": str(path), "reason": str(exc)})
+        except DataError as exc:  # passed the header check, failed to decode (truncated...)
+            skipped.append({"path": str(path), "reason": getattr(exc, "reason", str(exc))})
         else:
             out_img = pipe(img, steps=steps, seed=seed, sample_latent=sample_latent)
-            dest = output / (path.stem + ".png") if batch else output
+            dest = destinations[path]
             _save_image(out_img, dest)
             written.append(str(dest))
         if task is not None:
@@ -278,8 +348,7 @@ def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps
 def _save_image(img: Any, dest: Path) -> None:
     from lbm_registry.lbm.checkpoint import atomic_path
 
-    suffix = dest.suffix.lower() if dest.suffix.lower() in IMAGE_SUFFIXES else ".png"
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(suffix, "PNG")
+    fmt = OUTPUT_FORMATS.get(dest.suffix.lower(), "PNG")
     with atomic_path(dest) as tmp:
         img.save(tmp, format=fmt)
 

@@ -422,15 +422,19 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     func = None
     if tuned_asset is not None:
         checks = layer_checks(base_reader, tuned_reader, lora, modules, prefix=PREFIX, progress=progress)
-        covered = [c for c in checks if c.rank > 0]
-        errs = [c.rel_error for c in covered]
+        # Every layer the fine-tune changed counts, also those the LoRA leaves out (rel. error 1.0);
+        # unchanged layers have no relative error (0/0) and are counted apart.
+        counted = [c for c in checks if c.delta_norm > 0]
+        errs = [c.rel_error for c in counted]
         summary = {
             "mean_error": sum(errs) / len(errs) if errs else 0.0,
             "max_error": max(errs, default=0.0),
-            "mean_energy": sum(c.energy for c in covered) / len(covered) if covered else 0.0,
-            "mean_abs_ratio": sum(c.mean_abs_ratio for c in covered) / len(covered) if covered else 0.0,
+            "mean_energy": sum(c.energy for c in counted) / len(counted) if counted else 0.0,
+            "mean_abs_ratio": sum(c.mean_abs_ratio for c in counted) / len(counted) if counted else 0.0,
             "total_energy": _total_energy(checks),
-            "worst": [{"module": c.module, "rel_error": c.rel_error} for c in sorted(covered, key=lambda c: -c.rel_error)[:5]],
+            "layers_counted": len(counted),
+            "layers_unchanged": len(checks) - len(counted),
+            "worst": [{"module": c.module, "rel_error": c.rel_error} for c in sorted(counted, key=lambda c: -c.rel_error)[:5]],
         }
         if functional and config is not None:
             if progress:
@@ -457,7 +461,7 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     report = ValidateReport(
         lora=_asset_dict(lora_asset), base=_asset_dict(base_asset),
         tuned=_asset_dict(tuned_asset) if tuned_asset is not None else None,
-        coverage={k: (v[:20] if isinstance(v, list) else v) for k, v in cov.items()},
+        coverage=cov,  # complete lists: JSON readers get every module
         layers=[c.to_dict() for c in checks] if checks is not None else [],
         summary=summary, functional=func, notes=notes, layers_file=written,
     )

@@ -56,17 +56,16 @@ class ResolvedAsset:
         return f"{self.name}@{self.version}" if self.name else str(self.path)
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_VERSIONISH_RE = re.compile(r"[vV]?\d+")
 
 
 def validate_name(name: str) -> None:
     """Names are path- and URL-safe, and never look like a version (``v2``, ``12``), which
     would be ambiguous in ``compare A v2``."""
-    if not _NAME_RE.fullmatch(name or ""):
-        raise RegistryError(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' (max 128)")
-    if _VERSIONISH_RE.fullmatch(name):
-        raise RegistryError(f"invalid name {name!r}: it looks like a version number")
+    from lbm_registry.registry.refs import name_problem
+
+    problem = name_problem(name or "")
+    if problem:
+        raise RegistryError(problem)
 
 
 def _settings(settings: WorkspaceSettings | None) -> WorkspaceSettings:

@@ -45,9 +45,14 @@ def compare(
     t.add_column("")
     t.add_column(fa["ref"])
     t.add_column(fb["ref"])
+    def fact(side: dict, k: str) -> str:
+        if k == "alpha" and side.get(k) is None and side.get("kind") in ("lora", "file"):
+            return "= rank"  # no alpha given: alpha = rank, scale 1
+        return _fmt(side.get(k))
+
     for k in fa:
         style = "bold yellow" if k in result["different_facts"] else None
-        t.add_row(k, _fmt(fa.get(k)), _fmt(fb.get(k)), style=style)
+        t.add_row(k, fact(fa, k), fact(fb, k), style=style)
     con.print(t)
     con.print("same base" if result["same_base"] else "[bold red]different bases[/]: outputs use each LoRA's own base")
     con.print(f"mean per-layer cosine of the deltas: [bold]{result['mean_cosine']:.4f}[/]")

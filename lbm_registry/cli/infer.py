@@ -40,11 +40,13 @@ def infer(
     if as_json:
         print_json(result)
         return
+    from rich.markup import escape
+
     con = console()
     for w in result["warnings"]:
         err.print(f"[yellow]warning:[/] {w}")
     for s in result["skipped"]:
-        err.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+        err.print(f"[yellow]skipped[/] {escape(s['path'])}: {escape(s['reason'])}")
     loras = ", ".join(f"{x['ref']} x{x['scale']:g}" for x in result["loras"]) or "none"
     con.print(f"base {result['base']}  lora {loras}  steps {result['steps']}  {result['device']}/{result['dtype']}")
     for o in result["outputs"]:

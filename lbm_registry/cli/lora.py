@@ -109,7 +109,13 @@ def _render_extract(d: dict[str, Any]) -> None:
         t.add_row("", ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else ""))
     t.add_row("ranks", _hist(d["rank_histogram"]))
     t.add_row("size", format_size(d["size_bytes"]))
-    t.add_row("rel. error", f"mean {d['mean_error']:.4f}  max {d['max_error']:.4f}")
+    dropped = sum(1 for s in d["skipped"] if s.get("rel_error") is not None)
+    notes = [f"{dropped} with rank 0 count as 1.0"] if dropped else []
+    if d.get("layers_unchanged"):
+        notes.append(f"{d['layers_unchanged']} unchanged layers have none")
+    t.add_row("rel. error", f"mean {d['mean_error']:.4f}  max {d['max_error']:.4f}  over all "
+                            f"{d.get('layers_counted', n_layers)} changed layers" + (f" ({'; '.join(notes)})"
+                                                                                      if notes else ""))
     for i, w in enumerate(d["worst"][:5]):
         t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  r{w['rank']}  {w['module']}")
     if d["uncaptured"]:
@@ -161,10 +167,15 @@ def _render_validate(d: dict[str, Any]) -> None:
     c = d["coverage"]
     t.add_row("coverage", f"{c['found']} modules found / {c['expected']} expected / {c['applied']} applied")
     if c["changed_not_covered"]:
-        t.add_row("", f"changed by the fine-tune but not in the LoRA: {', '.join(c['changed_not_covered'][:3])}")
+        missing = c["changed_not_covered"]
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        t.add_row("", f"{len(missing)} changed by the fine-tune but not in the LoRA: {', '.join(missing[:3])}{more}")
     s = d["summary"]
     if s:
-        t.add_row("rel. error", f"mean {s['mean_error']:.4f}  max {s['max_error']:.4f}  (||dW - BA|| / ||dW||)")
+        counted = f"  over all {s['layers_counted']} changed layers" if "layers_counted" in s else ""
+        t.add_row("rel. error", f"mean {s['mean_error']:.4f}  max {s['max_error']:.4f}  (||dW - BA|| / ||dW||)"
+                                f"{counted}" + (f"; {len(missing)} not in the LoRA count as 1.0"
+                                                if c["changed_not_covered"] else ""))
         t.add_row("energy kept", f"mean {s['mean_energy']:.4f}  whole model {s['total_energy']:.4f}")
         t.add_row("mean|err|/mean|dW|", f"{s['mean_abs_ratio']:.4f}  (the original scripts' metric)")
         for i, w in enumerate(s["worst"][:3]):

@@ -99,6 +99,13 @@ def list_(ctx: typer.Context, kind: str | None = typer.Option(None, "--kind", he
         rank = ""
         if r["kind"] == "lora":
             rank = "/".join(str(x) for x in (r["rank"], r["conv_rank"]) if x is not None) or (r["policy"] or "")
+            rr = r.get("rank_range") or {}
+            policy = str(r["policy"] or "")
+            if rr and not policy.startswith("fixed"):  # energy/budget/trained: ranks differ per layer
+                rank = "/".join(f"{lo}-{hi}" if lo != hi else str(lo)
+                                for lo, hi in (rr[k] for k in ("linear", "conv") if k in rr))
+                if policy:
+                    rank += f" ({policy})"
         aliases = ", ".join(f"{a}→{n}" for a, n in r["aliases"].items())
         t.add_row(r["name"], r["kind"], str(r["latest"]), str(r["versions"]), format_size(r["size"]),
                   r["dtype"] or "", rank, _num(r["mean_error"]), aliases, _short(r["sha256"]),
@@ -150,17 +157,22 @@ def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSO
         t.add_row("used by", ", ".join(f"{d['ref']} ({d['role']})" for d in info["descendants"][:8]))
     skip = {"size", "dtype", "base_sha256", "tuned_sha256", "parent_sha256", "training_config"}
     for k, v in info["facts"].items():
-        if k in skip:
+        if k in skip or v is None or v == "" or v == [] or v == {}:
+            continue  # nothing recorded (e.g. a seeded base's sdxl_unet): no empty row
+        if k == "validation" and isinstance(v, dict):
+            t.add_row(k, _validation_text(v))
             continue
         if isinstance(v, list) and len(v) > 6:
             v = f"[{len(v)} items]"
-        t.add_row(k, _num(v) if not isinstance(v, dict) else ", ".join(f"{a}={_num(b)}" for a, b in v.items()))
+        t.add_row(k, _num(v) if not isinstance(v, dict) else _flat(v))
     for k, v in info["tags"].items():
         t.add_row(f"tag {k}", v)
     con.print(t)
     layers = info["layers"]
-    if layers:
-        worst = sorted((r for r in layers if r["rel_error"] is not None), key=lambda r: -r["rel_error"])[:5]
+    worst = sorted((r for r in layers or [] if r["rel_error"] is not None), key=lambda r: -r["rel_error"])[:5]
+    if layers and not worst:  # a trained LoRA: ranks, but no extraction errors to rank by
+        con.print(f"{len(layers)} layers (no per-layer errors recorded: it was not extracted from a model)")
+    if worst:
         lt = Table(title=f"{len(layers)} layers; worst relative errors", title_justify="left")
         for col in ("module", "kind", "shape", "rank", "rel_error", "energy"):
             lt.add_column(col, justify="right" if col in ("rank", "rel_error", "energy") else "left")
@@ -168,6 +180,36 @@ def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSO
             lt.add_row(r["module"], r["kind"] or "", r["shape"] or "", _num(r["rank"]), _num(r["rel_error"]),
                        _num(r["energy"]))
         con.print(lt)
+
+
+def _flat(d: dict[str, Any]) -> str:
+    """``a=1, b.c=2``: nested dicts flattened one level, empty values left out."""
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            parts += [f"{k}.{a}={_num(b)}" for a, b in v.items() if b not in (None, "", [], {})
+                      and not isinstance(b, dict | list)]
+        elif v not in (None, "", [], {}) and not isinstance(v, list):
+            parts.append(f"{k}={_num(v)}")
+    return ", ".join(parts)
+
+
+def _validation_text(v: dict[str, Any]) -> str:
+    """The recorded validation in words: errors, functional check, coverage, when."""
+    parts = []
+    if v.get("mean_error") is not None:
+        parts.append(f"rel. error mean {v['mean_error']:.4g} max {v.get('max_error', 0):.4g}")
+    if v.get("total_energy") is not None:
+        parts.append(f"energy kept {v['total_energy']:.4f}")
+    f = v.get("functional") or {}
+    if f.get("functional_error") is not None:
+        parts.append(f"functional error {f['functional_error']:.4g} (recovered {f.get('recovered', 0):.2%})")
+    c = v.get("coverage") or {}
+    if c.get("expected"):
+        parts.append(f"coverage {c.get('found')}/{c['expected']}")
+    if v.get("validated_at"):
+        parts.append(f"at {v['validated_at']}")
+    return "; ".join(parts) or _flat(v)
 
 
 def _tree_label(node: dict[str, Any], role: str | None = None) -> str:
@@ -240,7 +282,7 @@ def _render_report(report: dict[str, Any], title: str) -> None:
     for col in ("problem", "subject", "detail", "action"):
         t.add_column(col, overflow="fold")
     for i in report["issues"]:
-        action = i["action"] or ("" if report["repair"] else "run with --repair")
+        action = i["action"] or ("" if report.get("repair", True) else "run with --repair")
         style = "green" if i["fixed"] else "red"
         t.add_row(f"[{style}]{i['kind']}[/]", i["subject"], i["detail"], action)
     con.print(t)

@@ -181,7 +181,13 @@ def resolve_config_path(path: str | Path) -> Path:
     for cand in (builtin_config_dir() / p.name, builtin_config_dir() / f"{p.name}.yaml"):
         if cand.is_file():
             return cand
-    raise ConfigError(f"config not found: {path}")
+    import difflib
+
+    builtins = sorted(c.stem for c in builtin_config_dir().glob("*.yaml"))
+    close = difflib.get_close_matches(p.stem, builtins, n=3, cutoff=0.6)
+    hint = (f"; did you mean {', '.join(close)}?" if close else
+            f" (built-in: {', '.join(builtins)})" if builtins and not p.parent.parts else "")
+    raise ConfigError(f"config not found: {path}{hint}")
 
 
 def load_config(path: str | Path) -> LBMConfig:

@@ -39,14 +39,45 @@ def nearest_bucket(height: int, width: int, base_resolution: int = 1024, multipl
     return min(buckets(base_resolution, multiple), key=lambda hw: abs(hw[1] / hw[0] - ratio))
 
 
+def _image_reason(exc: BaseException) -> str:
+    """Why PIL refused a file, in words (PIL's own message names a file object, not a path)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable image (header check only, no decoding), or None.
+
+    Cheap enough to run over a whole folder before any model loads."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return _image_reason(exc)
+    return None
+
+
 def open_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
     """Open any PIL-readable image (content sniffed, not the extension), honour EXIF
     orientation, convert RGBA/grayscale/palette to RGB (alpha composited on white).
 
     ``max_pixels``: refuse (:class:`ImageTooLargeError`) images with more pixels, checked from
     the header before any pixel is decoded (a server must not decode a 30000 x 30000 PNG).
+    Other refusals are a :class:`DataError` whose ``reason`` attribute says why without the path.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
@@ -57,12 +88,14 @@ def open_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> 
                 raise ImageTooLargeError(f"image {name} is {img.width}x{img.height} = {img.width * img.height} "
                                          f"pixels, over the limit of {max_pixels}")
             img.load()
-    except FileNotFoundError:
-        raise DataError(f"image not found: {name}") from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image {name} is too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"unreadable image {name}: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = _image_reason(exc)
+        err = DataError(f"image not found: {name}" if isinstance(exc, FileNotFoundError)
+                        else f"unreadable image {name}: {reason}")
+        err.reason = reason  # type: ignore[attr-defined]
+        raise err from None
     img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")

@@ -146,7 +146,11 @@ def denoiser_weight_layer_shapes(config: LBMConfig) -> dict[str, tuple[int, ...]
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
+    """``auto`` -> cuda when available, else cpu. Unknown names and a CUDA request without a
+    GPU are one-line :class:`ConfigError`\ s (see :mod:`lbm_registry.lbm.device`)."""
+    from lbm_registry.lbm.device import check_device
+
+    device = check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

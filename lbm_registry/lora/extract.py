@@ -82,8 +82,12 @@ class LayerResult:
 
 @dataclass
 class SkippedLayer:
+    """A layer the LoRA leaves out. ``rel_error`` is 1.0 for a changed layer dropped by a budget
+    (the LoRA carries none of its delta) and None for an unchanged one (no delta: 0/0)."""
+
     module: str
     reason: str
+    rel_error: float | None = None
 
 
 @dataclass
@@ -101,29 +105,42 @@ class ExtractionResult:
     seconds: float
     info: dict[str, Any]
 
+    def errors(self) -> list[tuple[str, int, float]]:
+        """(module, rank, rel_error) of every CHANGED layer: extracted ones, and those a budget
+        gave rank 0 (rel. error 1.0). Unchanged layers have no relative error and are left out."""
+        out = [(r.module, r.rank, r.rel_error) for r in self.layers]
+        out += [(s.module, 0, s.rel_error) for s in self.skipped if s.rel_error is not None]
+        return out
+
     @property
     def mean_error(self) -> float:
-        return sum(r.rel_error for r in self.layers) / len(self.layers) if self.layers else 0.0
+        errs = [e for _, _, e in self.errors()]
+        return sum(errs) / len(errs) if errs else 0.0
 
     @property
     def max_error(self) -> float:
-        return max((r.rel_error for r in self.layers), default=0.0)
+        return max((e for _, _, e in self.errors()), default=0.0)
+
+    @property
+    def unchanged(self) -> int:
+        return sum(1 for s in self.skipped if s.rel_error is None)
 
     def rank_histogram(self) -> dict[int, int]:
-        return dict(sorted(Counter(r.rank for r in self.layers).items()))
+        return dict(sorted(Counter(r for _, r, _ in self.errors()).items()))
 
-    def worst(self, n: int = 5) -> list[LayerResult]:
-        return sorted(self.layers, key=lambda r: -r.rel_error)[:n]
+    def worst(self, n: int = 5) -> list[tuple[str, int, float]]:
+        return sorted(self.errors(), key=lambda t: -t[2])[:n]
 
     def to_dict(self, layers: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
             "path": str(self.path), "size_bytes": self.size_bytes, "dtype": self.dtype,
             "policy": self.policy.to_dict(), "policy_text": self.policy.describe(), "alpha": self.alpha,
             "layers_extracted": len(self.layers), "mean_error": self.mean_error, "max_error": self.max_error,
+            "layers_counted": len(self.errors()), "layers_unchanged": self.unchanged,
             "rank_histogram": {str(k): v for k, v in self.rank_histogram().items()},
             "skipped": [asdict(s) for s in self.skipped], "uncaptured": self.uncaptured,
             "seconds": self.seconds,
-            "worst": [{"module": r.module, "rank": r.rank, "rel_error": r.rel_error} for r in self.worst()],
+            "worst": [{"module": m, "rank": r, "rel_error": e} for m, r, e in self.worst()],
         }
         if layers:
             d["layers"] = [r.to_dict() for r in self.layers]
@@ -363,7 +380,7 @@ def _extract_layer(d: LayerDelta, policy: RankPolicy, planned: Mapping[str, int]
     else:
         rank = (planned or {}).get(d.module, 0)
         if rank == 0:
-            skipped.append(SkippedLayer(d.module, "budget: no component worth its bytes"))
+            skipped.append(SkippedLayer(d.module, "budget: no component worth its bytes", rel_error=1.0))
             return
     f = factorize(d.matrix, d.shape, rank, sq_norm=d.sq_norm, alpha=alpha, dtype=dtype, settings=settings,
                   generator=gen, svd=svd, scratch=scratch)
@@ -380,7 +397,7 @@ def _metadata(results: list[LayerResult], skipped: list[SkippedLayer], policy: R
     """The compact ``lbm_registry`` entry: per-layer [rank, rel_error] keyed by module."""
     linear = [r.rank for r in results if r.kind == "linear"]
     conv = [r.rank for r in results if r.kind != "linear"]
-    errs = [r.rel_error for r in results]
+    errs = [r.rel_error for r in results] + [s.rel_error for s in skipped if s.rel_error is not None]
     return {
         "policy": policy.to_dict(),
         "rank": max(linear, default=0),

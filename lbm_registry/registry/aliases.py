@@ -16,10 +16,11 @@ from lbm_registry.registry.workspace import Workspace, actor
 
 def validate_alias(alias: str) -> None:
     """Aliases follow the name rules, and may not shadow ``latest``, ``vN`` or ``N``."""
-    if not refs.NAME_RE.fullmatch(alias or ""):
-        raise RegistryError(f"invalid alias {alias!r}: use letters, digits, '.', '_' and '-'")
-    if refs.is_reserved_alias(alias):
+    if refs.is_reserved_alias(alias or ""):
         raise RegistryError(f"{alias!r} is reserved (latest, vN and numbers already select versions)")
+    problem = refs.name_problem(alias or "", "alias")
+    if problem:
+        raise RegistryError(problem)
 
 
 def set_alias(ws: Workspace, ref: str, alias: str) -> dict[str, Any]:

@@ -573,5 +573,7 @@ def gc(ws: Workspace, *, cache: bool = False) -> dict[str, Any]:
     if cache:
         checked.update(d.drop_cached())
     result = d.report(checked)
+    result.pop("repair", None)  # gc always removes what it finds; "repair" is doctor's option
+    result["removed"] = sum(1 for i in d.issues if i.fixed)
     d._event("gc", {"removed": [f"{i.kind}:{i.subject}" for i in d.issues if i.fixed], "cache": cache})
     return result

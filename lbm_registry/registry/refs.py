@@ -26,6 +26,32 @@ HASH_RE = re.compile(r"[0-9a-f]{8,64}")
 RESERVED_ALIAS_RE = re.compile(r"latest|[vV]?\d+")
 
 
+RESERVED_WORDS = ("latest", "sha256")
+
+
+def name_problem(name: str, what: str = "name") -> str | None:
+    """Why ``name`` is not a valid asset name or alias, in words, or None when it is.
+
+    Names are path- and URL-safe: letters, digits, '.', '_' and '-', starting with a letter or
+    digit, at most 128 characters; never ``latest``/``sha256`` (they mean something in a
+    reference) nor a version number (``v2``, ``12``: ambiguous in ``compare A v2``)."""
+    if not name:
+        return f"invalid {what}: it is empty"
+    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
+    if bad:
+        return (f"invalid {what} {name!r}: {', '.join(map(repr, bad))} not allowed "
+                "(use letters, digits, '.', '_' and '-')")
+    if not name[0].isalnum():
+        return f"invalid {what} {name!r}: it must start with a letter or a digit"
+    if len(name) > 128:
+        return f"invalid {what} {name[:20]!r}...: longer than 128 characters"
+    if name.lower() in RESERVED_WORDS:
+        return f"invalid {what} {name!r}: it is reserved (NAME@latest and sha256:HASH are references)"
+    if VERSION_RE.fullmatch(name):
+        return f"invalid {what} {name!r}: it looks like a version number"
+    return None
+
+
 def is_reserved_alias(alias: str) -> bool:
     """``latest``, ``vN`` and plain numbers already mean something after ``@``."""
     return bool(RESERVED_ALIAS_RE.fullmatch(alias))
@@ -70,9 +96,11 @@ def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None,
         return Resolution(ref, record=_by_hash(ws, ref, empty))
 
     name, sep, selector = ref.partition("@")
+    if sep and not selector and NAME_RE.fullmatch(name) and not Path(ref).expanduser().is_file():
+        raise RefError(f"nothing after '@' in {ref!r}: write {name} or {name}@latest, {name}@N, {name}@ALIAS")
     if NAME_RE.fullmatch(name) and ws is not None:
         if sep:
-            return Resolution(ref, record=_by_name(ws, name, selector or "latest"))
+            return Resolution(ref, record=_by_name(ws, name, selector))
         bare = parse_version(ref)
         if bare is not None and relative_to:
             return Resolution(ref, record=_by_name(ws, relative_to, str(bare)))

@@ -256,8 +256,9 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     NAME@N" before anything is written (``import`` without ``--allow-duplicate``). Base and
     model versions also record ``tensor_sha256`` (the sha256 of their tensor bytes)."""
     started = time.time()
-    if not refs.NAME_RE.fullmatch(name or "") or refs.parse_version(name or "") is not None:
-        raise RegistryError(f"invalid name {name!r}")
+    problem = refs.name_problem(name or "")
+    if problem:
+        raise RegistryError(problem)
     if kind not in KINDS:
         raise RegistryError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
     path = Path(path)

@@ -75,6 +75,14 @@ def list_assets(ws: Workspace | None, kind: str | None = None) -> list[dict[str,
         aliases.setdefault(r["name"], {})[r["alias"]] = r["number"]
     lora = {r["version_id"]: r for r in ws.db.query(
         "SELECT version_id, rank, conv_rank, policy, mean_error FROM lora_facts")}
+    latest_ids = {r["version_id"] for r in rows}
+    ranges: dict[int, dict[str, list[int]]] = {}
+    for r in ws.db.query("SELECT version_id, kind, MIN(rank) AS lo, MAX(rank) AS hi FROM layer_errors "
+                         "WHERE rank IS NOT NULL GROUP BY version_id, kind"):
+        if r["version_id"] in latest_ids:
+            key = "linear" if r["kind"] == "linear" else "conv"
+            lo_hi = ranges.setdefault(r["version_id"], {}).setdefault(key, [r["lo"], r["hi"]])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], r["lo"]), max(lo_hi[1], r["hi"])
     out = []
     for r in rows:
         lf = lora.get(r["version_id"]) or {}
@@ -84,6 +92,7 @@ def list_assets(ws: Workspace | None, kind: str | None = None) -> list[dict[str,
             "created_at": iso(r["created_at"]), "aliases": aliases.get(r["name"], {}),
             "rank": lf.get("rank"), "conv_rank": lf.get("conv_rank"), "policy": lf.get("policy"),
             "mean_error": lf.get("mean_error"),
+            "rank_range": ranges.get(r["version_id"], {}),  # {"linear"|"conv": [min, max]} per layer
         })
     return out
 

@@ -174,7 +174,9 @@ class TrainConfig(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
+def _format_error(exc: ValidationError, source: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """One line naming where the bad value came from: the file, or an override (a CLI option
+    or ``--set``), which the file must not be blamed for."""
     errors = exc.errors()
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
@@ -182,6 +184,10 @@ def _format_error(exc: ValidationError, source: str) -> str:
     if first["type"] == "missing":
         msg = "required field is missing"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    given = {k.replace("-", "_"): v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in given.items():
+        if loc == key or loc.startswith(key + "."):
+            return f"invalid training option {key}={value!r} (given as an override, not in {source}): {msg}{more}"
     return f"invalid training config {source}: {loc}: {msg}{more}"
 
 
@@ -226,7 +232,7 @@ def train_config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any]
     try:
         cfg = TrainConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from None
+        raise ConfigError(_format_error(exc, source, overrides)) from None
     cfg._notes = notes
     return cfg
 

@@ -283,8 +283,7 @@ class PairStream:
             try:
                 out.append(to_tensor(load_pair_image(data, self.resolution))[0])
             except DataError as exc:
-                reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "",
-                                str(exc).replace("unreadable image <bytes>: ", ""))
+                reason = getattr(exc, "reason", None) or str(exc).replace("unreadable image <bytes>: ", "")
                 self._bad(f"{shard}: sample {key!r} {want}: unreadable image ({reason})")
                 return None
         return out[0], out[1]
