@@ -228,7 +228,7 @@ MISSING_HOME_COMMANDS = [
     ["list"], ["list", "--json"], ["gc"], ["gc", "--json"], ["doctor"], ["doctor", "--repair"],
     ["doctor", "--json"], ["alias", "set", "relight@1", "prod"], ["alias", "rm", "relight", "prod"],
     ["show", "relight"], ["lineage", "relight@2"], ["layers", "relight"], ["show", "sha256:abcdef12"],
-    ["ui", "--port", "1"],
+    ["ui", "--port", "1"], ["rm", "relight@1"], ["pull", "relight"],
 ]
 
 

@@ -486,13 +486,6 @@ def remove(ref: str, *, force: bool = False, settings: WorkspaceSettings | None 
     version uses it. Refused while an alias points at it or a ready version names it in its
     lineage, unless ``force``. See :mod:`lbm_registry.registry.remove`."""
     from lbm_registry.registry.remove import remove_version
-    from lbm_registry.registry.workspace import Workspace
 
-    s = _settings(settings)
-    ws = Workspace.open_existing(s)
-    if ws is None:
-        raise RefError(f"unknown reference {ref!r}: the registry at {s.home} is empty")
-    try:
+    with open_existing(settings) as ws:
         return remove_version(ws, ref, force=force).to_dict()
-    finally:
-        ws.close()
