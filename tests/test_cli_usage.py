@@ -382,3 +382,9 @@ def test_list_shows_rank_ranges_for_non_fixed_policies(cli, populated, make_weig
     rc, out, _ = cli("--home", s.home, "list")
     row = next(line for line in out.splitlines() if "budgeted" in line)
     assert "1-6/12 (budget 2 MB)" in row
+
+
+@pytest.mark.parametrize("args", [["compare", "a.safetensors", "b.safetensors"], ["serve", "--port", "0"]])
+def test_unknown_device_is_one_line_in_every_command(cli, tmp_path, args):
+    rc, _, err = cli("--home", tmp_path / "h", *args, "--device", "tpu")
+    assert rc == 2 and err.strip() == "error: unknown --device 'tpu': use auto, cpu, cuda or cuda:N", err

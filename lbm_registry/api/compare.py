@@ -160,6 +160,10 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
             seed: int = 0) -> dict[str, Any]:
     """Compare two LoRA versions. Returns facts, per-layer rows, output metrics and written files."""
     settings = settings or WorkspaceSettings.resolve()
+    if outputs:
+        from lbm_registry.lbm.device import check_device
+
+        check_device(device)  # one line for a typo or a missing GPU, before any work
     a, b = resolve_pair(a_ref, b_ref, settings)   # a wrong reference is refused before torch loads
     for x in (a, b):
         if x.kind not in ("lora", "file"):

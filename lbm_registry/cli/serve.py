@@ -20,7 +20,7 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="How long a batch waits to fill."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting before 503."),
     max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", min=1, help="Larger input images get 413."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     token_env: str | None = typer.Option(None, "--token-env", help="Environment variable holding a bearer "
                                          "token every route but /healthz requires."),
@@ -30,6 +30,10 @@ def serve(
     import os
     import socket
 
+    from lbm_registry.lbm.device import check_device, check_dtype
+
+    check_device(device)  # a missing GPU or a typo is one line, before any model loads
+    check_dtype(dtype)
     token = None
     if token_env:
         token = os.environ.get(token_env, "")
