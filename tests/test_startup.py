@@ -101,7 +101,9 @@ def test_late_checks_come_first(fresh_settings, make_weights, tmp_path, cli_prob
     junk = make_weights()
     out = tmp_path / "out.safetensors"
     img = tmp_path / "img.png"
-    img.write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)  # a real image: infer checks its inputs before the references
     h = ["--home", s.home]
     cases = [
         (["base", "create", "--config", "lbm-tiny", "--output", out, "--dtype", "int4"],
