@@ -20,7 +20,10 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert "demo complete" in res.output
     st = WorkspaceSettings.resolve(home)
     names = {a["name"]: a for a in list_assets(st)}
-    assert set(names) == {"tiny-base", "tiny-relight-full", "relight"}
+    assert set(names) == {"tiny-base", "tiny-relight-full", "relight", "relight-small", "relight-avg",
+                          "relight-kohya"}
+    assert show("relight-small", st)["lineage"]["parent"]["ref"] == "relight@1"
+    assert show("relight-kohya", st)["facts"]["source_format"] == "kohya"
     assert names["relight"]["versions"] == 3
     v1, v2, v3 = (resolve(f"relight@{n}", st) for n in (1, 2, 3))
     base = resolve("tiny-base", st)

@@ -91,6 +91,14 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
         *_repeat("--train-shards", train_shards), *_repeat("--validation-shards", val_shards),
         "--trainable-lora-modules", "*attn*", "--max-steps", str(train_steps), "--resolution", "128",
         "--register", "relight"])
+    step("resize v1 to rank 4 from its factors alone", ["resize", "relight@1", "--rank", "4", "--register",
+                                                       "relight-small"])
+    step("merge v1 and v2 half and half (exact)", ["merge", "relight@1:0.5", "relight@2:0.5", "--register",
+                                                   "relight-avg"])
+    step("export v1 for kohya tools", ["export", "relight@1", "--format", "kohya", "--output",
+                                       str(out / "relight-kohya.safetensors")])
+    step("import that kohya file back", ["import", str(out / "relight-kohya.safetensors"), "--kind", "lora",
+                                         "--name", "relight-kohya", "--base", "tiny-base"])
     step("alias the trained version", ["alias", "set", "relight@3", "candidate"])
     step("everything in the registry", ["list"])
     step("lineage of the trained LoRA", ["lineage", "relight@candidate"])
