@@ -235,8 +235,11 @@ def _register(report: AlgebraReport, name: str, parents: list[tuple[ResolvedAsse
     with tempfile.TemporaryDirectory(prefix="lbm-algebra-art-") as tmp:
         table = Path(tmp) / f"{report.operation}.json"
         table.write_text(json.dumps(report.to_dict(layers=True), indent=1, default=str))
+        from lbm_registry.api.probe import lora_probe
+
+        probe = lora_probe(Path(tmp), r.path, lineage["base"], settings)
         asset = register_asset(r.path, name=name, kind="lora", settings=settings, facts=facts, lineage=lineage,
-                               params=params, metrics=metrics, artifacts={table.name: table})
+                               params=params, metrics=metrics, artifacts={table.name: table, **probe})
     report.ref = asset.ref
     report.registered_path = str(asset.path)
     report.timings["register_s"] = time.perf_counter() - t1

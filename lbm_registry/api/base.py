@@ -126,11 +126,16 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
     result: dict[str, Any] = {"path": str(out_path), "size": out_path.stat().st_size,
                               "counts": report.summary(), "examples": examples, "config": cfg.name}
     if register:
+        from lbm_registry.api.probe import probe_artifacts
         from lbm_registry.api.registry import register_asset
 
-        asset = register_asset(out_path, name=register, kind="base", settings=settings or WorkspaceSettings.resolve(),
-                               config=cfg.to_dict(), facts={"base_report": report.summary(), "seed": seed,
-                                                            "sdxl_unet": str(sdxl_unet or "")})
+        with tempfile.TemporaryDirectory(prefix="lbm-probe-") as probe_dir:
+            probe = probe_artifacts(Path(probe_dir), base_path=out_path, config=cfg, kind="base", base_model=model,
+                                    label="this base")
+            asset = register_asset(out_path, name=register, kind="base",
+                                   settings=settings or WorkspaceSettings.resolve(),
+                                   config=cfg.to_dict(), facts={"base_report": report.summary(), "seed": seed,
+                                                                "sdxl_unet": str(sdxl_unet or "")}, artifacts=probe)
         result.update(ref=f"{asset.name}@{asset.version}", sha256=asset.sha256)
         if output is None:
             out_path.unlink(missing_ok=True)

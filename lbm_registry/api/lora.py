@@ -319,6 +319,10 @@ def _register_extraction(result: ExtractionResult, name: str, pair: ModelPair,
         table.write_text(json.dumps({"layers": [r.to_dict(spectrum=True) for r in result.layers],
                                      "skipped": facts["skipped"], "uncaptured": result.uncaptured}, indent=1))
         artifacts["extraction.json"] = table
+        from lbm_registry.api.probe import probe_artifacts
+
+        artifacts.update(probe_artifacts(Path(tmp), base_path=pair.base.path, config=pair.config,
+                                         lora_path=result.path, tuned_path=pair.tuned.path, kind="lora"))
         return register_asset(result.path, name=name, kind="lora", settings=settings, facts=facts,
                               lineage={"base": pair.base, "tuned": pair.tuned}, params=params, metrics=metrics,
                               artifacts=artifacts)
@@ -498,9 +502,18 @@ def _record_validation(asset: ResolvedAsset, report: ValidateReport, settings: W
         facts["functional_error"] = report.functional["functional_error"]
         metrics["functional_recovered"] = report.functional["recovered"]
         metrics["functional_base_error"] = report.functional["base_error"]
+        for row in report.functional.get("per_sigma") or []:  # what validate prints, per sigma
+            metrics[f"functional_error_sigma_{row['sigma']:.3g}"] = row["error"]
+            metrics[f"functional_base_error_sigma_{row['sigma']:.3g}"] = row["base_error"]
     if report.summary:
         metrics["validation_mean_error"] = report.summary["mean_error"]
+        metrics["validation_max_error"] = report.summary["max_error"]
         metrics["validation_mean_abs_ratio"] = report.summary["mean_abs_ratio"]
+        metrics["validation_mean_energy"] = report.summary["mean_energy"]
+        metrics["energy_kept"] = report.summary["total_energy"]
+    for k, v in report.coverage.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            metrics[f"coverage_{k}"] = float(v)
     update_facts(asset, facts, settings, metrics=metrics)
 
 

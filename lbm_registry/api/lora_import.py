@@ -133,13 +133,19 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                  "policy": "import native", "alpha": lora.info.get("alpha"), "dtype": lora.info.get("dtype"),
                  "mean_error": sum(errs) / len(errs), "max_error": max(errs), "layers": rows, "skipped": [],
                  **facts_extra}
-        asset = register_asset(foreign.weights_path, name=name, kind="lora", settings=settings, facts=facts,
-                               lineage={"base": base_asset}, params={"source_format": "native"},
-                               refuse_duplicate=not allow_duplicate)
+        from lbm_registry.api.probe import lora_probe
+
+        with tempfile.TemporaryDirectory(prefix="lbm-probe-") as probe_dir:
+            asset = register_asset(foreign.weights_path, name=name, kind="lora", settings=settings, facts=facts,
+                                   lineage={"base": base_asset}, params={"source_format": "native"},
+                                   refuse_duplicate=not allow_duplicate,
+                                   artifacts=lora_probe(Path(probe_dir), foreign.weights_path, base_asset, settings))
         timings["total_s"] = time.perf_counter() - t0
         return ImportReport(ref=asset.ref, path=str(asset.path), sha256=asset.sha256, source_format="native",
                             source_sha256=source_sha, layers=len(rows), converted=0, mean_error=facts["mean_error"],
                             max_error=facts["max_error"], policy=None, notes=foreign.notes, seconds=timings)
+
+    from lbm_registry.api.probe import lora_probe
 
     staging = Path(tempfile.mkdtemp(prefix="lbm-import-"))
     try:
@@ -164,7 +170,8 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                                params={"source_format": foreign.source_format, "policy": policy.describe()},
                                metrics={"mean_error": facts["mean_error"], "max_error": facts["max_error"],
                                         "converted_layers": len(dense)},
-                               refuse_duplicate=not allow_duplicate)
+                               refuse_duplicate=not allow_duplicate,
+                               artifacts=lora_probe(staging / "probe", dest, base_asset, settings))
         timings["register_s"] = time.perf_counter() - t3
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -200,6 +200,32 @@ def update_facts(asset: ResolvedAsset, facts: Mapping[str, Any], settings: Works
     asset.facts.update(new)
 
 
+def refresh_pages(refs: list[str], settings: WorkspaceSettings | None = None) -> None:
+    """Rebuild the MLflow pages (tags, description) of registered versions, e.g. after a compare
+    run judged them. Best effort: unregistered files and MLflow failures are skipped."""
+    from lbm_registry.errors import LBMError
+    from lbm_registry.registry import refs as _refs
+    from lbm_registry.registry.tracking import Tracker
+    from lbm_registry.registry.workspace import Workspace
+
+    ws = Workspace.open_existing(_settings(settings))
+    if ws is None:
+        return
+    try:
+        tracker = None
+        for ref in dict.fromkeys(refs):
+            try:
+                rec = _refs.resolve(ws, str(ref)).record
+                if rec is None:
+                    continue
+                tracker = tracker or Tracker(ws)
+                tracker.refresh_version(rec)
+            except LBMError:
+                continue
+    finally:
+        ws.close()
+
+
 def list_assets(settings: WorkspaceSettings | None = None, kind: str | None = None) -> list[dict[str, Any]]:
     """Every asset with its latest ready version (name, kind, latest, versions, sha256, size,
     dtype, created_at, aliases, and LoRA rank/policy/mean_error)."""
@@ -364,11 +390,29 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
             reader.close()
             facts["converted_from"] = path.name
             return register_asset(converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
-                                  refuse_duplicate=not allow_duplicate)
+                                  refuse_duplicate=not allow_duplicate,
+                                  artifacts=_import_probe(converted, cfg, kind, tmpdir / "probe"))
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    return register_asset(path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
-                          refuse_duplicate=not allow_duplicate)
+    import shutil
+    import tempfile
+
+    probe_dir = Path(tempfile.mkdtemp(prefix="lbm-probe-"))
+    try:
+        return register_asset(path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
+                              refuse_duplicate=not allow_duplicate, artifacts=_import_probe(path, cfg, kind, probe_dir))
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+
+
+def _import_probe(path: Path, cfg: Any, kind: str, folder: Path) -> dict[str, Path]:
+    """The probe picture of an imported base/model (see api/probe.py; ``LBM_REG_PROBE=0``: none)."""
+    from lbm_registry.api.probe import enabled, probe_artifacts
+
+    if not enabled():  # no torch import at all
+        return {}
+    return probe_artifacts(folder, base_path=path, config=cfg, kind=kind, model_path=path,
+                           label="this base" if kind == "base" else "this model")
 
 
 def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:

@@ -47,6 +47,12 @@ def energy_plot(layers_a: Any, layers_b: Any, dest: Path, labels: tuple[str, str
     return dest
 
 
+def _data_uri(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "—"
@@ -104,7 +110,9 @@ def write_report(result: dict[str, Any], out_dir: Path, *, settings: WorkspaceSe
             [[m["pair"], m["mae"], m["psnr"], m["lpips"]] for m in result["output_metrics"]])
         if not result.get("lpips"):
             metrics_html += "<p class=note>LPIPS skipped: its backbone weights are not cached locally.</p>"
-    imgs = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{f}</figcaption></figure>'
+    # Images are embedded (data: URIs) so the page is whole on its own: opened from disk, mailed,
+    # or in MLflow's artifact preview (which serves each artifact alone, breaking relative links).
+    imgs = "".join(f'<figure><img src="{_data_uri(out_dir / f)}" alt="{f}"><figcaption>{f}</figcaption></figure>'
                    for f in files if f.endswith(".png"))
     base_note = ("same base" if result["same_base"] else
                  "<strong>different bases</strong>: outputs are each on their own base")
@@ -116,7 +124,8 @@ img{{max-width:100%}} .note{{color:#666}}</style></head><body>
 <h1>{html.escape(a['ref'])} vs {html.escape(b['ref'])}</h1>
 <p>{base_note}; mean per-layer cosine of the deltas: {result['mean_cosine']:.4f}</p>
 <h2>Facts</h2>{facts_html}<h2>Layers that differ most</h2>{layers_html}{metrics_html}{imgs}
-<p class=note>Raw data: <a href="compare.json">compare.json</a></p></body></html>"""
+<p class=note>Raw data: compare.json (next to this page and in the MLflow run's <code>report/</code>)</p>
+</body></html>"""
     (out_dir / "index.html").write_text(page)
     files.insert(0, "index.html")
     info: dict[str, Any] = {"dir": str(out_dir), "files": files}
@@ -128,15 +137,49 @@ img{{max-width:100%}} .note{{color:#666}}</style></head><body>
     return info
 
 
+def _version_link(ref: str, settings: WorkspaceSettings) -> tuple[str, str | None]:
+    """(sha256, the MLflow UI link of a registered version or None)."""
+    from lbm_registry.api.registry import show
+    from lbm_registry.registry.pages import model_link
+
+    try:
+        shown = show(ref, settings)
+    except Exception:
+        return "", None
+    mv = (shown.get("mlflow") or {}).get("model_version")
+    return shown.get("sha256", ""), (model_link(shown["name"], mv) if shown.get("name") else None)
+
+
 def _log(out_dir: Path, result: dict[str, Any], settings: WorkspaceSettings) -> str | None:
+    """The compare run: tagged with both versions (``lbm.compared`` = both sha256s, searchable),
+    a description linking both version pages; both versions' pages link back to it."""
+    from lbm_registry.registry.pages import COMPARE_EXPERIMENT
     from lbm_registry.registry.runs import MLflowTracker
 
-    tracker = MLflowTracker(settings.effective_tracking_uri, "lbm-registry-compare", home=settings.home,
-                            run_name=f"compare {result['a']['ref']} vs {result['b']['ref']}")
-    tracker.log_params({"a": result["a"]["ref"], "b": result["b"]["ref"], "same_base": result["same_base"]})
+    a, b = result["a"], result["b"]
+    (sha_a, link_a), (sha_b, link_b) = _version_link(a["ref"], settings), _version_link(b["ref"], settings)
+    sha_a, sha_b = sha_a or a.get("sha256") or "", sha_b or b.get("sha256") or ""
+
+    def md(ref: str, link: str | None) -> str:
+        return f"[{ref}]({link})" if link else f"`{ref}`"
+
+    metrics = result.get("output_metrics") or []
+    lines = [f"**Compare** {md(a['ref'], link_a)} vs {md(b['ref'], link_b)}", "", "| | |", "|---|---|",
+             f"| same base | {'yes' if result['same_base'] else '**no**'} |",
+             f"| mean per-layer cosine | {result['mean_cosine']:.4f} |"]
+    lines += [f"| {m['pair']} (MAE / PSNR) | {m['mae']:.3g} / {m['psnr']:.3g} dB |" for m in metrics]
+    lines += ["", "The whole report: `report/index.html` (self-contained) under Artifacts."]
+    tags = {"lbm.kind": "compare", "lbm.a_ref": a["ref"], "lbm.b_ref": b["ref"], "lbm.a_sha256": sha_a,
+            "lbm.b_sha256": sha_b, "lbm.compared": f"{sha_a},{sha_b}", "mlflow.note.content": "\n".join(lines)}
+    tracker = MLflowTracker(settings.effective_tracking_uri, COMPARE_EXPERIMENT, home=settings.home,
+                            run_name=f"compare {a['ref']} vs {b['ref']}", tags=tags)
+    tracker.log_params({"a": a["ref"], "b": b["ref"], "same_base": result["same_base"]})
     tracker.log_metrics({"mean_cosine": result["mean_cosine"]}, step=0)
     for f in sorted(out_dir.iterdir()):
         if f.is_file():
             tracker.log_artifact(f, "report")
     tracker.end()
+    from lbm_registry.api.registry import refresh_pages
+
+    refresh_pages([a["ref"], b["ref"]], settings)
     return tracker.run_id

@@ -152,6 +152,8 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     train_shards = expand_shards(cfg.train_shards)
     val_shards = expand_shards(cfg.validation_shards)
     parent, lora = _parent_lora(cfg, base, settings)
+    if cfg.save_dtype is None:  # keep the parent's dtype (a bf16 parent gives a bf16 child)
+        cfg = cfg.model_copy(update={"save_dtype": _lora_dtype(lora) if lora is not None else "fp32"})
     meta_denoiser = build_model(lbm, meta=True).denoiser  # shapes only: checks before any loading
     if lora is None:
         assert cfg.new_lora is not None
@@ -255,6 +257,17 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     return trainer, inputs
 
 
+def _lora_dtype(lora: LoRAFile) -> str:
+    """A LoRA file's storage dtype as the CLI names it (fp32/bf16/fp16)."""
+    from lbm_registry.lora.format import SHORT_DTYPE_NAMES
+
+    recorded = str(lora.info.get("dtype") or "")
+    if recorded in ("fp32", "bf16", "fp16"):
+        return recorded
+    first = next(iter(lora.layers.values()), None)
+    return SHORT_DTYPE_NAMES.get(first.down.dtype, "fp32") if first is not None else "fp32"
+
+
 def lora_facts(lora: LoRAFile, result: TrainResult, dtype: str) -> dict[str, Any]:
     """Catalog facts for a trained LoRA (``policy: trained``)."""
     linear = [la for la in lora.layers.values() if not la.is_conv]
@@ -284,7 +297,7 @@ def register_trained_lora(result: TrainResult, inputs: TrainingInputs, name: str
     from lbm_registry.lora.format import read_lora
 
     lora = read_lora(result.lora_path)
-    dtype = str(lora.info.get("dtype") or inputs.config.save_dtype)
+    dtype = str(lora.info.get("dtype") or inputs.config.save_dtype or "fp32")
     lineage: dict[str, Any] = {"base": inputs.base, "datasets": inputs.datasets,
                                "training_config": inputs.config.to_dict()}
     if inputs.parent is not None:
@@ -294,6 +307,14 @@ def register_trained_lora(result: TrainResult, inputs: TrainingInputs, name: str
                                  "trainable_params": result.trainable_params}.items() if v is not None}
     artifacts = {p.name: p for p in (result.samples_path, result.loss_plot) if p is not None and p.is_file()}
     tags = {"lbm.train_run_id": result.run_id} if result.run_id else None
+    from lbm_registry.api.probe import first_pair, probe_artifacts
+
+    pair = first_pair(inputs.validation_shards, source_key=inputs.config.source_key,
+                      target_key=inputs.config.target_key,
+                      resolution=inputs.config.resolution) if inputs.validation_shards else None
+    artifacts.update(probe_artifacts(Path(result.output_dir), base_path=inputs.base.path, config=inputs.lbm,
+                                     lora_path=result.lora_path, kind="lora", source=pair[0] if pair else None,
+                                     reference=pair[1] if pair else None))
     return register_asset(result.lora_path, name=name, kind="lora", settings=settings, config=inputs.lbm.to_dict(),
                           facts=lora_facts(lora, result, dtype), lineage=lineage, metrics=metrics,
                           artifacts=artifacts, params={"optimizer": inputs.config.optimizer,

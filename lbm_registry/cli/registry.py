@@ -92,7 +92,7 @@ def list_(ctx: typer.Context, kind: str | None = typer.Option(None, "--kind", he
 
     t = Table(title=f"assets in {settings(ctx).home}", title_justify="left")
     for col, just in (("name", "left"), ("kind", "left"), ("latest", "right"), ("versions", "right"),
-                      ("size", "right"), ("dtype", "left"), ("rank", "left"), ("mean err", "right"),
+                      ("size", "right"), ("dtype", "left"), ("rank", "left"), ("quality", "right"),
                       ("aliases", "left"), ("sha256", "left"), ("created", "left")):
         t.add_column(col, justify=just, no_wrap=col in ("name", "sha256"))
     for r in rows:
@@ -108,9 +108,20 @@ def list_(ctx: typer.Context, kind: str | None = typer.Option(None, "--kind", he
                     rank += f" ({policy})"
         aliases = ", ".join(f"{a}→{n}" for a, n in r["aliases"].items())
         t.add_row(r["name"], r["kind"], str(r["latest"]), str(r["versions"]), format_size(r["size"]),
-                  r["dtype"] or "", rank, _num(r["mean_error"]), aliases, _short(r["sha256"]),
+                  r["dtype"] or "", rank, _quality(r.get("quality")), aliases, _short(r["sha256"]),
                   (r["created_at"] or "")[:16].replace("T", " "))
     con.print(t)
+
+
+QUALITY_LABELS = {"functional_error": "functional err", "mean_error": "mean err", "val_loss_after": "val loss"}
+
+
+def _quality(q: dict | None) -> str:
+    """``0.0123 mean err``: the version's quality figure and which one it is (LoRAs: the
+    functional error once validated, else the mean per-layer error; trained: validation loss)."""
+    if not q:
+        return ""
+    return f"{_num(q['value'])} {QUALITY_LABELS.get(q['metric'], q['metric'])}"
 
 
 def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
@@ -143,6 +154,8 @@ def show(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = JSO
     t.add_row("versions", ", ".join(str(v) for v in info["versions"]))
     if info["asset_aliases"]:
         t.add_row("aliases", ", ".join(f"{a}→{n}" for a, n in info["asset_aliases"].items()))
+    if info.get("quality"):
+        t.add_row("quality", _quality(info["quality"]))
     ml = info["mlflow"]
     t.add_row("mlflow", f"model version {ml['model_version']}, run {ml['run_id']}")
     lin = info["lineage"]

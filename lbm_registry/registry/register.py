@@ -433,7 +433,8 @@ def update_version_facts(ws: Workspace, name: str, number: int, facts: Mapping[s
     rows = layer_rows(layers) if layers is not None else None
     if rows is not None:
         texts.update(Tracker.layer_files(rows))
-    Tracker(ws).log_update(rec, metric_values, texts, files)
+    tracker = Tracker(ws)
+    tracker.log_update(rec, metric_values, texts, files)
 
     def txn() -> None:
         with ws.db.transaction() as tx:
@@ -449,4 +450,10 @@ def update_version_facts(ws: Workspace, name: str, number: int, facts: Mapping[s
                               actor=actor(), detail={"keys": sorted(new), "metrics": sorted(metric_values)})
 
     with_retries(txn, f"updating {rec.ref}")
+    fresh = catalog.version_by_id(ws.db, rec.id)
+    if fresh is not None:
+        try:  # the version page shows the new numbers; the facts are recorded either way
+            tracker.refresh_version(fresh)
+        except LBMError:
+            pass
     return new

@@ -66,10 +66,10 @@ class MLflowTracker(NullTracker):
 
             for name in ("mlflow", "alembic"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+            from filelock import FileLock
+
             lock: Any = contextlib.nullcontext()
             if is_sqlite and home is not None:
-                from filelock import FileLock
-
                 (home / ".locks").mkdir(parents=True, exist_ok=True)
                 lock = FileLock(str(home / ".locks" / "mlflow.lock"), timeout=300)
             with lock:
@@ -85,6 +85,11 @@ class MLflowTracker(NullTracker):
                         exp_id = self.client.get_experiment_by_name(experiment).experiment_id
                 else:
                     exp_id = exp.experiment_id
+            from lbm_registry.registry.tracking import tidy_experiments
+
+            tidy_experiments(self.client, home if is_sqlite else None, self.uri, names=(experiment,),
+                             lock=lambda: (FileLock(str(home / ".locks" / "mlflow-write.lock"), timeout=300)
+                                           if is_sqlite and home is not None else contextlib.nullcontext()))
             self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {})).info.run_id
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

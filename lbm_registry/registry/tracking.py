@@ -42,7 +42,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from lbm_registry.errors import RegistryError
-from lbm_registry.registry import catalog
+from lbm_registry.registry import catalog, pages
 from lbm_registry.registry.blobs import link_or_copy
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import mask_url, sqlite_path
@@ -112,6 +112,33 @@ def mlflow_errors(what: str) -> Iterator[None]:
         raise RegistryError(f"MLflow {what} failed: {_one_line(exc)}") from exc
 
 
+def tidy_experiments(client: Any, home: Path | None, uri: str, *, lock: Callable[[], Any],
+                     names: tuple[str, ...] = ()) -> None:
+    """Nothing outside the workspace, and every experiment says what it holds.
+
+    A new SQLite MLflow DB gets a ``Default`` experiment whose artifact location is
+    ``<current folder>/mlruns/0``, wherever the command ran: for a workspace's own DB (``home``)
+    it is moved to ``<home>/artifacts/0`` (MLflow has no API for that: one UPDATE, under the write
+    lock). ``names`` (and Default) get a description (``mlflow.note.content``) when they have none.
+    Best effort: a failure here never fails the command."""
+    with contextlib.suppress(Exception):
+        want = (home / "artifacts" / "0").as_uri() if home is not None else None
+        default = client.get_experiment("0")
+        path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+        if want and path is not None and default is not None and default.artifact_location != want:
+            loc = _local_dir(default.artifact_location)
+            if loc is None or not loc.resolve().is_relative_to(home.resolve()):
+                with lock(), contextlib.closing(sqlite3.connect(str(path), timeout=30)) as conn:
+                    conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (want,))
+                    conn.commit()
+        for exp in [default, *(client.get_experiment_by_name(n) for n in names)]:
+            if exp is None or exp.tags.get("mlflow.note.content"):
+                continue
+            note = pages.EXPERIMENT_NOTES.get(exp.name)
+            if note:
+                client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", note)
+
+
 class Tracker:
     """An MLflow client bound to one workspace and the ``lbm-registry`` experiment."""
 
@@ -133,6 +160,8 @@ class Tracker:
             with contextlib.nullcontext() if self._ready() else self._init_lock():
                 self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                 self.experiment_id = self._experiment()
+            tidy_experiments(self.client, ws.home if self.is_sqlite else None, self.uri,
+                             lock=self.write_lock, names=(EXPERIMENT,))
 
     def _experiment(self) -> str:
         """Our experiment's id, created on first use. Against a server several processes may
@@ -266,7 +295,7 @@ class Tracker:
         before anything else can fail. Returns (run id, model version)."""
         from mlflow.entities import Metric, Param, RunTag
 
-        params, metrics, tags, description = self.describe(rec, edges, lora, user_tags)
+        params, metrics, tags, _ = self.describe(rec, edges, lora, user_tags)
         tags[CATALOG_TAG] = self.catalog_id
         with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}"):
             run = self.client.create_run(self.experiment_id, run_name=rec.ref,
@@ -274,6 +303,9 @@ class Tracker:
             run_id = run.info.run_id
             if on_run is not None:
                 on_run(run_id)
+            has_probe = pages.PROBE_IMAGE in (extra_artifacts or {})
+            description = self.version_description(rec, edges, lora, run_id, user_tags, has_probe=has_probe)
+            tags["mlflow.note.content"] = description
             if started is not None:
                 metrics["register_seconds"] = time.time() - started
             ts = int(time.time() * 1000)
@@ -293,10 +325,67 @@ class Tracker:
             self._ensure_registered_model(rec)
             mv = self.client.create_model_version(
                 rec.name, source=f"{run.info.artifact_uri}/weights", run_id=run_id,
-                tags={k: v for k, v in tags.items() if k != "mlflow.note.content"},
+                tags=pages.version_tags(rec, edges, lora, _shown_user_tags(user_tags), self.catalog_id),
                 description=description, await_creation_for=0)
             self.client.set_terminated(run_id, "FINISHED")
+            self._describe_model(rec.name, extra_ready=rec.number)
         return run_id, str(mv.version)
+
+    def version_description(self, rec: VersionRecord, edges: list[dict[str, Any]], lora: dict[str, Any] | None,
+                            run_id: str | None, user_tags: Mapping[str, str], *, has_probe: bool) -> str:
+        """The markdown of the version page (see registry/pages.py), with the runs it links to."""
+        extra: list[tuple[str, str | None]] = []
+        train_run = user_tags.get("lbm.train_run_id")
+        if train_run:
+            extra.append((f"training run:{train_run[:12]}", pages.run_link(self._experiment_of(train_run), train_run)))
+        for label, exp_id, rid in self._compare_runs(rec):
+            extra.append((f"compared:{label}", pages.run_link(exp_id, rid)))
+        return pages.version_description(self.ws, rec, edges, lora, run_id=run_id, experiment_id=self.experiment_id,
+                                         has_probe=has_probe, extra_runs=extra)
+
+    def _experiment_of(self, run_id: str) -> str | None:
+        try:
+            return self.client.get_run(run_id).info.experiment_id
+        except Exception:
+            return None
+
+    def _compare_runs(self, rec: VersionRecord) -> list[tuple[str, str, str]]:
+        """(label, experiment id, run id) of the compare runs that name this version (newest first)."""
+        try:
+            exp = self.client.get_experiment_by_name(pages.COMPARE_EXPERIMENT)
+            if exp is None:
+                return []
+            found = self.client.search_runs([exp.experiment_id], f"tags.`lbm.compared` LIKE '%{rec.sha256[:16]}%'",
+                                            max_results=10, order_by=["attributes.start_time DESC"])
+        except Exception:
+            return []
+        return [(r.data.tags.get("mlflow.runName") or r.info.run_id[:12], exp.experiment_id, r.info.run_id)
+                for r in found]
+
+    def refresh_version(self, rec: VersionRecord) -> None:
+        """Rebuild a mirrored version's page (tags, description) and its model's description
+        from the catalog, e.g. after ``validate`` recorded new errors or a compare run judged it."""
+        from mlflow.entities import RunTag
+
+        if not rec.mlflow_run_id or not rec.mlflow_version:
+            return
+        edges, lora, _, user_tags = mirror_inputs(self.ws, rec)
+        with self.write_lock(), mlflow_errors(f"update of {rec.ref}"):
+            names = {Path(a.path).name for a in self.client.list_artifacts(rec.mlflow_run_id)}
+            description = self.version_description(rec, edges, lora, rec.mlflow_run_id, user_tags,
+                                                   has_probe=pages.PROBE_IMAGE in names)
+            self.client.update_model_version(rec.name, rec.mlflow_version, description=description)
+            for k, v in pages.version_tags(rec, edges, lora, _shown_user_tags(user_tags), self.catalog_id).items():
+                self.client.set_model_version_tag(rec.name, rec.mlflow_version, k, v)
+            self._log_batch(rec.mlflow_run_id, [], [], [RunTag("mlflow.note.content", description)])
+
+    def _describe_model(self, name: str, extra_ready: int | None = None) -> None:
+        """The registered model's description (kind, base, versions, aliases). Best effort."""
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):
+            self.client.update_registered_model(name, description=pages.registered_model_description(
+                self.ws, name, extra_ready=extra_ready))
 
     def model_texts(self, rec: VersionRecord, run_id: str | None) -> dict[str, str]:
         """The MLflow model files of the version's ``weights/`` folder (see registry/mlmodel.py)."""
@@ -342,7 +431,8 @@ class Tracker:
 
         try:
             self.client.create_registered_model(rec.name, tags={"lbm.kind": rec.kind},
-                                                description=f"lbm-registry {rec.kind} '{rec.name}'")
+                                                description=pages.registered_model_description(
+                                                    self.ws, rec.name, extra_ready=rec.number))
         except MlflowException as exc:
             if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -391,6 +481,7 @@ class Tracker:
         if rec.mlflow_version:
             with self.write_lock(), mlflow_errors(f"alias {alias!r}"):
                 self.client.set_registered_model_alias(rec.name, alias, rec.mlflow_version)
+                self._describe_model(rec.name)
 
     def delete_alias(self, name: str, alias: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -400,6 +491,7 @@ class Tracker:
                 self.client.delete_registered_model_alias(name, alias)
             except MlflowException:
                 pass  # not mirrored (e.g. set while MLflow was down): nothing to remove
+            self._describe_model(name)
 
     # -- cleanup and checks (doctor) -------------------------------------------------------
     def discard(self, name: str, run_id: str | None, mlflow_version: str | None) -> list[str]:
@@ -501,6 +593,11 @@ class Tracker:
             return list(self.client.search_model_versions(f"name = '{name}'"))
         except MlflowException:
             return []
+
+
+def _shown_user_tags(user_tags: Mapping[str, str]) -> dict[str, str]:
+    """User tags for the version page; ids that the description links instead are left out."""
+    return {k: v for k, v in user_tags.items() if k not in ("lbm.train_run_id",)}
 
 
 def mirror_inputs(ws: Workspace, rec: VersionRecord) -> tuple[list[dict[str, Any]], dict[str, Any] | None,

@@ -93,8 +93,20 @@ def list_assets(ws: Workspace | None, kind: str | None = None) -> list[dict[str,
             "rank": lf.get("rank"), "conv_rank": lf.get("conv_rank"), "policy": lf.get("policy"),
             "mean_error": lf.get("mean_error"),
             "rank_range": ranges.get(r["version_id"], {}),  # {"linear"|"conv": [min, max]} per layer
+            "quality": _quality(ws, r["version_id"]),
         })
     return out
+
+
+def _quality(ws: Workspace, version_id: int) -> dict[str, Any] | None:
+    """The one quality number of a version (see pages.quality_figure): ``{"metric", "value"}``."""
+    from lbm_registry.registry.pages import quality_figure
+
+    rec = catalog.version_by_id(ws.db, version_id)
+    if rec is None:
+        return None
+    found = quality_figure(rec, catalog.lora_facts(ws.db, version_id))
+    return {"metric": found[0], "value": found[1]} if found else None
 
 
 def show_version(ws: Workspace, rec: VersionRecord, *, tracking_uri: str) -> dict[str, Any]:
@@ -110,6 +122,7 @@ def show_version(ws: Workspace, rec: VersionRecord, *, tracking_uri: str) -> dic
         "aliases": sorted(a for a, n in asset_aliases.items() if n == rec.number),
         "asset_aliases": asset_aliases,
         "versions": catalog.ready_numbers(ws.db, rec.name),
+        "quality": _quality(ws, rec.id),
         "mlflow": {"tracking_uri": mask_url(tracking_uri), "experiment": "lbm-registry",
                    "run_id": rec.mlflow_run_id, "model_version": rec.mlflow_version},
         "facts": facts_of(rec, edges, lora),

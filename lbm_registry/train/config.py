@@ -111,7 +111,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     output_dir: str | None = Field(
         None, description="Run folder; None = <workspace>/training/<register name or 'lora'>-<timestamp>.")
-    save_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    save_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="dtype of the trained LoRA file; None = the parent LoRA's (fp32 for a new LoRA).")
     device: str = "auto"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False

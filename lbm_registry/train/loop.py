@@ -638,7 +638,7 @@ class LoRATrainer:
         plot: Path | None = self.output_dir / LOSS_PLOT
         if self.dist.is_main:  # the other processes hold the same LoRA: rank 0 writes it
             lora = self.final_lora_file(train_loss, last_val)
-            lora_path = write_lora(lora, lora_path, dtype=SAVE_DTYPES[self.cfg.save_dtype])
+            lora_path = write_lora(lora, lora_path, dtype=SAVE_DTYPES[self.cfg.save_dtype or "fp32"])
             plot = loss_curve(self.state.train_history, self.state.val_history, self.output_dir / LOSS_PLOT)
             self.tracker.log_artifact(plot)  # the weights go to the registry (stored once), not to this run
             metrics = {k: v for k, v in (("final/train_loss", train_loss), ("final/val_loss", last_val))

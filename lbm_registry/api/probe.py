@@ -1,0 +1,175 @@
+"""The probe picture every version gets at registration: ``source | base | this version | tuned``.
+
+Run on one fixed image (a seeded synthetic picture, or the first validation pair's source when
+training has one) so versions can be compared by eye on their MLflow page. Kept cheap: one
+image, the configured number of steps, at most :data:`MAX_RESOLUTION` (the pipeline's aspect
+buckets scaled down), the LoRA merged into the already loaded base (no second load), and models
+the caller already has in memory are reused.
+
+``$LBM_REG_PROBE=0`` turns it off (default on). A probe that fails never fails a registration:
+the version simply has no picture, and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from lbm_registry.lbm.config import LBMConfig
+
+log = logging.getLogger(__name__)
+
+PROBE_ENV = "LBM_REG_PROBE"
+PROBE_FILE = "probe.png"
+MAX_RESOLUTION = 512
+PROBE_SIZE = (160, 128)  # (width, height) of the synthetic probe
+
+
+def first_pair(shards: list[Path], *, source_key: str, target_key: str,
+               resolution: int) -> tuple[Image.Image, Image.Image] | None:
+    """(source, target) of the first readable pair of ``shards`` (None when there is none)."""
+    try:
+        from lbm_registry.lbm.imaging import to_pil
+        from lbm_registry.train.data import PairStream
+
+        stream = PairStream(list(shards), shuffle=False, source_key=source_key, target_key=target_key,
+                            resolution=resolution, on_bad_sample="skip")
+        for _, _, src, tgt in stream.pairs(limit=1):
+            return to_pil(src), to_pil(tgt)
+    except Exception as exc:
+        log.warning("probe: no validation pair (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return None
+
+
+def lora_probe(dest_dir: Path, lora_path: Path, base: Any, settings: Any, *, tuned: Any = None) -> dict[str, Path]:
+    """The probe of a LoRA whose base is a ResolvedAsset or a ``{"sha256", "ref"}`` mapping
+    (looked up in the registry; no probe when it is not there)."""
+    if not enabled():
+        return {}
+    try:
+        if isinstance(base, dict):
+            from lbm_registry.api.registry import resolve
+
+            base = resolve(f"sha256:{base['sha256']}", settings, ("base", "model"))
+    except Exception as exc:
+        log.warning("probe image skipped: base not found (%s)", str(exc).splitlines()[0] if str(exc) else exc)
+        return {}
+    return probe_artifacts(dest_dir, base_path=base.path, config=base.config, lora_path=lora_path,
+                           tuned_path=getattr(tuned, "path", None), kind="lora")
+
+
+def enabled() -> bool:
+    return os.environ.get(PROBE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def probe_source(image: Image.Image | None = None) -> Image.Image:
+    from lbm_registry.api.compare import synthetic_source
+
+    return image.convert("RGB") if image is not None else synthetic_source(size=PROBE_SIZE, seed=0)
+
+
+def _probe_config(cfg: LBMConfig) -> LBMConfig:
+    """The config with the inference resolution capped (the probe is for eyes, not for numbers)."""
+    inf = cfg.inference
+    if inf.base_resolution <= MAX_RESOLUTION:
+        return cfg
+    return cfg.model_copy(update={"inference": inf.model_copy(update={"base_resolution": MAX_RESOLUTION})})
+
+
+def strip(columns: list[tuple[str, Image.Image]]) -> Image.Image:
+    """The images side by side, each titled."""
+    from PIL import Image, ImageDraw
+
+    w = max(img.width for _, img in columns)
+    h = max(img.height for _, img in columns)
+    pad = 18
+    out = Image.new("RGB", (w * len(columns), h + pad), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (title, img) in enumerate(columns):
+        out.paste(img, (i * w, pad))
+        draw.text((i * w + 4, 3), title, fill="black")
+    return out
+
+
+def probe_artifacts(dest_dir: Path, *, base_path: Path, config: LBMConfig | dict[str, Any] | None,
+                    lora_path: Path | None = None, model_path: Path | None = None, tuned_path: Path | None = None,
+                    kind: str = "lora", source: Image.Image | None = None, base_model: Any = None,
+                    label: str = "this version", reference: Image.Image | None = None) -> dict[str, Path]:
+    """``{"probe.png": path}`` (or ``{}`` when disabled or impossible), written into ``dest_dir``.
+
+    kind ``lora``: source | base | base + LoRA | tuned (when ``tuned_path``);
+    kind ``model``: source | base (when known) | the model; kind ``base``: source | the base.
+    ``base_model``: an LBMModel of ``base_path`` already in memory (used instead of loading it;
+    its weights are restored afterwards). ``reference``: the ground truth (a validation pair's
+    target) shown last, as "target", when there is no tuned model."""
+    if not enabled():
+        return {}
+    try:
+        img = _probe(base_path=base_path, config=config, lora_path=lora_path, model_path=model_path,
+                     tuned_path=tuned_path, kind=kind, source=source, base_model=base_model, label=label)
+        if reference is not None and tuned_path is None:
+            img = strip([("", img), ("target", reference.convert("RGB").resize(source.size if source else
+                                                                                 PROBE_SIZE))])
+    except Exception as exc:  # a picture is a nicety: never lose a registration for it
+        log.warning("probe image skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return {}
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / PROBE_FILE
+    img.save(path, format="PNG")
+    return {PROBE_FILE: path}
+
+
+def _probe(*, base_path: Path, config: Any, lora_path: Path | None, model_path: Path | None,
+           tuned_path: Path | None, kind: str, source: Image.Image | None, base_model: Any, label: str) -> Image.Image:
+    import torch
+
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.config import config_from_dict
+    from lbm_registry.lbm.loading import config_from_checkpoint, load_lbm
+    from lbm_registry.lbm.model import DENOISER_PREFIX
+    from lbm_registry.lbm.pipeline import LBMPipeline
+
+    if isinstance(config, dict):
+        config = config_from_dict(config, "probe")
+    if config is None:
+        config = config_from_checkpoint(CheckpointReader(base_path))
+    if config is None:
+        raise ValueError("no LBM config")
+    cfg = _probe_config(config)
+    src = probe_source(source)
+    cpu = torch.device("cpu")
+
+    def run(model: Any) -> Image.Image:
+        old = model.config
+        model.config = cfg
+        try:
+            return LBMPipeline(model=model, device=next(model.parameters()).device,
+                               dtype=next(model.parameters()).dtype)(src, seed=0)
+        finally:
+            model.config = old
+
+    columns: list[tuple[str, Image.Image]] = [("source", src)]
+    model = base_model if base_model is not None else load_lbm(base_path, config, device=cpu, dtype=torch.float32)
+    alone = kind in ("base", "model") and (model_path is None or Path(model_path) == Path(base_path))
+    columns.append((label if alone else "base", run(model)))
+    if kind == "lora" and lora_path is not None:
+        from lbm_registry.lora.apply import MergedLoRAs
+        from lbm_registry.lora.format import read_lora
+
+        reader = CheckpointReader(base_path)
+        merged = MergedLoRAs(model.denoiser, [(read_lora(lora_path), 1.0)],
+                             originals=lambda name: reader.get(f"{DENOISER_PREFIX}{name}.weight"))
+        try:
+            columns.append((label, run(model)))
+        finally:
+            merged.restore()
+    elif kind == "model" and not alone and model_path is not None:
+        columns.append((label, run(load_lbm(model_path, config, device=cpu, dtype=torch.float32))))
+    if tuned_path is not None:
+        columns.append(("tuned", run(load_lbm(tuned_path, config, device=cpu, dtype=torch.float32))))
+    return strip(columns)
