@@ -86,10 +86,14 @@ def init_distributed(device: str = "auto") -> DistContext:
 
     if launched_world_size() <= 1:
         return DistContext(device=pick_device(device))
+    import warnings
+
     from accelerate import PartialState
 
     cpu = device == "cpu" or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    with warnings.catch_warnings():  # its "OMP_NUM_THREADS unset, we set it at 1": we split the cores below
+        warnings.simplefilter("ignore", UserWarning)
+        state = PartialState(cpu=cpu)
     dev = torch.device("cpu") if cpu else state.device
     if not cpu:
         torch.cuda.set_device(dev)
