@@ -256,8 +256,10 @@ def test_workspace_settings_from_env(monkeypatch, tmp_path):
     s = WorkspaceSettings.resolve()
     assert s.home == tmp_path / "envhome"
     assert s.effective_catalog_url.endswith("other.db")
-    assert R.list_assets(s) == []  # nothing there: empty, and nothing created
-    assert not (tmp_path / "other.db").exists()
+    with pytest.raises(RegistryError, match="no registry at"):  # a read refuses a missing home...
+        R.list_assets(s)
+    assert not (tmp_path / "other.db").exists()  # ...and creates nothing
+    assert not (tmp_path / "envhome").exists()
 
 
 def test_sqlalchemy_code_path(fresh_settings, make_weights, monkeypatch):

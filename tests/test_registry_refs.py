@@ -91,7 +91,11 @@ def test_unknown_references_are_one_line_with_suggestions(populated, ref, messag
 
 def test_ambiguous_hash_prefix(reg_settings, make_weights):
     """Two files whose hashes share 8 hex digits cannot be made on demand, so the catalog rows of
-    two registered versions get hashes with a common prefix (the blobs are not consulted)."""
+    two registered versions get hashes with a common prefix. Blob paths follow the hash, so the
+    real blobs are linked under the fake hashes too (resolution size-checks the blob)."""
+    import os
+
+    from lbm_registry.registry.blobs import blob_path
     from lbm_registry.registry.workspace import Workspace
 
     a = R.register_asset(make_weights(), name="amb", kind="base", settings=reg_settings)
@@ -100,6 +104,10 @@ def test_ambiguous_hash_prefix(reg_settings, make_weights):
     with Workspace.open(reg_settings) as ws, ws.db.transaction() as tx:
         tx.execute("UPDATE versions SET sha256 = :s WHERE sha256 = :o", {"s": fake_a, "o": a.sha256})
         tx.execute("UPDATE versions SET sha256 = :s WHERE sha256 = :o", {"s": fake_b, "o": b.sha256})
+        fakes = [blob_path(ws.blobs_dir, fake) for fake in (fake_a, fake_b)]
+        for real, fake in zip((a.sha256, b.sha256), fakes, strict=True):
+            fake.parent.mkdir(parents=True, exist_ok=True)
+            os.link(blob_path(ws.blobs_dir, real), fake)
     try:
         with pytest.raises(RefError, match="sha256:deadbeef is ambiguous .2 hashes"):
             R.resolve("sha256:deadbeef", reg_settings)
@@ -108,6 +116,8 @@ def test_ambiguous_hash_prefix(reg_settings, make_weights):
         with Workspace.open(reg_settings) as ws, ws.db.transaction() as tx:
             tx.execute("UPDATE versions SET sha256 = :o WHERE sha256 = :s", {"s": fake_a, "o": a.sha256})
             tx.execute("UPDATE versions SET sha256 = :o WHERE sha256 = :s", {"s": fake_b, "o": b.sha256})
+        for fake in fakes:
+            fake.unlink()
     assert R.resolve(f"sha256:{a.sha256[:8]}", reg_settings).ref == "amb@1"
 
 
@@ -149,7 +159,7 @@ def test_lora_needs_base_and_kinds_are_fixed(reg_settings, make_weights):
     assert R.resolve("kinded", reg_settings).version == 1  # the refused ones left nothing visible
 
 
-def test_dedup_one_blob_hard_linked(reg_settings, make_weights, tmp_path):
+def test_dedup_one_blob_copied(reg_settings, make_weights, tmp_path):
     src = make_weights(seed=4242)
     src_mode = stat.S_IMODE(os.stat(src).st_mode)
     copy = tmp_path / "copy.safetensors"
@@ -162,8 +172,10 @@ def test_dedup_one_blob_hard_linked(reg_settings, make_weights, tmp_path):
     blobs = [p for p in reg_settings.blobs_dir.rglob("*") if p.is_file() and p.name == a.sha256]
     assert len(blobs) == 1
     st = a.path.stat()
-    assert stat.S_IMODE(st.st_mode) == src_mode & 0o444  # read-only; who may read it is unchanged
-    assert st.st_ino == os.stat(src).st_ino  # registered by hard link, not copied
+    assert not stat.S_IMODE(st.st_mode) & 0o222  # the blob is read-only...
+    assert st.st_ino != os.stat(src).st_ino  # ...and a copy: the user's file is not the blob
+    assert stat.S_IMODE(os.stat(src).st_mode) == src_mode  # registering left the user's file alone
+    assert os.stat(src).st_nlink == 1
     assert a.path.relative_to(reg_settings.blobs_dir).parts == (a.sha256[:2], a.sha256)
     # the first registration wins for sha256: refs
     assert R.resolve(f"sha256:{a.sha256[:10]}", reg_settings).ref == "dup-a@1"

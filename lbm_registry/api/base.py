@@ -132,7 +132,7 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
         with tempfile.TemporaryDirectory(prefix="lbm-probe-") as probe_dir:
             probe = probe_artifacts(Path(probe_dir), base_path=out_path, config=cfg, kind="base", base_model=model,
                                     label="this base")
-            asset = register_asset(out_path, name=register, kind="base",
+            asset = register_asset(out_path, name=register, kind="base", link=output is None,
                                    settings=settings or WorkspaceSettings.resolve(),
                                    config=cfg.to_dict(), facts={"base_report": report.summary(), "seed": seed,
                                                                 "sdxl_unet": str(sdxl_unet or "")}, artifacts=probe)

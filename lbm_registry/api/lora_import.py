@@ -165,7 +165,7 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                  "layers": [{k: r[k] for k in ("module", "kind", "shape", "rank", "rel_error", "energy")} for r in rows],
                  "skipped": [], **facts_extra}
         t3 = time.perf_counter()
-        asset = register_asset(dest, name=name, kind="lora", settings=settings, facts=facts,
+        asset = register_asset(dest, name=name, kind="lora", settings=settings, facts=facts, link=True,
                                lineage={"base": base_asset},
                                params={"source_format": foreign.source_format, "policy": policy.describe()},
                                metrics={"mean_error": facts["mean_error"], "max_error": facts["max_error"],

@@ -160,7 +160,8 @@ def register_asset(path: str | Path, *, name: str, kind: str, settings: Workspac
                    config: dict[str, Any] | None = None, facts: Mapping[str, Any] | None = None,
                    lineage: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
                    metrics: Mapping[str, Any] | None = None, artifacts: Any = None,
-                   tags: Mapping[str, Any] | None = None, refuse_duplicate: bool = False) -> ResolvedAsset:
+                   tags: Mapping[str, Any] | None = None, refuse_duplicate: bool = False,
+                   link: bool = False) -> ResolvedAsset:
     """Register ``path`` as the next version of ``name`` (all-or-nothing; see registry/register.py).
 
     kind ``lora``: ``facts`` has rank, conv_rank, policy, alpha, dtype, mean_error, max_error,
@@ -168,7 +169,9 @@ def register_asset(path: str | Path, *, name: str, kind: str, settings: Workspac
     energy}) and ``skipped``; ``lineage`` must have ``base``. ``lineage`` values for base/tuned/
     parent are a ResolvedAsset, a sha256 string or a reference; ``datasets`` is a list of
     {"path", "sha256"}; ``training_config`` a dict. ``artifacts``: {artifact path: file} or a
-    list of files, logged to the MLflow run next to the weights.
+    list of files, logged to the MLflow run next to the weights. ``link``: ``path`` is a
+    temporary file the caller wrote and will not touch again, so the blob may be a hard link to
+    it instead of a copy (a user's own file is never linked: the blob is read-only).
     """
     from lbm_registry.registry.register import register
     from lbm_registry.registry.workspace import Workspace
@@ -177,7 +180,7 @@ def register_asset(path: str | Path, *, name: str, kind: str, settings: Workspac
     with Workspace.open(_settings(settings)) as ws:
         rec = register(ws, path, name=name, kind=kind, config=config, facts=facts, lineage=lineage,
                        params=params, metrics=metrics, artifacts=artifacts, tags=tags,
-                       refuse_duplicate=refuse_duplicate)
+                       refuse_duplicate=refuse_duplicate, link=link)
         return _to_asset(ws, rec)
 
 
@@ -390,7 +393,7 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
             reader.close()
             facts["converted_from"] = path.name
             return register_asset(converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
-                                  refuse_duplicate=not allow_duplicate,
+                                  refuse_duplicate=not allow_duplicate, link=True,
                                   artifacts=_import_probe(converted, cfg, kind, tmpdir / "probe"))
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,11 +1,12 @@
 """Content-addressed blob store (``blobs/sha256/<2 hex>/<hash>``) and hashing.
 
-Why hard links: registering a 5 GB checkpoint should cost the hash and nothing more. The blob
-is a hard link to the registered file when both live on one file system (a copy otherwise,
-verified against the hash while copying). Blobs are read-only (0444) and written via temp file
-+ fsync + rename, so a crash never leaves a half blob under a final name. A blob shares its
-inode with the file it was registered from: that file becomes read-only too, and editing it in
-place would be detected by ``lbm-reg doctor`` as a corrupt blob.
+A user's file is copied into the store (verified against the hash while copying), never
+hard-linked: a blob is read-only, and sharing its inode would silently make the user's own file
+read-only too (and let an edit in place corrupt the registered bytes). Files the tool itself just
+wrote into a temporary place (``link=True``: a converted import, a staging file) are linked, so
+they cost nothing more than the hash. Blobs lose their write bits and are written via temp file
++ fsync + rename, so a crash never leaves a half blob under a final name. MLflow artifact
+folders hold hard links to blobs (our own files).
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ def _copy_hashing(src: Path, dst: Path) -> str:
     return h.hexdigest()
 
 
-def store_blob(src: Path, sha256: str, size: int, blobs_dir: Path, *, replace: bool = False) -> tuple[Path, str]:
+def store_blob(src: Path, sha256: str, size: int, blobs_dir: Path, *, replace: bool = False,
+               link: bool = False) -> tuple[Path, str]:
     """Put ``src`` (whose hash is ``sha256``) into the store; returns (blob path, how).
 
     ``how`` is ``"existing"`` (same bytes already stored: nothing written), ``"link"`` or
-    ``"copy"``. ``replace`` overwrites a blob known to be damaged.
+    ``"copy"``. ``replace`` overwrites a blob known to be damaged. ``link``: ``src`` is a file of
+    ours that nobody else will edit, so it may become the blob itself (hard link) instead of
+    being copied.
     """
     dest = blob_path(blobs_dir, sha256)
     if not replace and dest.is_file() and dest.stat().st_size == size:
@@ -82,6 +86,8 @@ def store_blob(src: Path, sha256: str, size: int, blobs_dir: Path, *, replace: b
     tmp = dest.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         try:
+            if not link:
+                raise OSError("copy requested")
             os.link(src, tmp)
             how = "link"
             with open(tmp, "rb") as fh:

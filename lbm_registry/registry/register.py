@@ -249,8 +249,11 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
              facts: Mapping[str, Any] | None = None, lineage: Mapping[str, Any] | None = None,
              params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
              artifacts: Any = None, tags: Mapping[str, Any] | None = None,
-             refuse_duplicate: bool = False) -> VersionRecord:
+             refuse_duplicate: bool = False, link: bool = False) -> VersionRecord:
     """Register ``path`` as the next version of ``name`` (see the module docstring).
+
+    ``link``: ``path`` is a temporary file of ours, so the blob may be a hard link to it; a
+    user's file is copied (see registry/blobs.py: the blob is read-only).
 
     ``refuse_duplicate``: bytes already registered (any name) raise "already registered as
     NAME@N" before anything is written (``import`` without ``--allow-duplicate``). Base and
@@ -317,7 +320,7 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
         rec = catalog.version_by_id(ws.db, vid)
         try:
             pause("pending")
-            blob, how = store_blob(path, sha, size, ws.blobs_dir, replace=damaged)
+            blob, how = store_blob(path, sha, size, ws.blobs_dir, replace=damaged, link=link)
         except BaseException as exc:
             _abort(ws, tracker, rec, state, exc)
             raise
