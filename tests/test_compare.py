@@ -65,9 +65,14 @@ def test_compare_same_base_with_report(registered, tmp_path):
     files = res["report"]["files"]
     assert {"index.html", "grid.png", "energy.png", "compare.json"} <= set(files)
     html = (tmp_path / "report" / "index.html").read_text()
+    # self-contained: images embedded as data URIs (MLflow's artifact preview shows it whole),
+    # and any other link points at a file of the report
     refs = set(re.findall(r'(?:src|href)="([^"]+)"', html))
-    assert refs and refs <= set(files), refs
-    assert all((tmp_path / "report" / f).is_file() for f in refs)
+    images = set(re.findall(r'<img[^>]*src="([^"]+)"', html))
+    assert images and all(i.startswith("data:image/png;base64,") for i in images), images
+    links = {r for r in refs if not r.startswith(("data:", "#"))}
+    assert links <= set(files), links
+    assert all((tmp_path / "report" / f).is_file() for f in links)
 
 
 def test_compare_identical_and_different_base(registered):

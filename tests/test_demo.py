@@ -44,10 +44,13 @@ def test_demo_runs_the_whole_loop(tmp_path, monkeypatch):
     _check_mlflow_story(home, st)
 
 
-def _get(url: str) -> bytes:
+def _get(url: str, body: dict | None = None) -> bytes:
+    """GET ``url``, or POST ``body`` as JSON (MLflow's search endpoints take POST only)."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=30) as r:
+    req = url if body is None else urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
         return r.read()
 
 
@@ -94,9 +97,9 @@ def _check_mlflow_story(home, st) -> None:
             assert time.time() < deadline, _tail(log)
             time.sleep(0.5)
 
-        def rest(path: str, **q) -> dict:
+        def rest(endpoint: str, /, **q) -> dict:
             query = "&".join(f"{k}={quote(str(v))}" for k, v in q.items())
-            return json.loads(_get(f"{api}/api/2.0/mlflow/{path}?{query}"))
+            return json.loads(_get(f"{api}/api/2.0/mlflow/{endpoint}?{query}"))
 
         exps = rest("experiments/search", max_results=100)["experiments"]
         assert {e["name"] for e in exps} >= {"Default", "lbm-registry", "lbm-registry-compare"}
@@ -116,8 +119,8 @@ def _check_mlflow_story(home, st) -> None:
         base_info, _ = version("tiny-base@1")
         base_link = f"#/models/tiny-base/versions/{base_info['mlflow']['model_version']}"
         exp_id = next(e["experiment_id"] for e in exps if e["name"] == "lbm-registry")
-        compare_runs = rest("runs/search", experiment_ids=next(e["experiment_id"] for e in exps
-                                                              if e["name"] == "lbm-registry-compare"))
+        compare_exp = next(e["experiment_id"] for e in exps if e["name"] == "lbm-registry-compare")
+        compare_runs = json.loads(_get(f"{api}/api/2.0/mlflow/runs/search", {"experiment_ids": [compare_exp]}))
         cmp_run = compare_runs.get("runs") or []
         assert cmp_run, "no compare run"
         for ref, want in (("relight@1", ("rank", "conv_rank", "policy", "alpha", "mean_error", "functional_error")),

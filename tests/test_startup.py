@@ -71,8 +71,11 @@ def SafetensorsHeaderShapes(path):  # noqa: N802  (reads like the class it wraps
 
 
 def test_import_of_a_base_needs_neither_torch_nor_diffusers(fresh_settings, tiny_base_path, cli_probe):
+    """Verifying and registering a base needs no model. The probe picture on the version page
+    (issue 12, on by default) runs the base, so it is what loads torch; without it, neither."""
     s = fresh_settings()
-    p = cli_probe("--home", s.home, "import", tiny_base_path, "--name", "tb", "--kind", "base")
+    p = cli_probe("--home", s.home, "import", tiny_base_path, "--name", "tb", "--kind", "base",
+                  env={"LBM_REG_PROBE": "0"})
     assert p.rc == 0, p.err
     assert "registered tb@1" in p.out
     assert not p.heavy & {"torch", "diffusers"}, p.heavy

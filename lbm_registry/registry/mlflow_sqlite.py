@@ -190,9 +190,22 @@ class SqliteMirror:
                 return False
             conn.execute("INSERT OR REPLACE INTO registered_model_aliases (workspace, name, alias, version) "
                          "VALUES (?, ?, ?, ?)", (WORKSPACE, rec.name, alias, version))
+            self._describe_model(conn, rec.name)
         return True
 
     def delete_alias(self, name: str, alias: str) -> None:
         with self.ws.lock("mlflow-write"), self._connect(self.path) as conn, conn:
             conn.execute("DELETE FROM registered_model_aliases WHERE workspace = ? AND name = ? AND alias = ?",
                          (WORKSPACE, name, alias))
+            self._describe_model(conn, name)
+
+    def _describe_model(self, conn: sqlite3.Connection, name: str) -> None:
+        """The registered model's description lists its aliases (as ``Tracker._describe_model``
+        does through the client): rewrite it in the same transaction as the alias row."""
+        import time
+
+        from lbm_registry.registry.pages import registered_model_description
+
+        conn.execute("UPDATE registered_models SET description = ?, last_updated_time = ? "
+                     "WHERE workspace = ? AND name = ?",
+                     (registered_model_description(self.ws, name)[:5000], int(time.time() * 1000), WORKSPACE, name))

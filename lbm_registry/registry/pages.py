@@ -39,7 +39,7 @@ EXPERIMENT_NOTES = {
                           "output images as artifacts.",
     "lbm-registry-compare": "One run per `lbm-reg compare A B --report DIR`: similarity metrics, the "
                             "HTML report, grid and energy plots; tagged and linked with both versions.",
-    "lbm-lora": "Training runs of `lbm-reg train`: losses per step, validation losses, sample grids.",
+    "lbm-registry-train": "Training runs of `lbm-reg train`: losses per step, validation losses, sample grids.",
     "Default": "Unused by lbm-registry (its runs live in the lbm-registry* experiments); its "
                "artifact location lies inside the workspace.",
 }
@@ -69,6 +69,7 @@ def quality(rec: VersionRecord, lora: Mapping[str, Any] | None) -> dict[str, str
             v = lora.get(k) if lora.get(k) is not None else facts.get(k)
             if v is not None:
                 out[k] = _num(v)
+        out.setdefault("alpha", "= rank")  # no alpha stored: scale 1 (kohya's convention)
     out["size"] = format_size(rec.size)
     if rec.dtype:
         out["dtype"] = rec.dtype
@@ -136,7 +137,7 @@ def version_description(ws: Workspace, rec: VersionRecord, edges: list[dict[str,
     rows: list[tuple[str, str]] = []
     if rec.kind == "lora":
         rank = f"{q.get('rank', '?')} / {q.get('conv_rank', '?')}"
-        alpha = f"alpha {q['alpha']}" if "alpha" in q else "alpha = rank"
+        alpha = "alpha = rank" if q.get("alpha", "= rank") == "= rank" else f"alpha {q['alpha']}"
         rows.append(("rank / conv rank", f"**{rank}** ({q.get('policy', '?')}), {alpha}"))
     rows.append(("size", f"{q['size']}" + (f", {q['dtype']}" if "dtype" in q else "")))
     if "mean_error" in q:
