@@ -21,6 +21,7 @@ from lbm_registry.lbm.header import (
     DROP_PREFIXES,
     SafetensorsHeader,
     check_architecture,
+    check_weight_file,
     normalise_keys,
     read_safetensors_header,
 )
@@ -52,10 +53,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"file not found: {self.path}")
-        if self.path.is_dir():
-            raise CheckpointError(f"{self.path} is a directory, expected a weight file")
+        check_weight_file(self.path)
         self.metadata: dict[str, str] = {}
         self._st = None
         self._header: dict[str, Any] = {}

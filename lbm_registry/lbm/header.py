@@ -72,16 +72,21 @@ def normalise_keys(keys: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def check_weight_file(path: Path) -> None:
+    """One line for the two ways a path is not a weight file (both readers share it)."""
+    if not path.exists():
+        raise CheckpointError(f"file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, expected a weight file")
+
+
 class SafetensorsHeader:
     """Keys, shapes, dtypes and metadata of a safetensors file (the same view of the keys as
     :class:`~lbm_registry.lbm.checkpoint.CheckpointReader`), without loading any tensor."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"file not found: {self.path}")
-        if self.path.is_dir():
-            raise CheckpointError(f"{self.path} is a directory, expected a weight file")
+        check_weight_file(self.path)
         header = read_safetensors_header(self.path)
         self._data_start = int(header.pop("__data_start__"))
         meta = header.pop("__metadata__", None) or {}

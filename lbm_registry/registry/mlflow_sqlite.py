@@ -37,7 +37,29 @@ KNOWN_REVISIONS = frozenset({"dc11669786a5"})
 EXPERIMENT = "lbm-registry"
 DELETED_STAGE = "Deleted_Internal"
 WORKSPACE = "default"
+#: Run/model-version tag naming the catalog that mirrored it (registries may share a server).
 CATALOG_TAG = "lbm.catalog_id"
+
+
+class CatalogOwnership:
+    """Which MLflow runs/model versions belong to this workspace's catalog. Shared by
+    :class:`SqliteMirror` and :class:`~lbm_registry.registry.tracking.Tracker` (both set ``ws``
+    and ``_catalog_id = None``)."""
+
+    ws: Workspace
+    _catalog_id: str | None
+
+    @property
+    def catalog_id(self) -> str:
+        if self._catalog_id is None:
+            self._catalog_id = catalog.catalog_id(self.ws.db)
+        return self._catalog_id
+
+    def owns(self, tags: Mapping[str, str] | None) -> bool:
+        """Was this run/model version mirrored by our catalog? Untagged ones (made before
+        catalog ids existed, or by hand) count as ours; another catalog's never do."""
+        owner = (tags or {}).get(CATALOG_TAG)
+        return owner is None or owner == self.catalog_id
 
 
 @dataclass
@@ -47,7 +69,7 @@ class _ModelVersion:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-class SqliteMirror:
+class SqliteMirror(CatalogOwnership):
     """Read and alias-write access to a local MLflow SQLite store, without importing MLflow."""
 
     def __init__(self, ws: Workspace, path: Path, experiment_id: str) -> None:
@@ -87,16 +109,7 @@ class SqliteMirror:
         finally:
             conn.close()
 
-    # -- what Tracker offers doctor --------------------------------------------------------
-    @property
-    def catalog_id(self) -> str:
-        if self._catalog_id is None:
-            self._catalog_id = catalog.catalog_id(self.ws.db)
-        return self._catalog_id
-
-    def owns(self, tags: Mapping[str, str] | None) -> bool:
-        owner = (tags or {}).get(CATALOG_TAG)
-        return owner is None or owner == self.catalog_id
+    # -- what Tracker offers doctor (catalog_id and owns come from CatalogOwnership) -------
 
     def check(self, rec: VersionRecord) -> str | None:
         """Why the mirror of a ready version is broken, or None (same answers as Tracker.check)."""

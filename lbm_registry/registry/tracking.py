@@ -46,12 +46,11 @@ from lbm_registry.registry import catalog, pages
 from lbm_registry.registry.blobs import link_or_copy
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import mask_url, sqlite_path
+from lbm_registry.registry.mlflow_sqlite import CATALOG_TAG, CatalogOwnership
 from lbm_registry.registry.workspace import Workspace
 
 EXPERIMENT = "lbm-registry"
 TAG_PREFIX = "lbm."
-#: Run/model-version tag naming the catalog that mirrored it (registries may share a server).
-CATALOG_TAG = "lbm.catalog_id"
 LAYER_FIELDS = ("module", "kind", "shape", "rank", "rel_error", "energy")
 _PARAM_MAX = 6000
 _TAG_MAX = 5000
@@ -139,7 +138,7 @@ def tidy_experiments(client: Any, home: Path | None, uri: str, *, lock: Callable
                 client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", note)
 
 
-class Tracker:
+class Tracker(CatalogOwnership):
     """An MLflow client bound to one workspace and the ``lbm-registry`` experiment."""
 
     def __init__(self, ws: Workspace) -> None:
@@ -181,18 +180,6 @@ class Tracker:
             if exp is None:
                 raise
             return exp.experiment_id
-
-    @property
-    def catalog_id(self) -> str:
-        if self._catalog_id is None:
-            self._catalog_id = catalog.catalog_id(self.ws.db)
-        return self._catalog_id
-
-    def owns(self, tags: Mapping[str, str] | None) -> bool:
-        """Was this run/model version mirrored by our catalog? Untagged ones (made before
-        catalog ids existed, or by hand) count as ours; another catalog's never do."""
-        owner = (tags or {}).get(CATALOG_TAG)
-        return owner is None or owner == self.catalog_id
 
     def _ready(self) -> bool:
         """A SQLite MLflow DB that already holds our experiment (created last, under the lock).
