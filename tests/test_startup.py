@@ -70,15 +70,19 @@ def SafetensorsHeaderShapes(path):  # noqa: N802  (reads like the class it wraps
     return SafetensorsHeader(path).shapes()
 
 
-def test_import_of_a_base_needs_neither_torch_nor_diffusers(fresh_settings, tiny_base_path, cli_probe):
-    """Verifying and registering a base needs no model. The probe picture on the version page
-    (issue 12, on by default) runs the base, so it is what loads torch; without it, neither."""
+def test_import_of_a_base_needs_neither_torch_nor_diffusers_nor_mlflow(fresh_settings, tiny_base_path, cli_probe):
+    """Verifying and registering a base needs no model, and its MLflow mirror in a workspace's
+    own SQLite store needs no MLflow (registry/mlflow_sqlite.py). The probe picture (issue 12)
+    runs the base, so it is what loads torch: off here (``--probe off`` and ``LBM_REG_PROBE=0``)."""
+    from lbm_registry.api.registry import init_workspace
+
     s = fresh_settings()
+    init_workspace(s)  # the store exists (as after the first registration or 'lbm-reg init')
     p = cli_probe("--home", s.home, "import", tiny_base_path, "--name", "tb", "--kind", "base",
                   env={"LBM_REG_PROBE": "0"})
     assert p.rc == 0, p.err
     assert "registered tb@1" in p.out
-    assert not p.heavy & {"torch", "diffusers"}, p.heavy
+    assert not p.heavy & {"torch", "diffusers", "mlflow", "sqlalchemy", "alembic"}, p.heavy
 
 
 def test_import_refuses_a_name_of_another_kind_first(fresh_settings, tiny_base_path, make_weights, cli_probe):

@@ -20,16 +20,24 @@ callers use :class:`~lbm_registry.registry.tracking.Tracker`. Writes take the sa
 from __future__ import annotations
 
 import contextlib
+import math
+import posixpath
+import re
+import shutil
 import sqlite3
-from collections.abc import Iterator, Mapping
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from lbm_registry.registry import catalog
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import sqlite_path
+from lbm_registry.registry.mirror import CATALOG_TAG, VersionPages
 from lbm_registry.registry.workspace import Workspace
 
 #: MLflow SQL-store schema revisions whose tables this module reads and writes (MLflow 3.17).
@@ -37,8 +45,6 @@ KNOWN_REVISIONS = frozenset({"dc11669786a5"})
 EXPERIMENT = "lbm-registry"
 DELETED_STAGE = "Deleted_Internal"
 WORKSPACE = "default"
-#: Run/model-version tag naming the catalog that mirrored it (registries may share a server).
-CATALOG_TAG = "lbm.catalog_id"
 
 
 class CatalogOwnership:
@@ -69,14 +75,16 @@ class _ModelVersion:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-class SqliteMirror(CatalogOwnership):
-    """Read and alias-write access to a local MLflow SQLite store, without importing MLflow."""
+class SqliteMirror(CatalogOwnership, VersionPages):
+    """A local MLflow SQLite store read and written without importing MLflow: doctor's reads,
+    aliases, and registration's mirror (run + model version) and page refreshes."""
 
     def __init__(self, ws: Workspace, path: Path, experiment_id: str) -> None:
         self.ws = ws
         self.path = path
         self.experiment_id = experiment_id
         self._catalog_id: str | None = None
+        self._conn: Any = None
 
     @classmethod
     def open(cls, ws: Workspace) -> SqliteMirror | None:
@@ -212,13 +220,256 @@ class SqliteMirror(CatalogOwnership):
                          (WORKSPACE, name, alias))
             self._describe_model(conn, name)
 
-    def _describe_model(self, conn: sqlite3.Connection, name: str) -> None:
-        """The registered model's description lists its aliases (as ``Tracker._describe_model``
-        does through the client): rewrite it in the same transaction as the alias row."""
-        import time
-
+    def _describe_model(self, conn: sqlite3.Connection, name: str, extra_ready: int | None = None,
+                        now: int | None = None) -> None:
+        """The registered model's description (kind, versions, aliases), as
+        ``Tracker._describe_model`` writes it through the client (``update_registered_model``),
+        in the caller's transaction."""
         from lbm_registry.registry.pages import registered_model_description
 
         conn.execute("UPDATE registered_models SET description = ?, last_updated_time = ? "
                      "WHERE workspace = ? AND name = ?",
-                     (registered_model_description(self.ws, name)[:5000], int(time.time() * 1000), WORKSPACE, name))
+                     (registered_model_description(self.ws, name, extra_ready=extra_ready),
+                      _now_ms() if now is None else now, WORKSPACE, name))
+
+    # -- registration (what Tracker.mirror writes through the client) ------------------------
+    def write_lock(self) -> Any:
+        return self.ws.lock("mlflow-write")
+
+    def _artifact_root(self, conn: sqlite3.Connection) -> str | None:
+        """Our experiment's artifact location when it is a plain local folder (``file:///...``)."""
+        row = conn.execute("SELECT artifact_location FROM experiments WHERE experiment_id = ?",
+                           (int(self.experiment_id),)).fetchone()
+        loc = (row[0] if row else None) or ""
+        parsed = urlparse(loc)
+        if parsed.scheme != "file" or parsed.netloc or parsed.query or parsed.params or parsed.fragment:
+            return None
+        return loc.rstrip("/")
+
+    def mirror(self, rec: VersionRecord, *, weights: Path, edges: list[dict[str, Any]],
+               lora: dict[str, Any] | None, layers: list[dict[str, Any]], user_tags: Mapping[str, str],
+               extra_artifacts: Mapping[str, Path] | None = None, started: float | None = None,
+               on_run: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """:meth:`Tracker.mirror <lbm_registry.registry.tracking.Tracker.mirror>` in one SQLite
+        transaction: the same rows MLflow's SQL stores write for ``create_run``, ``log_batch``,
+        ``create_registered_model``, ``create_model_version``, ``set_terminated`` and
+        ``update_registered_model`` (mlflow/store/{tracking,model_registry}/sqlalchemy_store.py),
+        and the same artifact files. Content MLflow would change or refuse (odd keys, over-long
+        values, an artifact location that is not a local folder) goes through the Tracker
+        instead. If anything fails, neither rows nor artifacts of the run remain."""
+        from lbm_registry.registry import mirror as m
+        from lbm_registry.registry.tracking import Tracker, mlflow_errors
+
+        c = m.mirror_content(self.ws, rec, weights=weights, edges=edges, lora=lora, layers=layers,
+                             user_tags=user_tags, extra_artifacts=extra_artifacts, catalog_id=self.catalog_id)
+        run_id = uuid.uuid4().hex
+        with self._connect(self.path) as conn:
+            root = self._artifact_root(conn)
+            c.finish(self._page(conn, rec, edges, lora, run_id, user_tags, has_probe=c.has_probe), started)
+        if root is None or not _fits(rec.name, c):
+            return Tracker(self.ws).mirror(rec, weights=weights, edges=edges, lora=lora, layers=layers,
+                                           user_tags=user_tags, extra_artifacts=extra_artifacts, started=started,
+                                           on_run=on_run)
+        if on_run is not None:
+            on_run(run_id)
+        artifact_uri = f"{root}/{run_id}/artifacts"
+        local = Path(unquote(urlparse(artifact_uri).path))
+        with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}"), self._connect(self.path) as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                version = self._write_version(conn, rec, c, run_id, artifact_uri)
+                m.write_local(local, {**c.texts, **m.model_texts(self.ws, rec, run_id)}, c.files)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                shutil.rmtree(local.parent, ignore_errors=True)
+                raise
+        return run_id, str(version)
+
+    def _write_version(self, conn: sqlite3.Connection, rec: VersionRecord, c: Any, run_id: str,
+                       artifact_uri: str) -> int:
+        from lbm_registry.registry.pages import registered_model_description
+
+        start = _now_ms()
+        # create_run: the run (RUNNING, user "unknown": no mlflow.user tag) and its name tag
+        conn.execute("INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id, status, "
+                     "start_time, end_time, source_version, lifecycle_stage, artifact_uri, experiment_id, "
+                     "deleted_time) VALUES (?, ?, 'UNKNOWN', '', '', 'unknown', 'RUNNING', ?, NULL, '', 'active', "
+                     "?, ?, NULL)", (run_id, rec.ref, start, artifact_uri, int(self.experiment_id)))
+        tags = {**c.run_tags, "mlflow.runName": rec.ref}
+        conn.executemany("INSERT INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
+                         [(k, v, run_id) for k, v in tags.items()])
+        # log_batch: params, metrics (step 0, one timestamp) and their latest values
+        conn.executemany("INSERT INTO params (key, value, run_uuid) VALUES (?, ?, ?)",
+                         [(k, v, run_id) for k, v in c.params.items()])
+        ts = _now_ms()
+        rows = [(k, *_metric_value(v), ts, run_id) for k, v in c.metrics.items()]
+        conn.executemany("INSERT INTO metrics (key, is_nan, value, timestamp, run_uuid, step) "
+                         "VALUES (?, ?, ?, ?, ?, 0)", rows)
+        conn.executemany("INSERT INTO latest_metrics (key, is_nan, value, timestamp, run_uuid, step) "
+                         "VALUES (?, ?, ?, ?, ?, 0)", rows)
+        # create_registered_model (once per name) with its kind tag
+        now = _now_ms()
+        if conn.execute("SELECT 1 FROM registered_models WHERE workspace = ? AND name = ?",
+                        (WORKSPACE, rec.name)).fetchone() is None:
+            conn.execute("INSERT INTO registered_models (name, creation_time, last_updated_time, description, "
+                         "workspace) VALUES (?, ?, ?, ?, ?)",
+                         (rec.name, now, now, registered_model_description(self.ws, rec.name, extra_ready=rec.number),
+                          WORKSPACE))
+            conn.execute("INSERT INTO registered_model_tags (key, value, name, workspace) VALUES (?, ?, ?, ?)",
+                         ("lbm.kind", rec.kind, rec.name, WORKSPACE))
+        # create_model_version: the next number (deleted versions keep theirs), READY, stage "None"
+        now = _now_ms()
+        (top,) = conn.execute("SELECT MAX(version) FROM model_versions WHERE workspace = ? AND name = ?",
+                              (WORKSPACE, rec.name)).fetchone()
+        version = (top or 0) + 1
+        conn.execute("UPDATE registered_models SET last_updated_time = ? WHERE workspace = ? AND name = ?",
+                     (now, WORKSPACE, rec.name))
+        source = f"{artifact_uri}/weights"
+        conn.execute("INSERT INTO model_versions (name, version, creation_time, last_updated_time, description, "
+                     "user_id, current_stage, source, run_id, status, status_message, run_link, storage_location, "
+                     "workspace) VALUES (?, ?, ?, ?, ?, NULL, 'None', ?, ?, 'READY', NULL, NULL, ?, ?)",
+                     (rec.name, version, now, now, c.description, source, run_id, source, WORKSPACE))
+        conn.executemany("INSERT INTO model_version_tags (key, value, name, version, workspace) VALUES (?, ?, ?, ?, ?)",
+                         [(k, v, rec.name, version, WORKSPACE) for k, v in c.version_tags.items()])
+        # set_terminated, then the registered model's description
+        conn.execute("UPDATE runs SET status = 'FINISHED', end_time = ? WHERE run_uuid = ?", (_now_ms(), run_id))
+        self._describe_model(conn, rec.name, extra_ready=rec.number)
+        return version
+
+    def discard(self, name: str, run_id: str | None, mlflow_version: str | None) -> list[str]:
+        """Undo a registration's mirror. A run that never reached the store (the transaction
+        did not commit) leaves at most its artifact folder, removed here; anything committed is
+        removed through the Tracker, exactly as before."""
+        with self._connect(self.path) as conn:
+            known = bool(run_id and conn.execute("SELECT 1 FROM runs WHERE run_uuid = ?", (run_id,)).fetchone())
+            if not known and name and mlflow_version and str(mlflow_version).isdigit():
+                known = bool(conn.execute("SELECT 1 FROM model_versions WHERE workspace = ? AND name = ? AND "
+                                          "version = ?", (WORKSPACE, name, int(mlflow_version))).fetchone())
+            root = self._artifact_root(conn)
+        if known:
+            from lbm_registry.registry.tracking import Tracker
+
+            return Tracker(self.ws).discard(name, run_id, mlflow_version)
+        if run_id and root is not None and re.fullmatch(r"[0-9a-f]{32}", run_id):
+            shutil.rmtree(Path(unquote(urlparse(root).path)) / run_id, ignore_errors=True)
+        return []
+
+    # -- the version page (Tracker.refresh_version) ----------------------------------------------
+    def _page(self, conn: sqlite3.Connection, rec: VersionRecord, edges: list[dict[str, Any]],
+              lora: dict[str, Any] | None, run_id: str | None, user_tags: Mapping[str, str], *,
+              has_probe: bool) -> str:
+        self._conn = conn
+        try:
+            return self.version_description(rec, edges, lora, run_id, user_tags, has_probe=has_probe)
+        finally:
+            self._conn = None
+
+    def _experiment_of(self, run_id: str) -> str | None:
+        row = self._conn.execute("SELECT experiment_id FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _compare_runs(self, rec: VersionRecord) -> list[tuple[str, str, str]]:
+        """(label, experiment id, run id) of the live compare runs naming this version, newest
+        first (``search_runs`` with a LIKE on the ``lbm.compared`` tag, at most 10)."""
+        from lbm_registry.registry.pages import COMPARE_EXPERIMENT
+
+        exp = self._conn.execute("SELECT experiment_id FROM experiments WHERE workspace = ? AND name = ?",
+                                 (WORKSPACE, COMPARE_EXPERIMENT)).fetchone()
+        if exp is None:
+            return []
+        rows = self._conn.execute(
+            "SELECT r.run_uuid, (SELECT value FROM tags n WHERE n.run_uuid = r.run_uuid AND n.key = 'mlflow.runName') "
+            "FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'lbm.compared' "
+            "WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' AND t.value LIKE ? "
+            "ORDER BY r.start_time DESC, r.run_uuid LIMIT 10", (exp[0], f"%{rec.sha256[:16]}%")).fetchall()
+        return [(name or rid[:12], str(exp[0]), rid) for rid, name in rows]
+
+    def refresh_version(self, rec: VersionRecord) -> None:
+        """Rebuild a mirrored version's page (description, model version tags, the run's note)
+        from the catalog and the run's artifact folder, as ``Tracker.refresh_version`` does."""
+        from lbm_registry.registry.pages import PROBE_IMAGE
+        from lbm_registry.registry.tracking import Tracker, _local_dir, mirror_inputs
+
+        if not rec.mlflow_run_id or not rec.mlflow_version:
+            return
+        edges, lora, _, user_tags = mirror_inputs(self.ws, rec)
+        version = int(rec.mlflow_version)
+        with self.write_lock(), self._connect(self.path) as conn:
+            run = conn.execute("SELECT artifact_uri, lifecycle_stage FROM runs WHERE run_uuid = ?",
+                               (rec.mlflow_run_id,)).fetchone()
+            mv = conn.execute("SELECT 1 FROM model_versions WHERE workspace = ? AND name = ? AND version = ? AND "
+                              "current_stage <> ?", (WORKSPACE, rec.name, version, DELETED_STAGE)).fetchone()
+            local = _local_dir(run[0] or "") if run is not None else None
+            if local is None or mv is None or run[1] != "active":
+                fallback = True
+            else:
+                fallback = False
+                names = {p.name for p in local.iterdir()} if local.is_dir() else set()
+                description = self._page(conn, rec, edges, lora, rec.mlflow_run_id, user_tags,
+                                         has_probe=PROBE_IMAGE in names)
+                tags = self._pages_tags(rec, edges, lora, user_tags)
+                if not _fits(rec.name, None, [("mlflow.note.content", description, 8000)]
+                             + [(k, v, 100_000) for k, v in tags.items()]):
+                    fallback = True
+                else:
+                    with conn:
+                        conn.execute("UPDATE model_versions SET description = ?, last_updated_time = ? WHERE "
+                                     "workspace = ? AND name = ? AND version = ?",
+                                     (description, _now_ms(), WORKSPACE, rec.name, version))
+                        conn.executemany("INSERT OR REPLACE INTO model_version_tags (key, value, name, version, "
+                                         "workspace) VALUES (?, ?, ?, ?, ?)",
+                                         [(k, v, rec.name, version, WORKSPACE) for k, v in tags.items()])
+                        conn.execute("INSERT OR REPLACE INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
+                                     ("mlflow.note.content", description, rec.mlflow_run_id))
+        if fallback:
+            Tracker(self.ws).refresh_version(rec)
+
+    def _pages_tags(self, rec: VersionRecord, edges: list[dict[str, Any]], lora: dict[str, Any] | None,
+                    user_tags: Mapping[str, str]) -> dict[str, str]:
+        from lbm_registry.registry import pages
+        from lbm_registry.registry.mirror import shown_user_tags
+
+        return pages.version_tags(rec, edges, lora, shown_user_tags(user_tags), self.catalog_id)
+
+
+_KEY_RE = re.compile(r"^[/\w.\- :]*$")
+
+
+def _key_ok(key: str) -> bool:
+    """MLflow's rule for param, metric and tag keys (mlflow/utils/validation.py, POSIX)."""
+    norm = posixpath.normpath(key)
+    return (bool(_KEY_RE.match(key)) and len(key) <= 250 and norm == key and norm != "."
+            and not norm.startswith("..") and not norm.startswith("/"))
+
+
+def _fits(name: str, c: Any, extra: list[tuple[str, str, int]] = ()) -> bool:
+    """Would MLflow store this content unchanged? (Else the Tracker writes it, and MLflow
+    truncates or refuses it as it always did.)"""
+    if not name.strip() or "/" in name or ":" in name or posixpath.normpath(name) != name:
+        return False
+    items: list[tuple[str, str, int]] = list(extra)
+    if c is not None:
+        items += [(k, v, 6000) for k, v in c.params.items()]
+        items += [(k, "", 0) for k in c.metrics]
+        items += [(k, v, 8000) for k, v in c.run_tags.items()]
+        items += [(k, v, 100_000) for k, v in c.version_tags.items()]
+        if "mlflow.runName" in c.run_tags:
+            return False  # log_batch would rename the run
+    for key, value, limit in items:
+        if not _key_ok(key) or key.startswith("mlflow.prompt") or len(value) > limit:
+            return False
+    return True
+
+
+def _metric_value(v: float) -> tuple[int, float]:
+    """(is_nan, stored value) as MLflow's SQL store keeps them: NaN as 0, +-Inf as +-max double."""
+    if math.isnan(v):
+        return 1, 0.0
+    if math.isinf(v):
+        return 0, 1.7976931348623157e308 if v > 0 else -1.7976931348623157e308
+    return 0, float(v)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

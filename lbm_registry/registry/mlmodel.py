@@ -87,41 +87,77 @@ def model_config(ws: Workspace, rec: VersionRecord) -> dict[str, Any]:
     return cfg
 
 
+#: The model signature's columns (MLflow ``ColSpec`` JSON): input ``image`` (base64 of any image)
+#: with optional ``scale``/``steps``/``seed``; output ``image`` (base64 PNG).
+SIGNATURE_INPUTS = ({"type": "string", "name": "image", "required": True},
+                    {"type": "double", "name": "scale", "required": False},
+                    {"type": "long", "name": "steps", "required": False},
+                    {"type": "long", "name": "seed", "required": False})
+SIGNATURE_OUTPUTS = ({"type": "string", "name": "image", "required": True},)
+
+
 def signature() -> Any:
+    """The signature as an MLflow object (imports MLflow; the files below do not need it)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "image"), ColSpec("double", "scale", required=False),
-                       ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)]),
-        outputs=Schema([ColSpec("string", "image")]))
+    def schema(cols: tuple[dict[str, Any], ...]) -> Any:
+        return Schema([ColSpec(c["type"], c["name"], required=c["required"]) for c in cols])
+
+    return ModelSignature(inputs=schema(SIGNATURE_INPUTS), outputs=schema(SIGNATURE_OUTPUTS))
+
+
+def mlmodel_text(flavor: dict[str, Any], *, run_id: str | None, size: int, mlflow_version: str | None) -> str:
+    """The ``MLmodel`` YAML exactly as ``mlflow.models.Model(artifact_path="weights", run_id=...,
+    signature=signature()).add_flavor("python_function", **flavor)`` + ``to_yaml()`` writes it
+    (checked against the installed MLflow by tests/test_mlflow_sqlite.py), without importing
+    MLflow (which costs seconds at registration)."""
+    import uuid
+    from datetime import UTC, datetime
+
+    import yaml
+
+    doc: dict[str, Any] = {
+        "run_id": run_id, "artifact_path": "weights",
+        "utc_time_created": str(datetime.now(UTC).replace(tzinfo=None)),
+        "flavors": {"python_function": flavor}, "model_uuid": uuid.uuid4().hex, "mlflow_version": mlflow_version,
+        "prompts": None, "model_id": None,
+        "signature": {"inputs": json.dumps(list(SIGNATURE_INPUTS)), "outputs": json.dumps(list(SIGNATURE_OUTPUTS)),
+                      "params": None},
+        "is_signature_from_type_hint": False, "type_hint_from_example": False, "model_size_bytes": size,
+    }
+    if run_id is None:
+        doc.pop("run_id")
+    if mlflow_version is None:
+        doc.pop("mlflow_version")
+    return yaml.safe_dump(doc, default_flow_style=False)
+
+
+def model_flavor(ws: Workspace, rec: VersionRecord) -> dict[str, Any]:
+    """The ``python_function`` flavor of a version's model (models from code, no pickle)."""
+    cfg = model_config(ws, rec)
+    return {"loader_module": "mlflow.pyfunc.loaders.code_model", "python_version": platform.python_version(),
+            "env": {"conda": "conda.yaml", "virtualenv": "python_env.yaml"}, "config": cfg,
+            "model_code_path": CODE_FILE, "artifacts": {"weights": {"path": cfg["file_name"], "uri": cfg["file_name"]}},
+            "streamable": False}
 
 
 def model_files(ws: Workspace, rec: VersionRecord, *, run_id: str | None = None) -> dict[str, str]:
     """``{file name: text}`` of the model folder (the weights file itself is not among them)."""
     import yaml
-    from mlflow.models import Model
 
-    cfg = model_config(ws, rec)
     reqs = requirements()
     py = platform.python_version()
-    model = Model(artifact_path="weights", run_id=run_id, signature=signature())
-    model.add_flavor(
-        "python_function", loader_module="mlflow.pyfunc.loaders.code_model", python_version=py,
-        env={"conda": "conda.yaml", "virtualenv": "python_env.yaml"}, config=cfg,
-        model_code_path=CODE_FILE, artifacts={"weights": {"path": cfg["file_name"], "uri": cfg["file_name"]}},
-        streamable=False)
-    model.model_size_bytes = rec.size
     try:
-        model.mlflow_version = metadata.version("mlflow")
+        mlflow_version: str | None = metadata.version("mlflow")
     except metadata.PackageNotFoundError:  # pragma: no cover
-        pass
+        mlflow_version = None
     conda = {"name": "mlflow-env", "channels": ["conda-forge"],
              "dependencies": [f"python={py}", "pip", {"pip": reqs}]}
     python_env = {"python": py, "build_dependencies": ["pip", "setuptools", "wheel"],
                   "dependencies": ["-r requirements.txt"]}
     return {
-        MLMODEL: model.to_yaml(),
+        MLMODEL: mlmodel_text(model_flavor(ws, rec), run_id=run_id, size=rec.size, mlflow_version=mlflow_version),
         CODE_FILE: code_source().read_text(),
         "requirements.txt": "\n".join(reqs) + "\n",
         "python_env.yaml": yaml.safe_dump(python_env, sort_keys=False, default_flow_style=False),

@@ -306,9 +306,13 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     metric_values.setdefault("hash_seconds", time.time() - t0)
     dtype = str(facts.get("dtype") or sniff_dtype(path) or "")[:16] or None
 
+    from lbm_registry.registry.mlflow_sqlite import SqliteMirror
     from lbm_registry.registry.tracking import Tracker, mirror_inputs
 
-    tracker = Tracker(ws)  # connect first: an unreachable MLflow fails before anything is written
+    # A workspace's own SQLite MLflow store (known schema, experiment made) is written directly
+    # (registry/mlflow_sqlite.py: the same rows, no MLflow import); anything else through the
+    # client, connected first so that an unreachable MLflow fails before anything is written.
+    tracker: Any = SqliteMirror.open(ws) or Tracker(ws)
     state: dict[str, str | None] = {"run_id": None, "mv": None}
     # Shared blob lock from the pending row (which makes gc keep the hash) to the stored blob: gc
     # takes it exclusively, so it cannot delete an orphan blob of these bytes that store_blob has

@@ -26,9 +26,6 @@ not answer fails in seconds (the client alone would retry for about four minutes
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import logging
 import os
 import shutil
@@ -42,18 +39,16 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from lbm_registry.errors import RegistryError
-from lbm_registry.registry import catalog, pages
+from lbm_registry.registry import catalog, mirror, pages
 from lbm_registry.registry.blobs import link_or_copy
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import mask_url, sqlite_path
-from lbm_registry.registry.mlflow_sqlite import CATALOG_TAG, CatalogOwnership
+from lbm_registry.registry.mlflow_sqlite import CatalogOwnership
 from lbm_registry.registry.workspace import Workspace
 
 EXPERIMENT = "lbm-registry"
-TAG_PREFIX = "lbm."
-LAYER_FIELDS = ("module", "kind", "shape", "rank", "rel_error", "energy")
-_PARAM_MAX = 6000
-_TAG_MAX = 5000
+TAG_PREFIX = mirror.TAG_PREFIX
+LAYER_FIELDS = mirror.LAYER_FIELDS
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -138,7 +133,7 @@ def tidy_experiments(client: Any, home: Path | None, uri: str, *, lock: Callable
                 client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", note)
 
 
-class Tracker(CatalogOwnership):
+class Tracker(CatalogOwnership, mirror.VersionPages):
     """An MLflow client bound to one workspace and the ``lbm-registry`` experiment."""
 
     def __init__(self, ws: Workspace) -> None:
@@ -203,73 +198,9 @@ class Tracker(CatalogOwnership):
         """Serialise writes to a SQLite MLflow backend across processes (a server needs none)."""
         return self.ws.lock("mlflow-write") if self.is_sqlite else contextlib.nullcontext()
 
-    # -- describing a version --------------------------------------------------------------
-    @staticmethod
-    def describe(rec: VersionRecord, edges: list[dict[str, Any]], lora: dict[str, Any] | None,
-                 user_tags: Mapping[str, str]) -> tuple[dict[str, str], dict[str, float], dict[str, str], str]:
-        """(params, metrics, tags, markdown description) for a version, from catalog data only,
-        so ``doctor --repair`` can rebuild a lost mirror exactly."""
-        params: dict[str, Any] = {k: v for k, v in rec.params.items()}
-        params.update(kind=rec.kind, name=rec.name, version=rec.number, sha256=rec.sha256, size=rec.size,
-                      dtype=rec.dtype or "", tool_version=rec.tool_version, file_name=rec.file_name or "")
-        cfg = rec.config
-        if cfg and isinstance(cfg.get("name"), str):
-            params["config_name"] = cfg["name"]
-        metrics: dict[str, float] = {}
-        for k, v in rec.metrics.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                metrics[k] = float(v)
-        metrics["size_bytes"] = float(rec.size)
-        metrics["size_mb"] = rec.size / 1e6
-        if lora:
-            for k in ("rank", "conv_rank", "policy", "alpha"):
-                if lora.get(k) is not None:
-                    params[k] = lora[k]
-            for k in ("mean_error", "max_error", "functional_error", "n_layers", "n_skipped"):
-                if lora.get(k) is not None:
-                    metrics[k] = float(lora[k])
-        tags: dict[str, str] = {str(k): str(v) for k, v in user_tags.items()}
-        tags.update({
-            "lbm.sha256": rec.sha256, "lbm.kind": rec.kind, "lbm.name": rec.name,
-            "lbm.version": str(rec.number), "lbm.version_id": str(rec.id), "lbm.size": str(rec.size),
-        })
-        if rec.dtype:
-            tags["lbm.dtype"] = rec.dtype
-        lines = [f"**{rec.ref}** ({rec.kind}), sha256 `{rec.sha256}`, {rec.size:,} bytes"]
-        datasets = []
-        for e in edges:
-            role = e["role"]
-            ref = f"{e['target_name']}@{e['target_number']}" if e.get("target_name") else (e.get("ref") or "")
-            if role == "dataset":
-                datasets.append(e)
-                continue
-            if e.get("sha256"):
-                tags[f"lbm.{role}_sha256"] = e["sha256"]
-                params[f"{role}_sha256"] = e["sha256"]
-            if ref:
-                tags[f"lbm.{role}_ref"] = ref
-                params[role] = ref
-            lines.append(f"- {role}: {ref or '?'} (sha256 `{(e.get('sha256') or '?')[:16]}`)")
-        if datasets:
-            tags["lbm.datasets"] = ",".join((d.get("sha256") or "?")[:16] for d in datasets)[:_TAG_MAX]
-            params["n_datasets"] = len(datasets)
-            lines.append(f"- trained on {len(datasets)} dataset shard(s)")
-        description = "\n".join(lines)
-        tags["mlflow.note.content"] = description
-        str_params = {k: str(v)[:_PARAM_MAX] for k, v in params.items()}
-        return str_params, metrics, {k: v[:_TAG_MAX] for k, v in tags.items()}, description
-
-    @staticmethod
-    def layer_files(layers: list[dict[str, Any]]) -> dict[str, str]:
-        if not layers:
-            return {}
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(LAYER_FIELDS), extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for row in layers:
-            w.writerow(row)
-        return {"layers.csv": buf.getvalue(), "layers.json": json.dumps(layers, indent=1, default=str),
-                "layers.txt": "".join(f"{r['module']}\n" for r in layers)}
+    # -- describing a version (shared with SqliteMirror: registry/mirror.py) ----------------
+    describe = staticmethod(mirror.describe)
+    layer_files = staticmethod(mirror.layer_files)
 
     # -- writing ---------------------------------------------------------------------------
     def mirror(self, rec: VersionRecord, *, weights: Path, edges: list[dict[str, Any]],
@@ -282,53 +213,25 @@ class Tracker(CatalogOwnership):
         before anything else can fail. Returns (run id, model version)."""
         from mlflow.entities import Metric, Param, RunTag
 
-        params, metrics, tags, _ = self.describe(rec, edges, lora, user_tags)
-        tags[CATALOG_TAG] = self.catalog_id
+        c = mirror.mirror_content(self.ws, rec, weights=weights, edges=edges, lora=lora, layers=layers,
+                                  user_tags=user_tags, extra_artifacts=extra_artifacts, catalog_id=self.catalog_id)
         with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}"):
-            run = self.client.create_run(self.experiment_id, run_name=rec.ref,
-                                         tags={k: v for k, v in tags.items() if k.startswith(TAG_PREFIX)})
+            run = self.client.create_run(self.experiment_id, run_name=rec.ref, tags=c.create_tags)
             run_id = run.info.run_id
             if on_run is not None:
                 on_run(run_id)
-            has_probe = pages.PROBE_IMAGE in (extra_artifacts or {})
-            description = self.version_description(rec, edges, lora, run_id, user_tags, has_probe=has_probe)
-            tags["mlflow.note.content"] = description
-            if started is not None:
-                metrics["register_seconds"] = time.time() - started
+            c.finish(self.version_description(rec, edges, lora, run_id, user_tags, has_probe=c.has_probe), started)
             ts = int(time.time() * 1000)
-            self._log_batch(run_id, [Metric(k, v, ts, 0) for k, v in metrics.items()],
-                            [Param(k, v) for k, v in params.items()], [RunTag(k, v) for k, v in tags.items()])
-            files: dict[str, str] = {
-                "facts.json": json.dumps(rec.facts, indent=1, sort_keys=True, default=str),
-                "lineage.json": json.dumps(edges, indent=1, default=str),
-            }
-            if rec.config is not None:
-                files["config.json"] = json.dumps(rec.config, indent=1)
-            files.update(self.layer_files(layers))
-            weight_name = rec.file_name or f"{rec.name}-v{rec.number}.safetensors"
-            files.update(self.model_texts(rec, run_id))
-            self.write_artifacts(run_id, run.info.artifact_uri, files,
-                                 {f"weights/{weight_name}": weights, **dict(extra_artifacts or {})})
+            self._log_batch(run_id, [Metric(k, v, ts, 0) for k, v in c.metrics.items()],
+                            [Param(k, v) for k, v in c.params.items()], [RunTag(k, v) for k, v in c.run_tags.items()])
+            self.write_artifacts(run_id, run.info.artifact_uri, {**c.texts, **self.model_texts(rec, run_id)}, c.files)
             self._ensure_registered_model(rec)
             mv = self.client.create_model_version(
-                rec.name, source=f"{run.info.artifact_uri}/weights", run_id=run_id,
-                tags=pages.version_tags(rec, edges, lora, _shown_user_tags(user_tags), self.catalog_id),
-                description=description, await_creation_for=0)
+                rec.name, source=f"{run.info.artifact_uri}/weights", run_id=run_id, tags=c.version_tags,
+                description=c.description, await_creation_for=0)
             self.client.set_terminated(run_id, "FINISHED")
             self._describe_model(rec.name, extra_ready=rec.number)
         return run_id, str(mv.version)
-
-    def version_description(self, rec: VersionRecord, edges: list[dict[str, Any]], lora: dict[str, Any] | None,
-                            run_id: str | None, user_tags: Mapping[str, str], *, has_probe: bool) -> str:
-        """The markdown of the version page (see registry/pages.py), with the runs it links to."""
-        extra: list[tuple[str, str | None]] = []
-        train_run = user_tags.get("lbm.train_run_id")
-        if train_run:
-            extra.append((f"training run:{train_run[:12]}", pages.run_link(self._experiment_of(train_run), train_run)))
-        for label, exp_id, rid in self._compare_runs(rec):
-            extra.append((f"compared:{label}", pages.run_link(exp_id, rid)))
-        return pages.version_description(self.ws, rec, edges, lora, run_id=run_id, experiment_id=self.experiment_id,
-                                         has_probe=has_probe, extra_runs=extra)
 
     def _experiment_of(self, run_id: str) -> str | None:
         try:
@@ -362,7 +265,7 @@ class Tracker(CatalogOwnership):
             description = self.version_description(rec, edges, lora, rec.mlflow_run_id, user_tags,
                                                    has_probe=pages.PROBE_IMAGE in names)
             self.client.update_model_version(rec.name, rec.mlflow_version, description=description)
-            for k, v in pages.version_tags(rec, edges, lora, _shown_user_tags(user_tags), self.catalog_id).items():
+            for k, v in pages.version_tags(rec, edges, lora, mirror.shown_user_tags(user_tags), self.catalog_id).items():
                 self.client.set_model_version_tag(rec.name, rec.mlflow_version, k, v)
             self._log_batch(rec.mlflow_run_id, [], [], [RunTag("mlflow.note.content", description)])
 
@@ -376,9 +279,7 @@ class Tracker(CatalogOwnership):
 
     def model_texts(self, rec: VersionRecord, run_id: str | None) -> dict[str, str]:
         """The MLflow model files of the version's ``weights/`` folder (see registry/mlmodel.py)."""
-        from lbm_registry.registry.mlmodel import model_files
-
-        return {f"weights/{k}": v for k, v in model_files(self.ws, rec, run_id=run_id).items()}
+        return mirror.model_texts(self.ws, rec, run_id)
 
     def model_folder_problem(self, rec: VersionRecord) -> str | None:
         """Why the version's model folder is not a loadable MLflow model, or None."""
@@ -432,12 +333,7 @@ class Tracker(CatalogOwnership):
             artifact_uri = self.client.get_run(run_id).info.artifact_uri
         local = _local_dir(artifact_uri)
         if local is not None:
-            for rel, text in texts.items():
-                dest = local / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_text(text)
-            for rel, src in files.items():
-                link_or_copy(Path(src), local / rel)
+            mirror.write_local(local, texts, files)
             return
         staging = self.ws.staging_dir / f"upload-{run_id}"
         try:
@@ -580,11 +476,6 @@ class Tracker(CatalogOwnership):
             return list(self.client.search_model_versions(f"name = '{name}'"))
         except MlflowException:
             return []
-
-
-def _shown_user_tags(user_tags: Mapping[str, str]) -> dict[str, str]:
-    """User tags for the version page; ids that the description links instead are left out."""
-    return {k: v for k, v in user_tags.items() if k not in ("lbm.train_run_id",)}
 
 
 def mirror_inputs(ws: Workspace, rec: VersionRecord) -> tuple[list[dict[str, Any]], dict[str, Any] | None,
