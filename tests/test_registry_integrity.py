@@ -162,12 +162,13 @@ def test_gc_never_deletes_a_blob_a_registration_reuses(tmp_path, make_weights, f
 
 
 def test_exception_mid_registration_marks_failed_and_gc_cleans(reg_settings, make_weights, monkeypatch):
-    from lbm_registry.registry import tracking
+    from lbm_registry.registry import mlflow_sqlite, tracking
 
     def broken(self, *a, **kw):
         raise RegistryError("MLflow mirror of x failed: simulated")
 
-    monkeypatch.setattr(tracking.Tracker, "mirror", broken)
+    monkeypatch.setattr(tracking.Tracker, "mirror", broken)  # whichever writer mirrors (client or SQLite)
+    monkeypatch.setattr(mlflow_sqlite.SqliteMirror, "mirror", broken)
     with pytest.raises(RegistryError, match="simulated"):
         R.register_asset(make_weights(), name="will-fail", kind="base", settings=reg_settings)
     monkeypatch.undo()
