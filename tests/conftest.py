@@ -13,6 +13,11 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Registrations draw their probe picture in process (``wait``), not in background processes that
+# would outlive the test that started them; a test of the background mode asks for it (--probe
+# auto) and waits for its picture. An explicit LBM_REG_PROBE=0 (faster runs) is respected.
+if os.environ.get("LBM_REG_PROBE", "").strip().lower() in ("", "1", "on", "true", "yes", "auto"):
+    os.environ["LBM_REG_PROBE"] = "wait"
 
 pytest_plugins = sorted(
     f"fixtures.{p.stem}" for p in (Path(__file__).parent / "fixtures").glob("*.py") if not p.stem.startswith("_")

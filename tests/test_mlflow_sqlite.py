@@ -24,8 +24,9 @@ VARYING_METRICS = {"register_seconds", "hash_seconds"}
 
 def _register_all(settings, files: Path) -> None:
     """A base with a picture, a model, an extracted-style LoRA (layers, lineage) and its child
-    (parent, dataset, training config, user tags), then a second base version."""
-    from lbm_registry.api.registry import register_asset
+    (parent, dataset, training config, user tags), a second base version, then a picture added
+    to the model's run afterwards (its page rebuilt)."""
+    from lbm_registry.api.registry import attach_artifact, register_asset
 
     png = files / "probe.png"
     if not png.exists():
@@ -45,6 +46,7 @@ def _register_all(settings, files: Path) -> None:
                                                  "training_config": {"max_steps": 10}},
                    tags={"team": "vision", "lbm.note": "hello: world", "lbm.train_run_id": "f" * 32})
     register_asset(write_weights(files / "base2.safetensors", 5), name="eq-base", kind="base", settings=settings)
+    attach_artifact(tuned, png, settings)  # what the background probe does once the version is ready
 
 
 def _normaliser(settings):
@@ -118,10 +120,13 @@ def test_sqlite_mirror_writes_what_mlflow_writes(fresh_settings, tmp_path, monke
     real_sql, real_client = SqliteMirror.mirror, Tracker.mirror
     monkeypatch.setattr(SqliteMirror, "mirror", lambda self, *a, **k: (used.append("sql"), real_sql(self, *a, **k))[1])
     monkeypatch.setattr(Tracker, "mirror", lambda self, *a, **k: (used.append("client"), real_client(self, *a, **k))[1])
+    real_refresh = Tracker.refresh_version
+    monkeypatch.setattr(Tracker, "refresh_version",
+                        lambda self, rec: (used.append("client refresh"), real_refresh(self, rec))[1])
     with monkeypatch.context() as m:
         m.setattr(mlflow_sqlite.SqliteMirror, "open", classmethod(lambda cls, ws: None))
         _register_all(through_client, files)
-    assert used == ["client"] * 5
+    assert used == ["client"] * 5 + ["client refresh"]
     used.clear()
     _register_all(direct, files)
     assert used == ["sql"] * 5  # no fallback to the client on the way

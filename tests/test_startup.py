@@ -249,3 +249,55 @@ def test_maintenance_commands_import_no_heavy_module(fresh_settings, make_weight
     for got in results:
         assert got["rc"] == 0, got
         assert not {"torch", "diffusers", "mlflow"} & set(got["heavy"]), got
+
+
+# -- the probe picture off the critical path (issue 11 import target, issue 12 pictures) ----------
+def _run_files(s, ref):
+    from lbm_registry.api.registry import show
+
+    run_id = show(ref, s)["mlflow"]["run_id"]
+    return run_id, s.home / "artifacts" / run_id / "artifacts"
+
+
+def test_import_draws_its_probe_in_the_background(fresh_settings, tiny_base_path, cli_probe):
+    """A default CLI import returns once the version is ready, without torch; a detached child
+    then draws the probe, adds it to the run and links it from the version page."""
+    import sqlite3
+    import time
+
+    from lbm_registry.api.registry import init_workspace
+
+    s = fresh_settings()
+    init_workspace(s)
+    p = cli_probe("--home", s.home, "import", tiny_base_path, "--name", "bg", "--kind", "base",
+                  env={"LBM_REG_PROBE": ""})  # as if unset: the CLI's default, auto
+    assert p.rc == 0, p.err
+    assert "registered bg@1" in p.out and "drawing in the background" in p.out, p.out
+    assert not p.heavy & {"torch", "diffusers", "mlflow"}, p.heavy
+    run_id, folder = _run_files(s, "bg@1")
+    log = s.home / "logs" / "probe.log"
+    deadline = time.time() + 120
+    while not (log.exists() and "bg@1" in log.read_text()):
+        assert time.time() < deadline, "no probe after 120 s"
+        time.sleep(0.5)
+    assert "attached probe.png to bg@1" in log.read_text(), log.read_text()
+    assert (folder / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with sqlite3.connect(s.home / "mlflow.db") as conn:
+        (desc,) = conn.execute("SELECT description FROM model_versions WHERE name = 'bg'").fetchone()
+    assert f"get-artifact?path=probe.png&run_uuid={run_id}" in desc
+
+
+def test_import_probe_off_and_bad_mode(fresh_settings, tiny_base_path, cli_probe_many):
+    from lbm_registry.api.registry import init_workspace
+
+    s = fresh_settings()
+    init_workspace(s)
+    h = ["--home", s.home]
+    off, bad = cli_probe_many([[*h, "import", tiny_base_path, "--name", "nop", "--kind", "base", "--probe", "off"],
+                               [*h, "import", tiny_base_path, "--name", "nop2", "--kind", "base", "--probe", "later"]],
+                              env={"LBM_REG_PROBE": "auto"})
+    assert off["rc"] == 0, off
+    assert bad["rc"] == 2 and "unknown --probe 'later': use auto, wait, off" in bad["err"], bad
+    assert not {"torch", "diffusers", "mlflow"} & set(off["heavy"]), off
+    _, folder = _run_files(s, "nop@1")
+    assert not (folder / "probe.png").exists() and not (s.home / "logs").exists()

@@ -129,11 +129,15 @@ def _asset_dict(asset: ResolvedAsset, weight: float | None = None) -> dict[str, 
 def resize(ref: str, *, rank: int | None = None, conv_rank: int | None = None, energy: float | None = None,
            budget: str | int | None = None, max_rank: int | None = None, dtype: str = "bf16",
            output: str | Path | None = None, register: str | None = None,
-           settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None) -> AlgebraReport:
-    """A smaller LoRA of ``ref`` from its factors alone (optimal truncation of its own delta)."""
+           settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None,
+           probe: str | None = None) -> AlgebraReport:
+    """A smaller LoRA of ``ref`` from its factors alone (optimal truncation of its own delta).
+    ``probe``: the registered version's probe picture, wait|auto|off (see api/probe.py)."""
+    from lbm_registry.api.probe import probe_mode
     from lbm_registry.lora.algebra import resize_lora
     from lbm_registry.lora.extract import storage_dtype
 
+    mode = probe_mode(probe)
     policy = _policy(rank, conv_rank, energy, budget, max_rank, required=True)
     storage_dtype(dtype)
     settings = settings if settings is not None else WorkspaceSettings.resolve()
@@ -147,7 +151,7 @@ def resize(ref: str, *, rank: int | None = None, conv_rank: int | None = None, e
         report = AlgebraReport("resize", result, [_asset_dict(asset)], base,
                                timings={"resize_s": time.perf_counter() - t0})
         if register is not None:
-            _register(report, register, [(asset, 1.0)], settings)
+            _register(report, register, [(asset, 1.0)], settings, mode)
         return report
     finally:
         _cleanup(tmpdir)
@@ -156,13 +160,18 @@ def resize(ref: str, *, rank: int | None = None, conv_rank: int | None = None, e
 def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | None = None,
           energy: float | None = None, budget: str | int | None = None, max_rank: int | None = None,
           dtype: str = "bf16", output: str | Path | None = None, register: str | None = None,
-          settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None) -> AlgebraReport:
-    """``sum_i w_i * LoRA_i`` for LoRAs on one base: exact by default, compressed with a policy."""
+          settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None,
+          probe: str | None = None) -> AlgebraReport:
+    """``sum_i w_i * LoRA_i`` for LoRAs on one base: exact by default, compressed with a policy.
+    ``probe``: the registered version's probe picture, wait|auto|off (see api/probe.py)."""
     from lbm_registry.lora.algebra import merge_loras
     from lbm_registry.lora.extract import storage_dtype
 
     if len(specs) < 2:
         raise LoRAError("merge needs at least two LoRAs (REF[:WEIGHT] REF[:WEIGHT] ...)")
+    from lbm_registry.api.probe import probe_mode
+
+    mode = probe_mode(probe)
     weighted = [parse_weighted(s) for s in specs]
     policy = _policy(rank, conv_rank, energy, budget, max_rank, required=False)
     storage_dtype(dtype)
@@ -186,7 +195,7 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
         report = AlgebraReport("merge", result, [_asset_dict(a, w) for a, w in pairs], base,
                                timings={"merge_s": time.perf_counter() - t0})
         if register is not None:
-            _register(report, register, pairs, settings)
+            _register(report, register, pairs, settings, mode)
         return report
     finally:
         _cleanup(tmpdir)
@@ -207,8 +216,8 @@ def _info(operation: str, base: dict[str, Any], parents: list[tuple[ResolvedAsse
 
 
 def _register(report: AlgebraReport, name: str, parents: list[tuple[ResolvedAsset, float]],
-              settings: WorkspaceSettings) -> None:
-    from lbm_registry.api.registry import register_asset
+              settings: WorkspaceSettings, probe: str) -> None:
+    from lbm_registry.api.registry import after_registration, register_asset
 
     r = report.result
     t1 = time.perf_counter()
@@ -237,9 +246,10 @@ def _register(report: AlgebraReport, name: str, parents: list[tuple[ResolvedAsse
         table.write_text(json.dumps(report.to_dict(layers=True), indent=1, default=str))
         from lbm_registry.api.probe import lora_probe
 
-        probe = lora_probe(Path(tmp), r.path, lineage["base"], settings)
-        asset = register_asset(r.path, name=name, kind="lora", settings=settings, facts=facts, lineage=lineage,
-                               params=params, metrics=metrics, artifacts={table.name: table, **probe})
+        picture = lora_probe(Path(tmp), r.path, lineage["base"], settings, draw=probe == "wait")
+        asset = after_registration(register_asset(r.path, name=name, kind="lora", settings=settings, facts=facts,
+                                                  lineage=lineage, params=params, metrics=metrics,
+                                                  artifacts={table.name: table, **picture}), settings, probe)
     report.ref = asset.ref
     report.registered_path = str(asset.path)
     report.timings["register_s"] = time.perf_counter() - t1

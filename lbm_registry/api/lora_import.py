@@ -68,10 +68,13 @@ def _already(settings: WorkspaceSettings, sha: str) -> str | None:
 def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | None = None,
                 conv_rank: int | None = None, energy: float | None = None, budget: str | int | None = None,
                 max_rank: int | None = None, allow_duplicate: bool = False,
-                settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None) -> ImportReport:
-    """Register a LoRA from any supported format (see :mod:`lbm_registry.lora.convert`)."""
+                settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None,
+                probe: str | None = None) -> ImportReport:
+    """Register a LoRA from any supported format (see :mod:`lbm_registry.lora.convert`).
+    ``probe``: the version's probe picture, wait|auto|off (see api/probe.py)."""
     from lbm_registry.api.lora import PREFIX, denoiser_layers, tensor_sha_of
-    from lbm_registry.api.registry import register_asset, resolve
+    from lbm_registry.api.probe import probe_mode
+    from lbm_registry.api.registry import after_registration, register_asset, resolve
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lbm.loading import config_from_checkpoint
     from lbm_registry.lora.convert import check_against_base, read_foreign
@@ -83,6 +86,7 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
     from lbm_registry.api.registry import check_name_free
 
     check_name_free(name, "lora", settings)
+    mode = probe_mode(probe)
     if base is None:
         raise LoRAError("import --kind lora needs --base REF (the base the LoRA is applied to)")
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
@@ -136,10 +140,11 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
         from lbm_registry.api.probe import lora_probe
 
         with tempfile.TemporaryDirectory(prefix="lbm-probe-") as probe_dir:
-            asset = register_asset(foreign.weights_path, name=name, kind="lora", settings=settings, facts=facts,
-                                   lineage={"base": base_asset}, params={"source_format": "native"},
-                                   refuse_duplicate=not allow_duplicate,
-                                   artifacts=lora_probe(Path(probe_dir), foreign.weights_path, base_asset, settings))
+            asset = after_registration(register_asset(
+                foreign.weights_path, name=name, kind="lora", settings=settings, facts=facts,
+                lineage={"base": base_asset}, params={"source_format": "native"}, refuse_duplicate=not allow_duplicate,
+                artifacts=lora_probe(Path(probe_dir), foreign.weights_path, base_asset, settings,
+                                     draw=mode == "wait")), settings, mode)
         timings["total_s"] = time.perf_counter() - t0
         return ImportReport(ref=asset.ref, path=str(asset.path), sha256=asset.sha256, source_format="native",
                             source_sha256=source_sha, layers=len(rows), converted=0, mean_error=facts["mean_error"],
@@ -171,7 +176,9 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                                metrics={"mean_error": facts["mean_error"], "max_error": facts["max_error"],
                                         "converted_layers": len(dense)},
                                refuse_duplicate=not allow_duplicate,
-                               artifacts=lora_probe(staging / "probe", dest, base_asset, settings))
+                               artifacts=lora_probe(staging / "probe", dest, base_asset, settings,
+                                                    draw=mode == "wait"))
+        after_registration(asset, settings, mode)
         timings["register_s"] = time.perf_counter() - t3
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,12 +6,21 @@ image, the configured number of steps, at most :data:`MAX_RESOLUTION` (the pipel
 buckets scaled down), the LoRA merged into the already loaded base (no second load), and models
 the caller already has in memory are reused.
 
-``$LBM_REG_PROBE=0`` turns it off (default on). A probe that fails never fails a registration:
-the version simply has no picture, and the reason is logged.
+When: commands that hold the model in memory anyway (extract, train, base create) draw it in
+process. Registrations that do not (import of any kind, resize, merge) take a mode
+(:data:`PROBE_MODES`): ``wait`` draws it before registering, as part of the version;
+``auto`` registers first and draws it in a detached child process
+(:mod:`lbm_registry.api.probe_job`), which adds it to the version's run and page when done, so
+the command returns as soon as the version is ready (the CLI's default; the Python API's is
+``wait``); ``off`` draws none. ``$LBM_REG_PROBE`` (``0``/``off``, ``wait``, ``auto``) is the default
+when a command is not told (``--probe``). A probe that fails never fails or changes a
+registration: the version simply has no picture, and the reason is logged (the background
+job's one line goes to ``<home>/logs/probe.log``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -46,10 +55,11 @@ def first_pair(shards: list[Path], *, source_key: str, target_key: str,
     return None
 
 
-def lora_probe(dest_dir: Path, lora_path: Path, base: Any, settings: Any, *, tuned: Any = None) -> dict[str, Path]:
+def lora_probe(dest_dir: Path, lora_path: Path, base: Any, settings: Any, *, tuned: Any = None,
+               draw: bool | None = None) -> dict[str, Path]:
     """The probe of a LoRA whose base is a ResolvedAsset or a ``{"sha256", "ref"}`` mapping
-    (looked up in the registry; no probe when it is not there)."""
-    if not enabled():
+    (looked up in the registry; no probe when it is not there). ``draw``: see :func:`probe_artifacts`."""
+    if not (enabled() if draw is None else draw):
         return {}
     try:
         if isinstance(base, dict):
@@ -60,11 +70,64 @@ def lora_probe(dest_dir: Path, lora_path: Path, base: Any, settings: Any, *, tun
         log.warning("probe image skipped: base not found (%s)", str(exc).splitlines()[0] if str(exc) else exc)
         return {}
     return probe_artifacts(dest_dir, base_path=base.path, config=base.config, lora_path=lora_path,
-                           tuned_path=getattr(tuned, "path", None), kind="lora")
+                           tuned_path=getattr(tuned, "path", None), kind="lora", draw=True)
+
+
+PROBE_MODES = ("auto", "wait", "off")
+_OFF = ("0", "false", "no", "off")
 
 
 def enabled() -> bool:
-    return os.environ.get(PROBE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Should a command that probes in process draw the picture? (``$LBM_REG_PROBE`` not off.)"""
+    return os.environ.get(PROBE_ENV, "1").strip().lower() not in _OFF
+
+
+def probe_mode(option: str | None = None, *, default: str = "wait") -> str:
+    """auto | wait | off: the command's own ``--probe``, else ``$LBM_REG_PROBE``, else ``default``.
+
+    ``$LBM_REG_PROBE`` may say ``0``/``off``/``false``/``no`` (off), ``wait``, ``auto`` or ``1``/``on``
+    (the caller's default)."""
+    if option is not None:
+        mode = str(option).strip().lower()
+        if mode not in PROBE_MODES:
+            from lbm_registry.errors import LBMError
+
+            raise LBMError(f"unknown --probe {option!r}: use {', '.join(PROBE_MODES)}")
+        return mode
+    env = os.environ.get(PROBE_ENV, "").strip().lower()
+    if env in _OFF:
+        return "off"
+    if env in ("wait", "auto"):
+        return env
+    return default
+
+
+def start_background(settings: Any, ref: str, sha256: str) -> Path:
+    """Draw the probe of the registered version ``ref`` in a detached child process (see
+    :mod:`lbm_registry.api.probe_job`); returns the log it reports to. The child gets this
+    workspace's settings through its environment and never touches the caller's terminal.
+    Never raises: a child that cannot start is one line in the log."""
+    import subprocess
+    import sys
+    import time
+
+    log_path = Path(settings.home) / "logs" / "probe.log"
+    env = {**os.environ, PROBE_ENV: "wait", "LBM_REG_HOME": str(settings.home)}
+    for key, value in (("LBM_REG_CATALOG_URL", settings.catalog_url), ("MLFLOW_TRACKING_URI", settings.tracking_uri)):
+        if value:
+            env[key] = str(value)
+        else:
+            env.pop(key, None)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            subprocess.Popen([sys.executable, "-m", "lbm_registry.api.probe_job", ref, sha256],
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True,
+                             close_fds=True)
+    except OSError as exc:
+        with contextlib.suppress(OSError), open(log_path, "a") as out:
+            out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} probe of {ref}: not started: {exc}\n")
+    return log_path
 
 
 def probe_source(image: Image.Image | None = None) -> Image.Image:
@@ -99,29 +162,46 @@ def strip(columns: list[tuple[str, Image.Image]]) -> Image.Image:
 def probe_artifacts(dest_dir: Path, *, base_path: Path, config: LBMConfig | dict[str, Any] | None,
                     lora_path: Path | None = None, model_path: Path | None = None, tuned_path: Path | None = None,
                     kind: str = "lora", source: Image.Image | None = None, base_model: Any = None,
-                    label: str = "this version", reference: Image.Image | None = None) -> dict[str, Path]:
+                    label: str = "this version", reference: Image.Image | None = None,
+                    draw: bool | None = None) -> dict[str, Path]:
     """``{"probe.png": path}`` (or ``{}`` when disabled or impossible), written into ``dest_dir``.
 
     kind ``lora``: source | base | base + LoRA | tuned (when ``tuned_path``);
     kind ``model``: source | base (when known) | the model; kind ``base``: source | the base.
     ``base_model``: an LBMModel of ``base_path`` already in memory (used instead of loading it;
     its weights are restored afterwards). ``reference``: the ground truth (a validation pair's
-    target) shown last, as "target", when there is no tuned model."""
-    if not enabled():
+    target) shown last, as "target", when there is no tuned model. ``draw``: False for none,
+    True to draw whatever ``$LBM_REG_PROBE`` says (the caller decided), None: as it says."""
+    if not (enabled() if draw is None else draw):
         return {}
     try:
-        img = _probe(base_path=base_path, config=config, lora_path=lora_path, model_path=model_path,
-                     tuned_path=tuned_path, kind=kind, source=source, base_model=base_model, label=label)
-        if reference is not None and tuned_path is None:
-            img = strip([("", img), ("target", reference.convert("RGB").resize(source.size if source else
-                                                                                 PROBE_SIZE))])
+        path = draw_probe(dest_dir, base_path=base_path, config=config, lora_path=lora_path, model_path=model_path,
+                          tuned_path=tuned_path, kind=kind, source=source, base_model=base_model, label=label,
+                          reference=reference)
     except Exception as exc:  # a picture is a nicety: never lose a registration for it
-        log.warning("probe image skipped: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning("probe image skipped: %s", one_line(exc))
         return {}
+    return {PROBE_FILE: path}
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def draw_probe(dest_dir: Path, *, base_path: Path, config: Any, lora_path: Path | None = None,
+               model_path: Path | None = None, tuned_path: Path | None = None, kind: str = "lora",
+               source: Image.Image | None = None, base_model: Any = None, label: str = "this version",
+               reference: Image.Image | None = None) -> Path:
+    """Draw the strip into ``dest_dir/probe.png`` (see :func:`probe_artifacts`); raises on failure."""
+    img = _probe(base_path=base_path, config=config, lora_path=lora_path, model_path=model_path,
+                 tuned_path=tuned_path, kind=kind, source=source, base_model=base_model, label=label)
+    if reference is not None and tuned_path is None:
+        img = strip([("", img), ("target", reference.convert("RGB").resize(source.size if source else PROBE_SIZE))])
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = dest_dir / PROBE_FILE
     img.save(path, format="PNG")
-    return {PROBE_FILE: path}
+    return path
 
 
 def _probe(*, base_path: Path, config: Any, lora_path: Path | None, model_path: Path | None,

@@ -10,12 +10,14 @@
     lineage_tree(ref, settings) -> dict
     layer_table(asset, settings) -> list[dict]
     set_alias(ref, alias, settings) -> dict / remove_alias(name, alias, settings) -> dict
-    import_model(path, *, name, kind, settings, config=None) -> ResolvedAsset
+    import_model(path, *, name, kind, settings, config=None, probe=None) -> ResolvedAsset
+    attach_artifact(asset, path, settings) -> None   (e.g. a probe picture drawn afterwards)
     init_workspace(settings) -> dict / doctor(settings, repair=False) -> dict / gc(settings, cache=False) -> dict
     pull(ref, settings) -> dict   (fetch a version and its base from the tracking server)
 
 Each call opens the workspace, does its work and closes it again (no global state). Nothing
-here imports torch, except :func:`import_model`, lazily, to verify the checkpoint.
+here imports torch, except :func:`import_model` when it reads a ``.ckpt`` pickle or draws the
+probe picture in process (``probe="wait"``).
 """
 
 from __future__ import annotations
@@ -229,6 +231,22 @@ def refresh_pages(refs: list[str], settings: WorkspaceSettings | None = None) ->
         ws.close()
 
 
+def attach_artifact(asset: ResolvedAsset, path: str | Path, settings: WorkspaceSettings | None = None) -> None:
+    """Add a file (e.g. a probe picture drawn after registration) to a registered version's
+    MLflow run, under its own name, and rebuild the version page. See
+    :func:`lbm_registry.registry.register.attach_artifact`."""
+    from lbm_registry.registry import catalog
+    from lbm_registry.registry.register import attach_artifact as _attach
+
+    if asset.kind == "file" or not asset.name or asset.version is None:
+        raise RegistryError(f"{asset.ref} is not a registered version")
+    with open_existing(settings) as ws:
+        rec = catalog.version(ws.db, asset.name, asset.version)
+        if rec is None or rec.sha256 != asset.sha256:
+            raise RefError(f"{asset.ref} is no longer registered")
+        _attach(ws, rec, Path(path))
+
+
 def list_assets(settings: WorkspaceSettings | None = None, kind: str | None = None) -> list[dict[str, Any]]:
     """Every asset with its latest ready version (name, kind, latest, versions, sha256, size,
     dtype, created_at, aliases, and LoRA rank/policy/mean_error)."""
@@ -328,15 +346,23 @@ def check_name_free(name: str, kind: str, settings: WorkspaceSettings | None = N
 
 
 def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings | None = None,
-                 config: str | Path | None = None, allow_duplicate: bool = False) -> ResolvedAsset:
+                 config: str | Path | None = None, allow_duplicate: bool = False,
+                 probe: str | None = None) -> ResolvedAsset:
     """Register an existing full LBM checkpoint as a ``base`` or ``model``.
 
     The file must match the architecture of its config (``config`` or the ``lbm_config``
     metadata that ``save_lbm`` embeds) key for key and shape for shape, with finite weights.
     Lightning ``.ckpt`` files are converted to safetensors first (blobs have no suffix and
     must be safetensors to be readable).
+
+    ``probe`` (see api/probe.py): ``wait`` draws the probe picture before registering (the
+    default here, else ``$LBM_REG_PROBE``), ``auto`` draws it in a background process once the
+    version is ready (the CLI's default), ``off`` draws none.
     """
+    from lbm_registry.api.probe import probe_mode
     from lbm_registry.errors import ConfigError
+
+    mode = probe_mode(probe)
 
     if kind not in ("base", "model"):
         raise RegistryError(f"import --kind must be base, model or lora, not {kind!r}")
@@ -392,9 +418,10 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
                                          {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"})
             reader.close()
             facts["converted_from"] = path.name
-            return register_asset(converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
-                                  refuse_duplicate=not allow_duplicate, link=True,
-                                  artifacts=_import_probe(converted, cfg, kind, tmpdir / "probe"))
+            return after_registration(register_asset(
+                converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
+                refuse_duplicate=not allow_duplicate, link=True,
+                artifacts=_import_probe(converted, cfg, kind, tmpdir / "probe", mode)), s, mode)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
     import shutil
@@ -402,20 +429,30 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
 
     probe_dir = Path(tempfile.mkdtemp(prefix="lbm-probe-"))
     try:
-        return register_asset(path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
-                              refuse_duplicate=not allow_duplicate, artifacts=_import_probe(path, cfg, kind, probe_dir))
+        return after_registration(register_asset(
+            path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
+            refuse_duplicate=not allow_duplicate, artifacts=_import_probe(path, cfg, kind, probe_dir, mode)), s, mode)
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
 
 
-def _import_probe(path: Path, cfg: Any, kind: str, folder: Path) -> dict[str, Path]:
-    """The probe picture of an imported base/model (see api/probe.py; ``LBM_REG_PROBE=0``: none)."""
-    from lbm_registry.api.probe import enabled, probe_artifacts
-
-    if not enabled():  # no torch import at all
+def _import_probe(path: Path, cfg: Any, kind: str, folder: Path, mode: str) -> dict[str, Path]:
+    """The probe picture of an imported base/model when it is drawn before registering (``wait``)."""
+    if mode != "wait":  # no torch import at all
         return {}
+    from lbm_registry.api.probe import probe_artifacts
+
     return probe_artifacts(folder, base_path=path, config=cfg, kind=kind, model_path=path,
-                           label="this base" if kind == "base" else "this model")
+                           label="this base" if kind == "base" else "this model", draw=True)
+
+
+def after_registration(asset: ResolvedAsset, settings: WorkspaceSettings, probe_mode: str) -> ResolvedAsset:
+    """Start the background probe of a just-registered version when its mode is ``auto``."""
+    if probe_mode == "auto":
+        from lbm_registry.api.probe import start_background
+
+        start_background(settings, asset.ref, asset.sha256)
+    return asset
 
 
 def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:

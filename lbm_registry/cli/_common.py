@@ -11,6 +11,25 @@ import typer
 from lbm_registry.registry.settings import WorkspaceSettings
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+PROBE_OPTION = typer.Option(None, "--probe", metavar="[auto|wait|off]",
+                            help="The version's probe picture: auto = drawn in the background once the version "
+                                 "is ready, wait = drawn before returning, off = none [default: $LBM_REG_PROBE "
+                                 "or auto].")
+
+
+def probe_mode(option: str | None) -> str:
+    """The registration's probe mode (the command's --probe, else $LBM_REG_PROBE, else auto)."""
+    from lbm_registry.api.probe import probe_mode as resolve
+
+    return resolve(option, default="auto")
+
+
+def probe_note(mode: str, ctx: typer.Context, as_json: bool) -> None:
+    """The one line that says the probe picture is being drawn in the background."""
+    if mode == "auto" and not as_json:
+        log = settings(ctx).home / "logs" / "probe.log"
+        console().print(f"probe picture: drawing in the background; it appears on the version's MLflow page "
+                        f"when done (log: {log})")
 
 
 def console(stderr: bool = False):  # -> rich.console.Console

@@ -7,7 +7,15 @@ from typing import Any
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, console, print_json, settings
+from lbm_registry.cli._common import (
+    JSON_OPTION,
+    PROBE_OPTION,
+    console,
+    print_json,
+    probe_mode,
+    probe_note,
+    settings,
+)
 from lbm_registry.units import format_size
 
 
@@ -22,16 +30,21 @@ def resize(
     dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype: bf16, fp16, fp32."),
     register: str | None = typer.Option(None, "--register", help="Register the result under this name."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the LoRA file here."),
+    probe: str | None = PROBE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Shrink a LoRA from its factors alone (QR + small SVD: the optimal truncation, exact)."""
     from lbm_registry.api import algebra as api
     from lbm_registry.cli.lora import _ProgressBar
 
+    mode = probe_mode(probe)
     with _ProgressBar() as bar:
         report = api.resize(ref, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank,
-                            dtype=dtype, output=output, register=register, settings=settings(ctx), progress=bar)
+                            dtype=dtype, output=output, register=register, settings=settings(ctx), progress=bar,
+                            probe=mode)
     _render(report.to_dict(layers=as_json), as_json)
+    if register is not None:
+        probe_note(mode, ctx, as_json)
 
 
 def merge(
@@ -45,16 +58,21 @@ def merge(
     dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype: bf16, fp16, fp32."),
     register: str | None = typer.Option(None, "--register", help="Register the result under this name."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the LoRA file here."),
+    probe: str | None = PROBE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Weighted sum of LoRAs on one base: exact (ranks concatenated) or compressed."""
     from lbm_registry.api import algebra as api
     from lbm_registry.cli.lora import _ProgressBar
 
+    mode = probe_mode(probe)
     with _ProgressBar() as bar:
         report = api.merge(refs, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank,
-                           dtype=dtype, output=output, register=register, settings=settings(ctx), progress=bar)
+                           dtype=dtype, output=output, register=register, settings=settings(ctx), progress=bar,
+                           probe=mode)
     _render(report.to_dict(layers=as_json), as_json)
+    if register is not None:
+        probe_note(mode, ctx, as_json)
 
 
 def _render(d: dict[str, Any], as_json: bool) -> None:
@@ -83,14 +101,15 @@ def _render(d: dict[str, Any], as_json: bool) -> None:
 
 def import_lora(ctx: typer.Context, file: Path, *, name: str, base: str | None, rank: int | None,
                 conv_rank: int | None, energy: float | None, budget: str | None, max_rank: int | None,
-                allow_duplicate: bool, as_json: bool) -> None:
+                allow_duplicate: bool, as_json: bool, probe: str = "auto") -> None:
     """``import --kind lora`` (called by the import command)."""
     from lbm_registry.api.lora_import import import_lora as api_import
     from lbm_registry.cli.lora import _ProgressBar
 
     with _ProgressBar() as bar:
         report = api_import(file, name=name, base=base, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
-                            max_rank=max_rank, allow_duplicate=allow_duplicate, settings=settings(ctx), progress=bar)
+                            max_rank=max_rank, allow_duplicate=allow_duplicate, settings=settings(ctx), progress=bar,
+                            probe=probe)
     d = report.to_dict()
     if as_json:
         print_json(d)
@@ -102,6 +121,7 @@ def import_lora(ctx: typer.Context, file: Path, *, name: str, base: str | None, 
               f"sha256 {d['sha256'][:12]}, source sha256 {d['source_sha256'][:12]})")
     for note in d["notes"]:
         con.print(f"note: {note}")
+    probe_note(probe, ctx, as_json)
 
 
 def register(app: typer.Typer) -> None:

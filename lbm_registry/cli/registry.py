@@ -10,7 +10,15 @@ from typing import Any
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, console, print_json, settings
+from lbm_registry.cli._common import (
+    JSON_OPTION,
+    PROBE_OPTION,
+    console,
+    print_json,
+    probe_mode,
+    probe_note,
+    settings,
+)
 from lbm_registry.units import format_size
 
 alias_app = typer.Typer(help="Manage aliases: movable names such as prod or staging.", no_args_is_help=True)
@@ -53,26 +61,29 @@ def import_(
     max_rank: int | None = typer.Option(None, "--max-rank", help="... cap on any layer's rank."),
     allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
                                          help="Register bytes that are already registered as a new version."),
+    probe: str | None = PROBE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Register an existing LBM checkpoint (base or model) or a LoRA (native, kohya, LyCORIS, PEFT)."""
+    mode = probe_mode(probe)
     if kind == "lora":
         from lbm_registry.cli.algebra import import_lora
 
         import_lora(ctx, file, name=name, base=base, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
-                    max_rank=max_rank, allow_duplicate=allow_duplicate, as_json=as_json)
+                    max_rank=max_rank, allow_duplicate=allow_duplicate, as_json=as_json, probe=mode)
         return
     from lbm_registry.api.registry import import_model
 
     with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):
         asset = import_model(file, name=name, kind=kind, settings=settings(ctx), config=config,
-                             allow_duplicate=allow_duplicate)
+                             allow_duplicate=allow_duplicate, probe=mode)
     if as_json:
         print_json({"ref": asset.ref, "kind": asset.kind, "sha256": asset.sha256, "path": str(asset.path),
                     "size": asset.facts.get("size"), "dtype": asset.facts.get("dtype")})
         return
     console().print(f"[green]registered[/] {asset.ref} ({asset.kind}, {format_size(asset.facts.get('size', 0))}, "
                     f"{asset.facts.get('dtype') or '?'}, sha256 {_short(asset.sha256)})")
+    probe_note(mode, ctx, as_json)
 
 
 def list_(ctx: typer.Context, kind: str | None = typer.Option(None, "--kind", help="base, model or lora."),

@@ -355,6 +355,15 @@ class SqliteMirror(CatalogOwnership, VersionPages):
             shutil.rmtree(Path(unquote(urlparse(root).path)) / run_id, ignore_errors=True)
         return []
 
+    def artifact_folder(self, run_id: str) -> Path | None:
+        """The local folder of a live run's artifacts (None: no such run, or not a local store)."""
+        from lbm_registry.registry.tracking import _local_dir
+
+        with self._connect(self.path) as conn:
+            row = conn.execute("SELECT artifact_uri FROM runs WHERE run_uuid = ? AND lifecycle_stage = 'active'",
+                               (run_id,)).fetchone()
+        return _local_dir(row[0] or "") if row is not None else None
+
     # -- the version page (Tracker.refresh_version) ----------------------------------------------
     def _page(self, conn: sqlite3.Connection, rec: VersionRecord, edges: list[dict[str, Any]],
               lora: dict[str, Any] | None, run_id: str | None, user_tags: Mapping[str, str], *,

@@ -464,3 +464,34 @@ def update_version_facts(ws: Workspace, name: str, number: int, facts: Mapping[s
         except LBMError:
             pass
     return new
+
+
+def attach_artifact(ws: Workspace, rec: VersionRecord, path: Path, rel: str | None = None) -> None:
+    """Add one file to a ready version's MLflow run (e.g. the probe picture drawn after it was
+    registered) and rebuild its page, which links pictures it finds among the run's artifacts.
+
+    A local artifact folder gets the file atomically (temp file + rename: a reader never sees
+    half of it); a server's store gets it uploaded. The catalog is not changed."""
+    from lbm_registry.registry.mirror import replace_file
+    from lbm_registry.registry.mlflow_sqlite import SqliteMirror
+    from lbm_registry.registry.tracking import Tracker, _local_dir, mlflow_errors
+
+    rel = rel or Path(path).name
+    if not rec.mlflow_run_id or not rec.mlflow_version:
+        raise RegistryError(f"{rec.ref} has no MLflow run (run 'lbm-reg doctor --repair')")
+    fast = SqliteMirror.open(ws)
+    local = fast.artifact_folder(rec.mlflow_run_id) if fast is not None else None
+    if fast is not None and local is not None:
+        with fast.write_lock():
+            replace_file(Path(path), local / rel)
+        fast.refresh_version(rec)
+        return
+    tracker = Tracker(ws)
+    with tracker.write_lock(), mlflow_errors(f"artifacts of {rec.ref}"):
+        uri = tracker.client.get_run(rec.mlflow_run_id).info.artifact_uri
+        folder = _local_dir(uri)
+        if folder is not None:
+            replace_file(Path(path), folder / rel)
+        else:
+            tracker.write_artifacts(rec.mlflow_run_id, uri, {}, {rel: Path(path)})
+    tracker.refresh_version(rec)
