@@ -233,3 +233,29 @@ def test_a_failed_fast_mirror_leaves_nothing(fresh_settings, make_weights, monke
         register_asset(make_weights(), name="eq-fail", kind="base", settings=s)
     assert _dump(s) == before
     assert [p for p in (s.home / "artifacts").rglob("*") if p.is_file()] == []
+
+
+def test_discard_removes_the_folder_of_a_run_that_never_committed(fresh_settings):
+    """A registration killed inside the fast mirror's transaction leaves its artifact folder and a
+    run id in the catalog, but no run: cleanup (doctor --repair, through the client) removes it."""
+    import uuid
+
+    from lbm_registry.api.registry import init_workspace
+    from lbm_registry.registry.mlflow_sqlite import SqliteMirror
+    from lbm_registry.registry.tracking import Tracker
+    from lbm_registry.registry.workspace import Workspace
+
+    s = fresh_settings()
+    init_workspace(s)
+    with Workspace.open(s) as ws:
+        for cleaner in (Tracker(ws), SqliteMirror.open(ws)):
+            run_id = uuid.uuid4().hex
+            folder = ws.artifacts_dir / run_id / "artifacts" / "weights"
+            folder.mkdir(parents=True)
+            (folder / "w.safetensors").write_bytes(b"x")
+            cleaner.discard("never", run_id, None)
+            assert not (ws.artifacts_dir / run_id).exists(), type(cleaner).__name__
+        kept = ws.artifacts_dir / ("f" * 32)
+        kept.mkdir()
+        Tracker(ws).discard("never", "../" + "f" * 29, None)  # not a run id: never a path
+        assert kept.exists()

@@ -4,7 +4,9 @@
 2. one transaction allocates the next version number and inserts the version as ``pending``
    with its lineage, facts, layers and tags (retried when another process won the race);
 3. store the blob (temp file, fsync, rename, 0444; a hard link when possible);
-4. mirror to MLflow (run + model version; the run id is recorded as soon as it exists);
+4. mirror to MLflow (run + model version; the run id is recorded as soon as it exists): in one
+   SQLite transaction when the workspace's own MLflow store allows it (registry/mlflow_sqlite.py),
+   through the MLflow client otherwise;
 5. one transaction flips the version to ``ready``.
 
 Only ready versions are visible, so a crash or ``kill -9`` anywhere leaves nothing half-made

@@ -6,7 +6,9 @@ per-layer error table as CSV/JSON, the layer list, config/facts/lineage JSON, ex
 MLflow UI alone shows what each version is and where it came from.
 
 Everything here imports MLflow (~1.3-2 s) and is only reached from registration, doctor,
-alias changes and ``ui``; never from ``list``/``show``/``resolve``.
+alias changes and ``ui``; never from ``list``/``show``/``resolve``. A workspace's own SQLite
+store at a known schema is written without it (registry/mlflow_sqlite.py: the same rows, checked
+against this class by tests/test_mlflow_sqlite.py); this class serves everything else.
 
 MLflow facts this relies on (3.x): the file store needs an opt-in, so a workspace uses
 ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/artifacts``; creating a new
@@ -398,8 +400,10 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
                     self.client.delete_model_version(model, v)
                     done.append(f"deleted MLflow model version {model}/{v}")
             if run_id:
+                run_found = False
                 with contextlib.suppress(MlflowException):
                     run = self.client.get_run(run_id)
+                    run_found = True
                     local = _local_dir(run.info.artifact_uri)
                     self.client.delete_run(run_id)
                     done.append(f"deleted MLflow run {run_id}")
@@ -412,6 +416,12 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
                             folder = local.parent
                     if folder is not None and folder.is_dir():
                         shutil.rmtree(folder, ignore_errors=True)
+                # a fast-path mirror killed before its transaction committed leaves only its
+                # artifact folder (<home>/artifacts/<run id>), no run
+                orphan = self.ws.artifacts_dir / run_id
+                if not run_found and self.is_sqlite and len(run_id) == 32 and run_id.isalnum() and orphan.is_dir():
+                    shutil.rmtree(orphan, ignore_errors=True)
+                    done.append(f"removed the artifact folder of unrecorded MLflow run {run_id}")
         return done
 
     def check(self, rec: VersionRecord) -> str | None:
