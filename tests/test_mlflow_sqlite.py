@@ -26,8 +26,20 @@ def _register_all(settings, files: Path) -> None:
     """A base with a picture, a model, an extracted-style LoRA (layers, lineage) and its child
     (parent, dataset, training config, user tags), a second base version, then a picture added
     to the model's run afterwards (its page rebuilt)."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
     from lbm_registry.api.registry import attach_artifact, register_asset
 
+    # a compare run that judged the second base version (linked from its page) and is named as
+    # the LoRA child's training run (linked too): the page lookups of both writers
+    base2 = write_weights(files / "base2.safetensors", 5)
+    client = MlflowClient(tracking_uri=settings.effective_tracking_uri)
+    exp = client.create_experiment("lbm-registry-compare",
+                                   artifact_location=(settings.home / "artifacts" / "compare").as_uri())
+    judged = hashlib.sha256(base2.read_bytes()).hexdigest()
+    cmp_run = client.create_run(exp, run_name="cmp", tags={"lbm.compared": f"{'0' * 16},{judged[:16]}"}).info.run_id
     png = files / "probe.png"
     if not png.exists():
         Image.new("RGB", (8, 4), "red").save(png)
@@ -44,8 +56,8 @@ def _register_all(settings, files: Path) -> None:
                    facts=lora_facts(8), lineage={"base": base.sha256, "parent": l1,
                                                  "datasets": [{"path": str(shard), "sha256": "ab" * 32}],
                                                  "training_config": {"max_steps": 10}},
-                   tags={"team": "vision", "lbm.note": "hello: world", "lbm.train_run_id": "f" * 32})
-    register_asset(write_weights(files / "base2.safetensors", 5), name="eq-base", kind="base", settings=settings)
+                   tags={"team": "vision", "lbm.note": "hello: world", "lbm.train_run_id": cmp_run})
+    register_asset(base2, name="eq-base", kind="base", settings=settings)
     attach_artifact(tuned, png, settings)  # what the background probe does once the version is ready
 
 
@@ -57,7 +69,9 @@ def _normaliser(settings):
         runs = dict(conn.execute("SELECT run_uuid, name FROM runs").fetchall())
     with Workspace.open(settings) as ws:
         cat = catalog.catalog_id(ws.db)
-    subs = [(rid, f"<run {name}>") for rid, name in runs.items()] + [(str(settings.home), "<home>"), (cat, "<cat>")]
+    subs = [(rid, f"<run {name}>") for rid, name in runs.items()]
+    subs += [(rid[:12], f"<run {name} prefix>") for rid, name in runs.items()]  # link labels
+    subs += [(str(settings.home), "<home>"), (cat, "<cat>")]
 
     def norm(value):
         if isinstance(value, str):
@@ -134,7 +148,10 @@ def test_sqlite_mirror_writes_what_mlflow_writes(fresh_settings, tmp_path, monke
     assert want.keys() == got.keys()
     for table in want:
         assert got[table] == want[table], table
-    assert len(got["runs"]) == 5 and len(got["model_versions"]) == 5 and len(got["latest_metrics"]) > 20
+    assert len(got["runs"]) == 6 and len(got["model_versions"]) == 5 and len(got["latest_metrics"]) > 20
+    pages = {(dict(r)["name"], dict(r)["version"]): dict(r)["description"] for r in got["model_versions"]}
+    assert "| compared | [cmp](#/experiments/2/runs/<run cmp>) |" in pages["eq-base", 2]
+    assert "| training run | [<run cmp prefix>](#/experiments/2/runs/<run cmp>) |" in pages["eq-lora", 2]
     assert _artifacts(direct) == _artifacts(through_client)
 
 
