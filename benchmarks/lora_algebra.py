@@ -77,7 +77,7 @@ def main() -> None:
     import torch
 
     from lbm_registry.api.lora_import import write_native
-    from lbm_registry.lora.algebra import factored_svd, layer_terms, resize_lora
+    from lbm_registry.lora.algebra import Term, factored_svd, resize_lora
     from lbm_registry.lora.convert import check_against_base, read_foreign
     from lbm_registry.lora.export import write_kohya
     from lbm_registry.lora.format import read_lora, write_lora
@@ -123,13 +123,13 @@ def main() -> None:
             ordered = [ordered[int(i * step)] for i in range(args.dense_shapes)]
         by_shape = dict(ordered)
         for s, m in ordered:
-            term = layer_terms(lora.layers[m])
+            up, down = Term(lora.layers[m]).matrices()
             t = time.perf_counter()
-            u, sv, vh = factored_svd(term.up, term.down)
+            u, sv, vh = factored_svd(up, down)
             _ = (u[:, :32] * sv[:32].sqrt(), sv[:32].sqrt()[:, None] * vh[:32])
             ft = time.perf_counter() - t
             t = time.perf_counter()
-            dense = term.up @ term.down
+            dense = up @ down
             U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
             _ = (U[:, :32] * S[:32].sqrt(), S[:32].sqrt()[:, None] * Vh[:32])
             dt = time.perf_counter() - t

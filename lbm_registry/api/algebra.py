@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lbm_registry.api._report import WrittenLoRAReport
 from lbm_registry.errors import LoRAError
 from lbm_registry.registry.settings import WorkspaceSettings
 
@@ -28,7 +29,7 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
-class AlgebraReport:
+class AlgebraReport(WrittenLoRAReport):
     operation: str
     result: AlgebraResult
     inputs: list[dict[str, Any]]
@@ -37,15 +38,8 @@ class AlgebraReport:
     registered_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def path(self) -> str:
-        return self.registered_path or str(self.result.path)
-
     def to_dict(self, layers: bool = True) -> dict[str, Any]:
-        d = self.result.to_dict(layers=layers)
-        d.update(operation=self.operation, inputs=self.inputs, base=self.base, ref=self.ref, path=self.path,
-                 timings=self.timings)
-        return d
+        return self._to_dict(layers, operation=self.operation, inputs=self.inputs, base=self.base)
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:

@@ -100,6 +100,12 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
     step("import that kohya file back", ["import", str(out / "relight-kohya.safetensors"), "--kind", "lora",
                                          "--name", "relight-kohya", "--base", "tiny-base"])
     step("alias the trained version", ["alias", "set", "relight@3", "candidate"])
+    say("\n[bold cyan]==> serve: one warm base; four requests at once, for three LoRAs and for none[/]\n"
+        "$ lbm-reg serve --base tiny-base   # (in a thread here, on a free port of 127.0.0.1)")
+    t0 = time.perf_counter()
+    for line in serve_requests(home, src, ["relight@1", "relight@2", "relight@candidate", None]):
+        say(f"  {line}")
+    timings["serve a mixed-LoRA batch"] = time.perf_counter() - t0
     step("everything in the registry", ["list"])
     step("lineage of the trained LoRA", ["lineage", "relight@candidate"])
     width = max(len(k) for k in timings)
@@ -107,6 +113,57 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
     say(f"\n[bold green]demo complete[/] in {sum(timings.values()):.0f} s. Browse it in MLflow:\n"
         f"$ lbm-reg --home {shlex.quote(str(home))} ui")
     return timings
+
+
+def serve_requests(home: Path, image: Path, refs: list[str | None]) -> list[str]:
+    """Start the real HTTP server (``lbm-reg serve``'s app under uvicorn) on a free port of
+    127.0.0.1, POST one ``/v1/images`` request per reference at once, stop it; one line per answer.
+
+    The batcher waits a moment for company, so the requests share one denoiser pass: each answer
+    says the size of the batch it ran in."""
+    import base64
+    import json
+    import socket
+    import threading
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from lbm_registry.api.serve import Server
+    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.serve.app import create_app
+
+    engine = Server("tiny-base", preload=[r for r in refs if r], settings=WorkspaceSettings.resolve(home),
+                    device="cpu", max_batch=8, max_wait_ms=500)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, close_engine=False), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise LBMError(f"the demo server did not start on 127.0.0.1:{port}")
+            time.sleep(0.05)
+        payload = base64.b64encode(image.read_bytes()).decode("ascii")
+
+        def post(ref: str | None) -> dict:
+            body = json.dumps({"image": payload, "lora": ref, "scale": 0.5 if ref and "@candidate" in ref else 1.0})
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images", data=body.encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())
+
+        with ThreadPoolExecutor(len(refs)) as pool:
+            answers = list(pool.map(post, refs))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.close()
+    return [f"{ref or '(no LoRA)':<20} -> {a['width']}x{a['height']} PNG, batch of {a['batch_size']}, {a['ms']:.0f} ms"
+            for ref, a in zip(refs, answers, strict=True)]
 
 
 def _repeat(flag: str, values: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lbm_registry.api._report import WrittenLoRAReport
 from lbm_registry.errors import ArchitectureError, LoRAError, RefError
 from lbm_registry.registry.settings import WorkspaceSettings
 
@@ -187,7 +188,7 @@ LORA_DTYPES = ("bf16", "fp16", "fp32")   # lora.extract.STORAGE_DTYPES, named wi
 
 
 @dataclass
-class ExtractReport:
+class ExtractReport(WrittenLoRAReport):
     result: ExtractionResult
     base: dict[str, Any]
     tuned: dict[str, Any]
@@ -195,14 +196,8 @@ class ExtractReport:
     registered_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def path(self) -> str:
-        return self.registered_path or str(self.result.path)
-
     def to_dict(self, layers: bool = True) -> dict[str, Any]:
-        d = self.result.to_dict(layers=layers)
-        d.update(base=self.base, tuned=self.tuned, ref=self.ref, path=self.path, timings=self.timings)
-        return d
+        return self._to_dict(layers, base=self.base, tuned=self.tuned)
 
 
 def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | None = None,

@@ -90,7 +90,7 @@ def open_existing(settings: WorkspaceSettings | None) -> Any:
     return ws
 
 
-def _to_asset(ws: Any, rec: Any) -> ResolvedAsset:
+def _to_asset(ws: Any, rec: Any, *, layers: bool = True) -> ResolvedAsset:
     from lbm_registry.registry import catalog, refs, views
 
     path = refs.check_blob(ws, rec)
@@ -98,7 +98,7 @@ def _to_asset(ws: Any, rec: Any) -> ResolvedAsset:
     lora = catalog.lora_facts(ws.db, rec.id)
     facts = views.facts_of(rec, edges, lora)
     facts.setdefault("created_at", views.iso(rec.created_at))
-    if rec.kind == "lora":
+    if rec.kind == "lora" and layers:
         facts["layers"] = catalog.layers(ws.db, rec.id)
     return ResolvedAsset(ref=rec.ref, path=path, sha256=rec.sha256, kind=rec.kind, name=rec.name,
                          version=rec.number, config=rec.config, facts=facts,
@@ -112,12 +112,14 @@ def _check_kind(asset: ResolvedAsset, ref: str, kinds: tuple[str, ...] | None) -
 
 
 def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[str, ...] | None = None,
-            relative_to: ResolvedAsset | None = None) -> ResolvedAsset:
+            relative_to: ResolvedAsset | None = None, *, layers: bool = True) -> ResolvedAsset:
     """Resolve a reference (see DESIGN.md "References") to a readable weight file.
 
     ``relative_to``: a bare ``vN``/``N`` means version N of that asset (``compare A v2``);
     without it, of the only LoRA asset. Registered blobs are size-checked and refused when
     doctor found them damaged. Unregistered files are hashed (cached by path/size/mtime).
+    ``layers=False`` leaves out a LoRA's per-layer table (792 rows at full size), which a server
+    resolving every request does not need.
     """
     from lbm_registry.registry import refs
     from lbm_registry.registry.workspace import Workspace
@@ -127,7 +129,7 @@ def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[st
         rel = relative_to.name if relative_to is not None and relative_to.kind != "file" else None
         res = refs.resolve(ws, str(ref), relative_to=rel, home=_settings(settings).home)
         if res.record is not None:
-            return _check_kind(_to_asset(ws, res.record), str(ref), kinds)
+            return _check_kind(_to_asset(ws, res.record, layers=layers), str(ref), kinds)
         size = res.path.stat().st_size
         from lbm_registry.registry.blobs import sniff_dtype
 

@@ -44,7 +44,7 @@ class RegistryResolver:
         ref = str(ref).strip()
         if not SERVABLE_REF_RE.fullmatch(ref):
             raise RefError(f"{ref!r} is not a registered reference (NAME, NAME@VERSION|ALIAS or sha256:PREFIX)")
-        asset = resolve(ref, self.settings)
+        asset = resolve(ref, self.settings, layers=False)
         if asset.kind == "file":
             raise RefError(f"unknown reference {ref!r}: not a registered LoRA")
         if asset.kind != "lora":

@@ -18,60 +18,64 @@ from lbm_registry.cli._common import (
 )
 from lbm_registry.units import format_size
 
+RANK_OPTION = typer.Option(None, "--rank", help="Linear-layer rank (never above the layer's own).")
+CONV_RANK_OPTION = typer.Option(None, "--conv-rank", help="Conv-layer rank [default: --rank].")
+ENERGY_OPTION = typer.Option(None, "--energy", help="Per layer, keep this fraction of ||delta||^2.")
+BUDGET_OPTION = typer.Option(None, "--budget", help="Total file size, e.g. 100MB: ranks chosen globally.")
+MAX_RANK_OPTION = typer.Option(None, "--max-rank", help="Cap on any layer's rank.")
+DTYPE_OPTION = typer.Option("bf16", "--dtype", help="Storage dtype: bf16, fp16, fp32.")
+REGISTER_OPTION = typer.Option(None, "--register", help="Register the result under this name.")
+OUTPUT_OPTION = typer.Option(None, "--output", "-o", help="Write the LoRA file here.")
+
 
 def resize(
     ctx: typer.Context,
     ref: str = typer.Argument(..., help="LoRA REF."),
-    rank: int | None = typer.Option(None, "--rank", help="Linear-layer rank (never above the layer's own)."),
-    conv_rank: int | None = typer.Option(None, "--conv-rank", help="Conv-layer rank [default: --rank]."),
-    energy: float | None = typer.Option(None, "--energy", help="Per layer, keep this fraction of ||delta||^2."),
-    budget: str | None = typer.Option(None, "--budget", help="Total file size, e.g. 100MB: ranks chosen globally."),
-    max_rank: int | None = typer.Option(None, "--max-rank", help="Cap on any layer's rank."),
-    dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype: bf16, fp16, fp32."),
-    register: str | None = typer.Option(None, "--register", help="Register the result under this name."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write the LoRA file here."),
+    rank: int | None = RANK_OPTION,
+    conv_rank: int | None = CONV_RANK_OPTION,
+    energy: float | None = ENERGY_OPTION,
+    budget: str | None = BUDGET_OPTION,
+    max_rank: int | None = MAX_RANK_OPTION,
+    dtype: str = DTYPE_OPTION,
+    register: str | None = REGISTER_OPTION,
+    output: Path | None = OUTPUT_OPTION,
     probe: str | None = PROBE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Shrink a LoRA from its factors alone (QR + small SVD: the optimal truncation, exact)."""
-    from lbm_registry.api import algebra as api
-    from lbm_registry.cli.lora import _ProgressBar
-
-    mode = probe_mode(probe)
-    with _ProgressBar() as bar:
-        report = api.resize(ref, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank,
-                            dtype=dtype, output=output, register=register, settings=settings(ctx), progress=bar,
-                            probe=mode)
-    _render(report.to_dict(layers=as_json), as_json)
-    if register is not None:
-        probe_note(mode, ctx, as_json)
+    """Shrink a LoRA from its factors alone (r x r Grams + a small SVD: the optimal truncation, exact)."""
+    _run(ctx, "resize", ref, as_json, probe, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
+         max_rank=max_rank, dtype=dtype, output=output, register=register)
 
 
 def merge(
     ctx: typer.Context,
     refs: list[str] = typer.Argument(..., help="LoRA REF[:WEIGHT] ... (weights default to 1)."),
-    rank: int | None = typer.Option(None, "--rank", help="Compress: linear-layer rank."),
-    conv_rank: int | None = typer.Option(None, "--conv-rank", help="Compress: conv-layer rank [default: --rank]."),
-    energy: float | None = typer.Option(None, "--energy", help="Compress: keep this fraction of each layer's energy."),
-    budget: str | None = typer.Option(None, "--budget", help="Compress to a total file size, e.g. 200MB."),
-    max_rank: int | None = typer.Option(None, "--max-rank", help="Cap on any layer's rank."),
-    dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype: bf16, fp16, fp32."),
-    register: str | None = typer.Option(None, "--register", help="Register the result under this name."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write the LoRA file here."),
+    rank: int | None = RANK_OPTION,
+    conv_rank: int | None = CONV_RANK_OPTION,
+    energy: float | None = ENERGY_OPTION,
+    budget: str | None = BUDGET_OPTION,
+    max_rank: int | None = MAX_RANK_OPTION,
+    dtype: str = DTYPE_OPTION,
+    register: str | None = REGISTER_OPTION,
+    output: Path | None = OUTPUT_OPTION,
     probe: str | None = PROBE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Weighted sum of LoRAs on one base: exact (ranks concatenated) or compressed."""
+    """Weighted sum of LoRAs on one base: exact (ranks concatenated), or compressed by
+    --rank/--energy/--budget."""
+    _run(ctx, "merge", refs, as_json, probe, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
+         max_rank=max_rank, dtype=dtype, output=output, register=register)
+
+
+def _run(ctx: typer.Context, operation: str, what: Any, as_json: bool, probe: str | None, **options: Any) -> None:
     from lbm_registry.api import algebra as api
     from lbm_registry.cli.lora import _ProgressBar
 
     mode = probe_mode(probe)
     with _ProgressBar() as bar:
-        report = api.merge(refs, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank,
-                           dtype=dtype, output=output, register=register, settings=settings(ctx), progress=bar,
-                           probe=mode)
+        report = getattr(api, operation)(what, settings=settings(ctx), progress=bar, probe=mode, **options)
     _render(report.to_dict(layers=as_json), as_json)
-    if register is not None:
+    if options.get("register") is not None:
         probe_note(mode, ctx, as_json)
 
 

@@ -1,23 +1,29 @@
 """LoRA algebra from the factors alone: resize (lower the rank) and merge (weighted sums).
 
 Why no dense matrix: a layer's delta ``s * up @ down`` has rank ``r`` (tens) while the layer is
-``out x in`` (up to 10240 x 1280). With ``up = Qu Ru`` and ``down^T = Qd Rd`` (thin QRs), the
-delta is ``Qu (s Ru Rd^T) Qd^T``, so the SVD of the small ``r x r`` core gives the delta's exact
-SVD: ``U = Qu W``, ``S``, ``V = Qd Z``. Truncating that is the optimal rank-``k``
-approximation (Eckart-Young), at ``O((m + n) r^2)`` per layer instead of ``O(m n min(m, n))``.
+``out x in`` (up to 10240 x 1280). With the eigendecompositions of the two ``r x r`` Gram
+matrices, ``up = Qu Lu^1/2 Vu^T`` and ``down = Vd Ld^1/2 Qd^T`` (``Qu``, ``Qd`` orthonormal,
+never formed), the delta is ``Qu C Qd^T`` for a small core ``C``, so the SVD of ``C`` gives the
+delta's exact SVD (:class:`FactoredSVD`). Truncating that is the optimal rank-``k``
+approximation (Eckart-Young), at ``O((m + n) r^2)`` per layer instead of ``O(m n min(m, n))``,
+in skinny matrix products only (a thin QR of each factor gives the same, at several times the cost).
 
 A weighted merge ``sum_i w_i s_i up_i @ down_i`` is one low-rank product with the factors
 concatenated along the rank, so the same decomposition compresses it; uncompressed ("exact")
 the concatenation is stored as is (re-factored only if it exceeds the layer's full rank).
 
 Errors are measured on the stored (rounded) factors against the exact delta, also without a
-dense matrix: ``||A - B||^2 = ||A||^2 + ||B||^2 - 2 <A, B>`` with every term a sum over small
-Gram products (``<U_a D_a, U_b D_b> = sum((U_a^T U_b) * (D_a D_b^T))``), in float64 so the
-cancellation stays harmless at the errors we report.
+dense matrix: a truncation's error is the exact tail of the spectrum plus the rounding of the
+stored factors (:func:`rounding_sq_error`); the exact route uses
+``||A - B||^2 = ||A||^2 + ||B||^2 - 2 <A, B>`` with every term a sum over small Gram products
+(``<U_a D_a, U_b D_b> = sum((U_a^T U_b) * (D_a D_b^T))``), in float64 so the cancellation stays
+harmless at the errors we report. Layers are independent: they are worked on by one thread per
+core (each op single-threaded), which keeps both cores busy on layers too small to split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +43,7 @@ from lbm_registry.lora.ranks import (
     energy_rank,
     lora_header_overhead,
 )
-from lbm_registry.lora.threads import single_thread_below
+from lbm_registry.lora.threads import map_layers, single_thread_below
 from lbm_registry.units import format_size
 
 ProgressFn = Callable[[str, int, int], None]
@@ -45,10 +51,24 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass
 class Term:
-    """One addend of a layer's delta: ``up (m, r) @ down (r, n)`` with the scale folded into up."""
+    """One addend of a layer's delta: ``weight * (alpha / r) * up @ down`` of a stored layer.
 
-    up: torch.Tensor
-    down: torch.Tensor
+    The fp32 matrices are made when asked for (:meth:`matrices`), on the thread that works on
+    the layer: building them for every layer up front would hold a full fp32 copy of the LoRA
+    and convert it on one thread."""
+
+    layer: LoRALayer
+    weight: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.layer.rank
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up (m, r), down (r, n))`` in fp32, with the weight and scale folded into ``up``."""
+        r = self.layer.rank
+        up = self.layer.up.reshape(self.layer.up.shape[0], r).to(torch.float32) * (self.weight * self.layer.scale)
+        return up, self.layer.down.reshape(r, -1).to(torch.float32)
 
 
 @dataclass
@@ -61,44 +81,92 @@ class LayerSum:
 
     @property
     def rank(self) -> int:
-        return sum(t.up.shape[1] for t in self.terms)
+        return sum(t.rank for t in self.terms)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The terms concatenated along the rank: ``(m, R)`` and ``(R, n)``, fp32."""
         if len(self.terms) == 1:
-            return self.terms[0].up, self.terms[0].down
-        return torch.cat([t.up for t in self.terms], 1), torch.cat([t.down for t in self.terms], 0)
+            return self.terms[0].matrices()
+        ups, downs = zip(*(t.matrices() for t in self.terms), strict=True)
+        return torch.cat(ups, 1), torch.cat(downs, 0)
 
 
-def layer_terms(layer: LoRALayer, weight: float = 1.0) -> Term:
-    """``weight * (alpha / r) * up @ down`` as a :class:`Term` of fp32 matrices."""
-    r = layer.rank
-    up = layer.up.reshape(layer.up.shape[0], r).to(torch.float32) * (weight * layer.scale)
-    down = layer.down.reshape(r, -1).to(torch.float32)
-    return Term(up, down)
+@dataclass
+class FactoredSVD:
+    """The exact SVD of ``A = up @ down`` kept in factored form (nothing ``m x n`` is formed).
+
+    From the fp64 Gram matrices ``up^T up = Vu Lu Vu^T`` and ``down down^T = Vd Ld Vd^T``:
+    ``up = Qu Lu^1/2 Vu^T`` and ``down = Vd Ld^1/2 Qd^T`` with orthonormal ``Qu``, ``Qd``, so
+    ``A = Qu C Qd^T`` for the small core ``C = Lu^1/2 Vu^T Vd Ld^1/2``, and its SVD
+    ``C = W S Z^T`` is A's: ``U = up (Vu Lu^-1/2 W)``, ``V^T = (Z^T Ld^-1/2 Vd^T) down``.
+    Every step on the big factors is one skinny product (no QR), and the top ``k`` components
+    cost ``O((m + n) r k)``. Directions whose Gram eigenvalue is below 1e-13 of the largest (a
+    rank-deficient factor) are dropped: they carry no part of ``A`` above fp64 rounding.
+    """
+
+    s: torch.Tensor        # (K,) fp64, descending
+    _tu: torch.Tensor      # (r, K) fp64: U = up @ _tu
+    _td: torch.Tensor      # (K, r) fp64: V^T = _td @ down
+
+    @classmethod
+    def of(cls, up: torch.Tensor, down: torch.Tensor) -> FactoredSVD:
+        upd, downd = up.double(), down.double()
+        vu, ru = _gram_root(upd.T @ upd)
+        vd, rd = _gram_root(downd @ downd.T)
+        core = ru[:, None] * (vu.T @ vd) * rd[None, :]
+        w, s, zt = torch.linalg.svd(core, full_matrices=False)
+        return cls(s, (vu / ru) @ w, zt @ (vd / rd).T)
+
+    def top(self, k: int, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors of the top-``k`` components, ``U_k S_k^1/2`` ``(m, k)`` and
+        ``S_k^1/2 V_k^T`` ``(k, n)``, in ``up``'s dtype."""
+        root = self.s[:k].clamp_min(0).sqrt()
+        return up @ (self._tu[:, :k] * root).to(up.dtype), (root[:, None] * self._td[:k]).to(down.dtype) @ down
+
+    def tail_energy(self, k: int) -> float:
+        """``||A - A_k||^2``: what the optimal rank-``k`` truncation leaves out (exact)."""
+        return float((self.s[k:] ** 2).sum())
+
+    @property
+    def energy(self) -> float:
+        return float((self.s**2).sum())
+
+
+def _gram_root(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V, sqrt(lambda))`` of a symmetric PSD fp64 Gram matrix, for its non-negligible eigenvalues."""
+    lam, v = torch.linalg.eigh(g)
+    keep = lam > float(lam[-1].clamp_min(0)) * 1e-13 if len(lam) else lam > 0
+    if not bool(keep.any()):
+        keep = lam > float("inf")
+    return v[:, keep], lam[keep].sqrt()
 
 
 def factored_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact thin SVD ``u (m, K), s (K,), vh (K, n)`` of ``up @ down`` from QRs of the factors
-    and the SVD of the small core; ``K = min(m, n, R)``. Never forms the ``m x n`` product."""
-    m, n = up.shape[0], down.shape[1]
-    with single_thread_below((m + n) * up.shape[1] * 64):
-        qu, ru = torch.linalg.qr(up)            # (m, a), (a, R)
-        qd, rd = torch.linalg.qr(down.T)        # (n, b), (b, R)
-        core = ru.double() @ rd.double().T      # (a, b)
-        w, s, zt = torch.linalg.svd(core, full_matrices=False)
-        k = min(m, n, s.shape[0])
-        u = qu @ w[:, :k].to(qu.dtype)
-        vh = (qd @ zt[:k].T.to(qd.dtype)).T
-    return u, s[:k].to(torch.float32), vh
+    """Exact thin SVD ``u (m, K), s (K,), vh (K, n)`` of ``up @ down`` (see :class:`FactoredSVD`);
+    ``K`` is the rank of the factors, at most ``min(m, n, R)``. Never forms the ``m x n`` product."""
+    with single_thread_below((up.shape[0] + down.shape[1]) * up.shape[1] * 64):
+        f = FactoredSVD.of(up, down)
+        k = min(up.shape[0], down.shape[1], f.s.shape[0])
+        u = up @ f._tu[:, :k].to(up.dtype)
+        vh = f._td[:k].to(down.dtype) @ down
+    return u, f.s[:k].to(torch.float32), vh
 
 
 def spectrum_of(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """The singular values of ``up @ down`` (exact, descending), from the core alone."""
     with single_thread_below((up.shape[0] + down.shape[1]) * up.shape[1] * 64):
-        _, ru = torch.linalg.qr(up)
-        _, rd = torch.linalg.qr(down.T)
-        return torch.linalg.svdvals(ru.double() @ rd.double().T).to(torch.float32)
+        return FactoredSVD.of(up, down).s.to(torch.float32)
+
+
+def rounding_sq_error(exact: tuple[torch.Tensor, torch.Tensor], stored: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """``||U D - Ur Dr||^2`` for factors ``(U, D)`` and their rounded copies ``(Ur, Dr)``, from
+    ``U D - Ur Dr = U (D - Dr) + (U - Ur) Dr``: every Gram product is of small differences, so
+    fp32 has no cancellation to lose precision in."""
+    u, d = exact
+    ur, dr = (t.to(torch.float32) for t in stored)
+    du, dd = u - ur, d - dr
+    return max(float(((u.T @ u) * (dd @ dd.T)).sum() + ((du.T @ du) * (dr @ dr.T)).sum()
+                     + 2 * ((u.T @ du) * (dd @ dr.T)).sum()), 0.0)
 
 
 def gram_sq_distance(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
@@ -111,13 +179,11 @@ def gram_sq_distance(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor
     return max(aa + bb - 2 * ab, 0.0), aa
 
 
-def balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, shape: tuple[int, ...],
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored factors of the top-``k`` components, ``up = U sqrt(S)``, ``down = sqrt(S) V^T``
-    (alpha = k, scale 1), shaped for the layer (convs: ``(k, in, kh, kw)`` / ``(out, k, 1, 1)``)."""
-    root = s[:k].clamp_min(0).sqrt()
-    up = (u[:, :k] * root).to(dtype)
-    down = (root[:, None] * vh[:k]).to(dtype)
+def _stored(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...],
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced ``(m, k)``/``(k, n)`` factors in the storage dtype, shaped for the layer."""
+    k = up.shape[1]
+    up, down = up.to(dtype), down.to(dtype)
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
         raise LoRAError(f"factors overflow {str(dtype).replace('torch.', '')}: store as bf16 or fp32")
     if len(shape) == 4:
@@ -204,9 +270,7 @@ def plan_ranks(sums: Sequence[LayerSum], policy: RankPolicy, dtype: str) -> dict
     if budget_params <= 0:
         raise LoRAError(f"--budget {format_size(policy.budget_bytes or 0)} is smaller than the file's header")
     spectra = {}
-    for ls in sums:
-        up, down = ls.factors()
-        vals = spectrum_of(up, down)
+    for ls, vals in zip(sums, map_layers(lambda ls: spectrum_of(*ls.factors()), sums), strict=True):
         m, n = matrix_shape(ls.shape)
         spectra[ls.module] = LayerSpectrum(vals, m + n, min(policy.limit(ls.shape), len(vals)), True)
     return allocate_budget(spectra, budget_params).ranks
@@ -239,9 +303,9 @@ def combine(sums: Sequence[LayerSum], output: str | Path, *, policy: RankPolicy 
     planned = plan_ranks(sums, policy, dtype) if policy is not None else None
     results: list[AlgebraLayer] = []
     skipped: list[dict[str, str]] = []
-    with LoRAWriter(output, torch_dtype) as writer:
-        for i, ls in enumerate(sums, 1):
-            layer = _one(ls, policy, planned, torch_dtype)
+    done = map_layers(lambda ls: _one(ls, policy, planned, torch_dtype), sums)
+    with LoRAWriter(output, torch_dtype) as writer, contextlib.closing(done):
+        for i, (ls, layer) in enumerate(zip(sums, done, strict=True), 1):
             if isinstance(layer, str):
                 skipped.append({"module": ls.module, "reason": layer})
             else:
@@ -277,7 +341,8 @@ def _one(ls: LayerSum, policy: RankPolicy | None, planned: Mapping[str, int] | N
             if len(ls.shape) == 4:
                 su, sd = su.reshape(ls.shape[0], k, 1, 1), sd.reshape(k, *ls.shape[1:])
         else:
-            u, s, vh = factored_svd(up, down)
+            f = FactoredSVD.of(up, down)
+            s = f.s
             nonzero = int((s > s[0] * 1e-7).sum()) if len(s) and float(s[0]) > 0 else 0
             if nonzero == 0:
                 return "zero delta"
@@ -285,8 +350,13 @@ def _one(ls: LayerSum, policy: RankPolicy | None, planned: Mapping[str, int] | N
             if want <= 0:
                 return "budget: no component worth its bytes"
             k = max(1, min(want, nonzero))
-            su, sd = balanced(u, s, vh, k, ls.shape, dtype)
-            sq, norm2 = gram_sq_distance((up, down), (su.reshape(ls.shape[0], k).float(), sd.reshape(k, -1).float()))
+            eu, ed = f.top(k, up, down)
+            su, sd = _stored(eu, ed, ls.shape, dtype)
+            # ||A - B||^2 = ||A - A_k||^2 + ||A_k - B||^2 + 2 <A - A_k, A_k - B>; the last term is
+            # second order in the rounding (A - A_k is orthogonal to A_k's rows and columns), so
+            # the error is the exact truncation tail plus the rounding of the stored factors.
+            norm2 = f.energy
+            sq = f.tail_energy(k) + rounding_sq_error((eu, ed), (su.reshape(ls.shape[0], k), sd.reshape(k, -1)))
     err = math.sqrt(sq / norm2) if norm2 > 0 else 0.0
     stored = LoRALayer(ls.module, sd, su, float(k))
     return stored, AlgebraLayer(ls.module, layer_kind(ls.shape), tuple(ls.shape), total_rank, k, err, 1.0 - err**2)
@@ -307,7 +377,7 @@ def summary_info(results: list[AlgebraLayer], skipped: list[dict[str, str]], pol
 
 # -- resize / merge ---------------------------------------------------------------------------
 def resize_sums(lora: LoRAFile) -> list[LayerSum]:
-    return [LayerSum(m, layer.weight_shape, [layer_terms(layer)]) for m, layer in lora.layers.items()]
+    return [LayerSum(m, layer.weight_shape, [Term(layer)]) for m, layer in lora.layers.items()]
 
 
 def merge_sums(loras: Sequence[tuple[LoRAFile, float]], labels: Sequence[str] | None = None) -> list[LayerSum]:
@@ -318,13 +388,13 @@ def merge_sums(loras: Sequence[tuple[LoRAFile, float]], labels: Sequence[str] | 
         for m, layer in lora.layers.items():
             cur = out.get(m)
             if cur is None:
-                out[m] = LayerSum(m, layer.weight_shape, [layer_terms(layer, w)])
+                out[m] = LayerSum(m, layer.weight_shape, [Term(layer, w)])
                 continue
             if tuple(cur.shape) != tuple(layer.weight_shape):
                 who = labels[i] if labels else f"LoRA {i + 1}"
                 raise LoRAError(f"{who}: module {m!r} has shape {tuple(layer.weight_shape)}, "
                                 f"another LoRA has {tuple(cur.shape)}: not LoRAs of one architecture")
-            cur.terms.append(layer_terms(layer, w))
+            cur.terms.append(Term(layer, w))
     return list(out.values())
 
 

@@ -8,10 +8,14 @@ little from threads on an idle one. Big products keep every thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 LAPACK_PARALLEL_NUMEL = 4_000_000
 """Factorisations (QR, SVD) of matrices smaller than this run on one thread."""
@@ -40,3 +44,39 @@ def single_thread_below(numel: int, threshold: int = LAPACK_PARALLEL_NUMEL) -> I
 def one_thread() -> AbstractContextManager[None]:
     """Run the block on one intra-op thread (for code made only of small ops)."""
     return single_thread_below(0, 1)
+
+
+def map_layers(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """``fn`` over ``items``, results in order, on one worker thread per intra-op thread with
+    every torch op single-threaded (torch releases the GIL inside its kernels).
+
+    Why: per-layer LoRA work is a chain of small factorisations and skinny products that one
+    core runs at full speed and two cores barely speed up; two layers at once use both. At most
+    ``2 * workers`` results wait to be consumed, so memory stays at a few layers. The previous
+    thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    workers = n if workers is None else workers
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lora-layers",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            it = iter(items)
+            pending: deque[Future[R]] = deque()
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                for item in it:
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield result
+    finally:
+        torch.set_num_threads(n)

@@ -63,20 +63,15 @@ class LoadRequest(BaseModel):
     pin: bool | None = Field(None, description="true pins, false unpins, absent leaves it as it is")
 
 
+#: HTTP status of each error class, most specific first (subclasses before their bases).
+ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (ImageTooLargeError, 413), (BaseMismatchError, 409), (RefError, 404), (OverloadedError, 503),
+    (DataError, 400), (LoRAError, 409),
+)
+
+
 def status_of(exc: BaseException) -> int:
-    if isinstance(exc, ImageTooLargeError):
-        return 413
-    if isinstance(exc, BaseMismatchError):
-        return 409
-    if isinstance(exc, RefError):
-        return 404
-    if isinstance(exc, OverloadedError):
-        return 503
-    if isinstance(exc, DataError):
-        return 400
-    if isinstance(exc, LoRAError):
-        return 409
-    return 500
+    return next((code for cls, code in ERROR_STATUS if isinstance(exc, cls)), 500)
 
 
 def decode_image_field(text: str) -> bytes:

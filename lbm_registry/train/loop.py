@@ -465,17 +465,19 @@ class LoRATrainer:
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path | None:
         """Rank 0 writes the checkpoint (every process holds the same LoRA and optimizer state)."""
         self.state.skipped = self.total_skipped()
-        path = None
-        if self.dist.is_main:
-            rng = dict(rng or rng_state(self.generator))
-            if self.scaler is not None:
-                rng["grad_scaler"] = self.scaler.state_dict()
-            path = save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
-                                   optimizer=self.optimizer, rng=rng, state=self.state,
-                                   config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
+        path = self._write_checkpoint(rng) if self.dist.is_main else None
         self._last_checkpoint_step = self.state.step
         self.dist.barrier()
         return path
+
+    def _write_checkpoint(self, rng: dict[str, Any] | None) -> Path:
+        """This process's LoRA, optimizer, RNG (and grad scaler) state as the next checkpoint."""
+        rng = dict(rng or rng_state(self.generator))
+        if self.scaler is not None:
+            rng["grad_scaler"] = self.scaler.state_dict()
+        return save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
+                               optimizer=self.optimizer, rng=rng, state=self.state,
+                               config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
 
     def _resume(self) -> int:
         """Rank 0 reads the newest checkpoint and hands it to every process (no shared disk needed)."""
@@ -618,13 +620,7 @@ class LoRATrainer:
     def _save_on_interrupt(self) -> None:
         if self.state.step > self._last_checkpoint_step and self.dist.is_main:
             self.state.skipped = self.skipped
-            rng = dict(self._step_rng or rng_state(self.generator))
-            if self.scaler is not None:
-                rng["grad_scaler"] = self.scaler.state_dict()
-            # no barrier: the other processes are being interrupted too
-            path = save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
-                                   optimizer=self.optimizer, rng=rng, state=self.state,
-                                   config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
+            path = self._write_checkpoint(self._step_rng)   # no barrier: the others are being interrupted too
             self._last_checkpoint_step = self.state.step
             self.log(f"[yellow]interrupted at step {self.state.step}:[/] checkpoint saved to {path}; "
                      "run again with --resume to continue")
