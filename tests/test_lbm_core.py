@@ -170,3 +170,25 @@ def test_bridge_interpolant_endpoints():
     x1, v = bridge_interpolant(src, tgt, torch.ones(2), 0.005)
     x0, _ = bridge_interpolant(src, tgt, torch.zeros(2), 0.005)
     assert torch.allclose(x1, src) and torch.allclose(x0, tgt) and torch.allclose(v, src - tgt)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    """The one-sum finiteness test: NaN/Inf anywhere are caught (also +Inf and -Inf together),
+    and finite values whose sum overflows fall back to the elementwise test."""
+    import torch
+
+    from lbm_registry.lbm.checkpoint import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.linspace(-1, 1, 1000).to(dtype)
+        assert all_finite(t)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u[417] = bad
+            assert not all_finite(u), (dtype, bad)
+        both = t.clone()
+        both[1], both[2] = float("inf"), -float("inf")
+        assert not all_finite(both)
+    huge = torch.full((8,), 3.0e38)          # finite, but the fp32 sum overflows
+    assert all_finite(huge)
+    assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))

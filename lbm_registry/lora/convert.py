@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lbm_registry.errors import LoRAError
-from lbm_registry.lora.threads import single_thread_below
+from lbm_registry.lbm.checkpoint import all_finite
 
 KOHYA_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "base_model.model.text_encoder",
@@ -259,9 +259,7 @@ def _check_parts(layer: ForeignLayer, source: Path) -> None:
     if missing:
         raise LoRAError(f"{source}: module {m!r} lacks {', '.join(missing)}")
     for name, t in p.items():
-        with single_thread_below(t.numel()):
-            finite = bool(torch.isfinite(t).all())
-        if not finite:
+        if not all_finite(t):
             raise LoRAError(f"{source}: module {m!r} {name} contains NaN or Inf")
     if layer.alpha is not None and (not math.isfinite(layer.alpha)):
         raise LoRAError(f"{source}: module {m!r} alpha is not finite")
@@ -374,7 +372,7 @@ def dense_delta(layer: ForeignLayer, shape: tuple[int, ...], base_weight: Callab
     if kind in ("full", "lokr", "loha") and tuple(d.shape) != tuple(shape) and d.ndim == len(shape):
         raise LoRAError(f"{source}: module {layer.module!r}: the adapter makes a {tuple(d.shape)} delta, the base "
                         f"weight is {tuple(shape)}")
-    if not bool(torch.isfinite(d).all()):
+    if not all_finite(d):
         raise LoRAError(f"{source}: module {layer.module!r}: the delta overflows")
     return d.reshape(shape)
 

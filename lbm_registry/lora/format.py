@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from lbm_registry.errors import LoRAError
-from lbm_registry.lora.threads import single_thread_below
 
 FORMAT_VERSION = 1
 PREFIX = "denoiser."
@@ -346,7 +345,7 @@ def parse_lora_keys(keys: Iterable[str], source: str | Path) -> list[str]:
 
 def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
     """Read and validate a native LoRA file (keys complete, shapes consistent, rank > 0, finite)."""
-    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.checkpoint import CheckpointReader, all_finite
 
     reader = CheckpointReader(path)
     if len(reader) == 0:
@@ -365,9 +364,7 @@ def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
             raise LoRAError(f"{path}: module {m!r} alpha must be a scalar")
         if check_finite:
             for t, part in ((down, "lora_down"), (up, "lora_up"), (alpha, "alpha")):
-                with single_thread_below(t.numel()):
-                    finite = bool(torch.isfinite(t).all())
-                if not finite:
+                if not all_finite(t):
                     raise LoRAError(f"{path}: module {m!r} {part} contains NaN or Inf")
         layers[m] = LoRALayer(m, down, up, float(alpha.float().item()))
     info: dict[str, Any] = {}
