@@ -22,8 +22,8 @@ def test_demo_runs_the_whole_loop(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["demo", "--home", str(home), "--train-steps", "4", "--finetune-steps", "8"])
     assert res.exit_code == 0, res.output
     assert "demo complete" in res.output
-    served = re.findall(r"(\S+) +-> (\d+)x(\d+) PNG, batch of (\d+)", res.output)
-    assert [r[0] for r in served] == ["relight@1", "relight@2", "relight@candidate", "(no"], res.output
+    served = re.findall(r"^ *(\S.*?) +-> (\d+)x(\d+) PNG, batch of (\d+)", res.output, re.M)
+    assert [r[0] for r in served] == ["relight@1", "relight@2", "relight@candidate", "(no LoRA)"], res.output
     assert max(int(r[3]) for r in served) >= 2, served   # requests for different LoRAs shared a pass
     st = WorkspaceSettings.resolve(home)
     names = {a["name"]: a for a in list_assets(st)}
