@@ -16,6 +16,9 @@ from pathlib import Path
 from lbm_registry.errors import LBMError
 
 MARKER = ".lbm-reg-demo"
+#: Registrations that would draw their probe picture in the background wait for it here: the
+#: demo's MLflow pages are complete when it ends, and its steps do not share 2 cores with probes.
+WAIT = ("--probe", "wait")
 
 
 def prepare_home(home: Path) -> None:
@@ -68,7 +71,8 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
     tuned_path = finetune_full(base.path, train_shards=train_shards, steps=finetune_steps,
                                output=home / "tiny-relight-full.safetensors", seed=0)
     timings["full fine-tune"] = time.perf_counter() - t0
-    step("register the fine-tuned model", ["import", str(tuned_path), "--name", "tiny-relight-full", "--kind", "model"])
+    step("register the fine-tuned model", ["import", str(tuned_path), "--name", "tiny-relight-full", "--kind", "model",
+                                           *WAIT])
     tuned_path.unlink()
 
     step("extract a fixed-rank LoRA", ["extract", "--base", "tiny-base", "--tuned", "tiny-relight-full",
@@ -92,13 +96,13 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
         "--trainable-lora-modules", "*attn*", "--max-steps", str(train_steps), "--resolution", "128",
         "--register", "relight"])
     step("resize v1 to rank 4 from its factors alone", ["resize", "relight@1", "--rank", "4", "--register",
-                                                       "relight-small"])
+                                                       "relight-small", *WAIT])
     step("merge v1 and v2 half and half (exact)", ["merge", "relight@1:0.5", "relight@2:0.5", "--register",
-                                                   "relight-avg"])
+                                                   "relight-avg", *WAIT])
     step("export v1 for kohya tools", ["export", "relight@1", "--format", "kohya", "--output",
                                        str(out / "relight-kohya.safetensors")])
     step("import that kohya file back", ["import", str(out / "relight-kohya.safetensors"), "--kind", "lora",
-                                         "--name", "relight-kohya", "--base", "tiny-base"])
+                                         "--name", "relight-kohya", "--base", "tiny-base", *WAIT])
     step("alias the trained version", ["alias", "set", "relight@3", "candidate"])
     say("\n[bold cyan]==> serve: one warm base; four requests at once, for three LoRAs and for none[/]\n"
         "$ lbm-reg serve --base tiny-base   # (in a thread here, on a free port of 127.0.0.1)")
