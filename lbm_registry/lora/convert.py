@@ -20,6 +20,7 @@ Every module is checked against the base architecture before anything is written
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -61,8 +62,9 @@ class ForeignLayer:
     parts: dict[str, torch.Tensor]
     alpha: float | None = None
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
+        """Asked for several times per tensor on import: computed once (parts are fixed by then)."""
         p = self.parts
         if any(k.startswith("hada_") for k in p):
             return "loha"
