@@ -243,7 +243,6 @@ class LoRAWriter:
             header_bytes,
             kohya_header_len,
             layout_order,
-            write_file,
         )
 
         if not self._alphas:
@@ -284,17 +283,29 @@ class LoRAWriter:
                     yield os.pread(fh.fileno(), n, pos)
                     pos += n
 
+        def with_hashes(sha256: str, legacy: str) -> dict[str, str]:
+            return {**metadata, **modelspec_metadata(title, architecture, sha256),
+                    "sshs_model_hash": sha256, "sshs_legacy_hash": legacy}
+
         try:
+            # One pass over the body: the header goes first with hashes of the right length
+            # (all zeros), the tensor bytes are hashed as they are written, and the header is
+            # rewritten in place with the real hashes (fixed-length hex: the same byte length).
             hasher = TensorHasher(kohya_header_len(entries, metadata))
-            with self._body_path.open("rb") as body:
-                for c in chunks(body):
-                    hasher.update(c)
-            metadata.update(modelspec_metadata(title, architecture, hasher.sha256))
-            metadata["sshs_model_hash"] = hasher.sha256
-            metadata["sshs_legacy_hash"] = hasher.legacy
-            header = header_bytes(entries, metadata)
+            draft = header_bytes(entries, with_hashes("0" * 64, "0" * 8))
             with atomic_path(self.dest) as tmp, self._body_path.open("rb") as body:
-                write_file(tmp, header, chunks(body))
+                with tmp.open("wb") as out:
+                    out.write(draft)
+                    for c in chunks(body):
+                        hasher.update(c)
+                        out.write(c)
+                    header = header_bytes(entries, with_hashes(hasher.sha256, hasher.legacy))
+                    if len(header) != len(draft):  # cannot happen with hex digests; stay correct anyway
+                        raise LoRAError("internal error: the LoRA header changed length")
+                    out.seek(0)
+                    out.write(header)
+                    out.flush()
+                    os.fsync(out.fileno())
         finally:
             self._body_path.unlink(missing_ok=True)
         return self.dest
