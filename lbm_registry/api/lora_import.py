@@ -260,7 +260,7 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
                 down, up, alpha = plain_factors(la, shape, src)
                 stored = LoRALayer(m, down.to(dtype), up.to(dtype), alpha)
                 err = _rounding_error(down, up, stored)
-                writer.add(stored)
+                writer.add(stored, reference=True)   # views of the mapped source file, or small copies
                 rows.append({"module": m, "kind": layer_kind(shape), "shape": list(shape), "rank": stored.rank,
                              "rel_error": err, "energy": 1.0 - err**2, "converted": False})
             else:

@@ -200,29 +200,38 @@ class LoRAWriter:
         self._body = os.fdopen(fd, "wb")
         self._offset = 0
         self._entries: list[tuple[str, str, list[int], int, int]] = []  # key, dtype, shape, begin, end
+        self._referenced: dict[str, Any] = {}   # key -> uint8 view of a factor kept by reference
         self._alphas: list[tuple[str, float]] = []
         self._summaries: list[tuple[int, float, bool]] = []
         self._modules: set[str] = set()
         self.factor_bytes = 0
 
     # -- writing ---------------------------------------------------------------------------
-    def _append(self, key: str, tensor: torch.Tensor) -> None:
+    def _append(self, key: str, tensor: torch.Tensor, reference: bool) -> None:
         t = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy()
-        self._body.write(memoryview(data))
+        if reference:
+            self._referenced[key] = data
+        else:
+            self._body.write(memoryview(data))
         begin, self._offset = self._offset, self._offset + data.nbytes
         self._entries.append((key, _ST_DTYPE_NAMES[self.dtype], list(t.shape), begin, self._offset))
 
-    def add(self, layer: LoRALayer) -> None:
-        """Append one layer (factors are cast to the writer's dtype)."""
+    def add(self, layer: LoRALayer, *, reference: bool = False) -> None:
+        """Append one layer (factors are cast to the writer's dtype).
+
+        ``reference``: keep the factors by reference instead of copying them into the body file
+        (for factors that live in memory or a mapped file anyway, e.g. a whole LoRA being
+        re-saved or an import's plain layers): one write of their bytes instead of two. Leave
+        it off for factors made on the fly (extraction), which must not pile up in memory."""
         if layer.module in self._modules:
             raise LoRAError(f"module {layer.module!r} written twice")
         if not math.isfinite(layer.alpha) or layer.alpha <= 0 or layer.rank <= 0:
             raise LoRAError(f"module {layer.module!r}: rank and alpha must be positive")
         self._modules.add(layer.module)
         key = PREFIX + layer.module
-        self._append(key + DOWN, layer.down)
-        self._append(key + UP, layer.up)
+        self._append(key + DOWN, layer.down, reference)
+        self._append(key + UP, layer.up, reference)
         self._alphas.append((key + ALPHA, float(layer.alpha)))
         self._summaries.append((layer.rank, float(layer.alpha), layer.is_conv))
         self.factor_bytes = self._offset
@@ -266,9 +275,14 @@ class LoRAWriter:
         for i, (key, _) in enumerate(self._alphas):
             entries.append(Entry(key, "F32", [], 4))
             sources[key] = ("alpha", 4 * i, 4 * i + 4)
+        body_at = 0
         for key, dt, shape, begin, end in self._entries:
             entries.append(Entry(key, dt, shape, end - begin))
-            sources[key] = ("body", begin, end)
+            if key in self._referenced:
+                sources[key] = ("memory", 0, end - begin)
+            else:
+                sources[key] = ("body", body_at, body_at + end - begin)
+                body_at += end - begin
         entries = layout_order(entries)
 
         def chunks(fh: Any) -> Any:
@@ -280,7 +294,8 @@ class LoRAWriter:
                 pos = begin
                 while pos < end:
                     n = min(end - pos, 16 * 1024 * 1024)
-                    yield os.pread(fh.fileno(), n, pos)
+                    yield (memoryview(self._referenced[e.name])[pos:pos + n] if where == "memory"
+                           else os.pread(fh.fileno(), n, pos))
                     pos += n
 
         def with_hashes(sha256: str, legacy: str) -> dict[str, str]:
@@ -308,6 +323,7 @@ class LoRAWriter:
                     os.fsync(out.fileno())
         finally:
             self._body_path.unlink(missing_ok=True)
+            self._referenced = {}
         return self.dest
 
     def abort(self) -> None:
@@ -315,6 +331,7 @@ class LoRAWriter:
         if not self._body.closed:
             self._body.close()
         self._body_path.unlink(missing_ok=True)
+        self._referenced = {}
 
     def __enter__(self) -> LoRAWriter:
         return self
@@ -331,7 +348,7 @@ def write_lora(lora: LoRAFile, dest: str | Path, dtype: torch.dtype = torch.bflo
         raise LoRAError("refusing to write a LoRA with no layers")
     with LoRAWriter(dest, dtype) as writer:
         for layer in lora.layers.values():
-            writer.add(layer)
+            writer.add(layer, reference=True)   # the whole LoRA is in memory already
         return writer.finish(lora.info, extra_metadata)
 
 
