@@ -35,6 +35,23 @@ def test_factored_svd_is_exact():
     assert norm2 == pytest.approx(float((dense**2).sum()), rel=1e-9)
 
 
+def test_factored_svd_of_rank_deficient_factors_is_exact():
+    """Repeated columns make the Gram singular: the Cholesky route declines, the eigh route
+    drops the null directions, and the SVD is still the dense one."""
+    from lbm_registry.lora.algebra import _cholesky_route, factored_svd
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(96, 6, generator=g)
+    up, down = torch.cat([base, base[:, :2]], 1), torch.randn(8, 300, generator=g)
+    gu = up.double().T @ up.double()
+    assert _cholesky_route(gu, down.double() @ down.double().T) is None
+    u, s, vh = factored_svd(up, down)
+    dense = (up @ down).double()
+    assert s.shape[0] == 6
+    assert torch.allclose(s.double(), torch.linalg.svdvals(dense)[:6], rtol=1e-5)
+    assert torch.allclose(((u * s) @ vh).double(), dense, atol=1e-3)
+
+
 def test_resize_error_is_the_optimal_truncation(tmp_path, rank16, lora_settings):
     from lbm_registry.api.algebra import resize
     from lbm_registry.lora.format import read_lora
