@@ -52,6 +52,23 @@ def test_factored_svd_of_rank_deficient_factors_is_exact():
     assert torch.allclose(((u * s) @ vh).double(), dense, atol=1e-3)
 
 
+def test_batched_factored_svd_equals_one_at_a_time():
+    """``FactoredSVD.many`` (batched by rank, rank-deficient pairs sent the eigh way) gives
+    each layer the spectrum and factors ``FactoredSVD.of`` gives it."""
+    from lbm_registry.lora.algebra import FactoredSVD
+
+    g = torch.Generator().manual_seed(2)
+    pairs = [(torch.randn(64, r, generator=g), torch.randn(r, 90, generator=g)) for r in (4, 8, 4, 8, 4)]
+    base = torch.randn(64, 3, generator=g)
+    pairs.append((torch.cat([base, base[:, :1]], 1), torch.randn(4, 90, generator=g)))   # singular Gram
+    for (up, down), f in zip(pairs, FactoredSVD.many(pairs), strict=True):
+        one = FactoredSVD.of(up, down)
+        assert torch.allclose(f.s, one.s, rtol=1e-10)
+        k = min(3, len(one.s))
+        a, b = f.top(k, up, down), one.top(k, up, down)
+        assert torch.allclose(a[0] @ a[1], b[0] @ b[1], atol=1e-4)
+
+
 def test_resize_error_is_the_optimal_truncation(tmp_path, rank16, lora_settings):
     from lbm_registry.api.algebra import resize
     from lbm_registry.lora.format import read_lora
