@@ -174,7 +174,7 @@ class SqliteMirror(CatalogOwnership, VersionPages):
         """Why the version's model folder is not a loadable MLflow model, or None (same answers
         as Tracker.model_folder_problem for a local artifact store; other stores ask the client)."""
         from lbm_registry.errors import RegistryError
-        from lbm_registry.registry.mlmodel import MLMODEL, MODEL_FILES
+        from lbm_registry.registry.mlmodel import folder_problem
         from lbm_registry.registry.tracking import _local_dir
 
         if not rec.mlflow_run_id:
@@ -190,12 +190,7 @@ class SqliteMirror(CatalogOwnership, VersionPages):
             return Tracker(self.ws).model_folder_problem(rec)
         folder = local / "weights"
         have = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-        missing = [f for f in MODEL_FILES if f not in have]
-        if not missing:
-            return None
-        if MLMODEL in missing:
-            return "its model folder has no MLmodel: not loadable with mlflow.pyfunc (registered before models)"
-        return f"its model folder lacks {', '.join(missing)}"
+        return folder_problem(have)
 
     # -- aliases ---------------------------------------------------------------------------
     def set_alias(self, rec: VersionRecord, alias: str) -> bool:

@@ -163,3 +163,14 @@ def model_files(ws: Workspace, rec: VersionRecord, *, run_id: str | None = None)
         "python_env.yaml": yaml.safe_dump(python_env, sort_keys=False, default_flow_style=False),
         "conda.yaml": yaml.safe_dump(conda, sort_keys=False, default_flow_style=False),
     }
+
+
+def folder_problem(have: set[str]) -> str | None:
+    """Why a version's ``weights/`` folder holding the files ``have`` is not a loadable MLflow
+    model, or None (the same answer for a local folder and a server's artifact listing)."""
+    missing = [f for f in MODEL_FILES if f not in have]
+    if not missing:
+        return None
+    if MLMODEL in missing:
+        return "its model folder has no MLmodel: not loadable with mlflow.pyfunc (registered before models)"
+    return f"its model folder lacks {', '.join(missing)}"

@@ -285,7 +285,7 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
 
     def model_folder_problem(self, rec: VersionRecord) -> str | None:
         """Why the version's model folder is not a loadable MLflow model, or None."""
-        from lbm_registry.registry.mlmodel import MLMODEL, MODEL_FILES
+        from lbm_registry.registry.mlmodel import folder_problem
 
         if not rec.mlflow_run_id:
             return "no MLflow run recorded"
@@ -296,12 +296,7 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
                 have = {p.name for p in (local / "weights").iterdir()} if (local / "weights").is_dir() else set()
             else:
                 have = {Path(a.path).name for a in self.client.list_artifacts(rec.mlflow_run_id, "weights")}
-        missing = [f for f in MODEL_FILES if f not in have]
-        if not missing:
-            return None
-        if MLMODEL in missing:
-            return "its model folder has no MLmodel: not loadable with mlflow.pyfunc (registered before models)"
-        return f"its model folder lacks {', '.join(missing)}"
+        return folder_problem(have)
 
     def add_model_files(self, rec: VersionRecord) -> None:
         """Write the MLflow model files next to the weights (adds files only; weights untouched)."""
