@@ -199,8 +199,6 @@ def _gram_root(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(V, sqrt(lambda))`` of a symmetric PSD fp64 Gram matrix, for its non-negligible eigenvalues."""
     lam, v = torch.linalg.eigh(g)
     keep = lam > float(lam[-1].clamp_min(0)) * 1e-13 if len(lam) else lam > 0
-    if not bool(keep.any()):
-        keep = lam > float("inf")
     return v[:, keep], lam[keep].sqrt()
 
 
