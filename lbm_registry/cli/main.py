@@ -77,6 +77,40 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(errors), tuple(aborts)
 
 
+def _attach_usage_context(exc: Exception, args: list[str]) -> None:
+    """Give a usage error raised without a context (click's parser does that for an option
+    missing its value, e.g. ``infer x --source``) the context of the command the line names,
+    so it prints the same ``Usage:`` and help hint as every other usage error."""
+    if not hasattr(exc, "ctx") or exc.ctx is not None:
+        return
+    try:
+        import typer.main
+
+        cmd: Any = typer.main.get_command(app)
+        ctx = cmd.make_context("lbm-reg", [], resilient_parsing=True)
+        rest = list(args)
+        while rest and hasattr(cmd, "get_command"):
+            takes_value = {o for p in cmd.params if getattr(p, "is_flag", True) is False
+                           and not getattr(p, "count", False) for o in p.opts}
+            name = None
+            while rest:
+                tok = rest.pop(0)
+                if tok in takes_value:
+                    rest[:1] = []
+                elif not tok.startswith("-"):
+                    name = tok
+                    break
+            sub = cmd.get_command(ctx, name) if name else None
+            if sub is None:
+                break
+            ctx = sub.make_context(name, [], parent=ctx, resilient_parsing=True)
+            cmd = sub
+        exc.ctx = ctx  # type: ignore[attr-defined]
+        exc.cmd = cmd  # type: ignore[attr-defined]
+    except Exception:  # the bare message is still right: never fail while reporting an error
+        return
+
+
 def _may_register(argv: list[str]) -> bool:
     """Could this command line register something? (``import``, ``train``, ``--register``)."""
     return any(a == "--register" or a.startswith("--register=") for a in argv) or any(
@@ -155,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click's usage errors: typer's vendored click and/or the real one
         click_errors, click_aborts = _click_exception_types()
         if isinstance(exc, click_errors):
+            _attach_usage_context(exc, args)
             exc.show()  # type: ignore[attr-defined]
             sys.exit(getattr(exc, "exit_code", 2))
         if isinstance(exc, click_aborts):
