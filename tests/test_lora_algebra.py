@@ -38,13 +38,14 @@ def test_factored_svd_is_exact():
 def test_factored_svd_of_rank_deficient_factors_is_exact():
     """Repeated columns make the Gram singular: the Cholesky route declines, the eigh route
     drops the null directions, and the SVD is still the dense one."""
-    from lbm_registry.lora.algebra import _cholesky_route, factored_svd
+    from lbm_registry.lora.algebra import _cholesky_factors, factored_svd
 
     g = torch.Generator().manual_seed(1)
     base = torch.randn(96, 6, generator=g)
     up, down = torch.cat([base, base[:, :2]], 1), torch.randn(8, 300, generator=g)
     gu = up.double().T @ up.double()
-    assert _cholesky_route(gu, down.double() @ down.double().T) is None
+    gd = down.double() @ down.double().T
+    assert not bool(_cholesky_factors(gu[None], gd[None])[2][0])
     u, s, vh = factored_svd(up, down)
     dense = (up @ down).double()
     assert s.shape[0] == 6
@@ -52,9 +53,9 @@ def test_factored_svd_of_rank_deficient_factors_is_exact():
     assert torch.allclose(((u * s) @ vh).double(), dense, atol=1e-3)
 
 
-def test_batched_factored_svd_equals_one_at_a_time():
+def test_batched_factored_svd_is_each_layers_svd():
     """``FactoredSVD.many`` (batched by rank, rank-deficient pairs sent the eigh way) gives
-    each layer the spectrum and factors ``FactoredSVD.of`` gives it."""
+    each layer the spectrum and best rank-k truncation of its dense product, alone or batched."""
     from lbm_registry.lora.algebra import FactoredSVD
 
     g = torch.Generator().manual_seed(2)
@@ -62,11 +63,14 @@ def test_batched_factored_svd_equals_one_at_a_time():
     base = torch.randn(64, 3, generator=g)
     pairs.append((torch.cat([base, base[:, :1]], 1), torch.randn(4, 90, generator=g)))   # singular Gram
     for (up, down), f in zip(pairs, FactoredSVD.many(pairs), strict=True):
-        one = FactoredSVD.of(up, down)
-        assert torch.allclose(f.s, one.s, rtol=1e-10)
-        k = min(3, len(one.s))
-        a, b = f.top(k, up, down), one.top(k, up, down)
-        assert torch.allclose(a[0] @ a[1], b[0] @ b[1], atol=1e-4)
+        dense = (up.double() @ down.double())
+        u, sv, vh = torch.linalg.svd(dense, full_matrices=False)
+        k = min(3, len(f.s))
+        assert torch.allclose(f.s, sv[: len(f.s)], rtol=1e-8)
+        assert float(sv[len(f.s):].sum()) < 1e-8 * float(sv[0])  # only null directions dropped
+        a = f.top(k, up.double(), down.double())
+        assert torch.allclose(a[0] @ a[1], (u[:, :k] * sv[:k]) @ vh[:k], atol=1e-8)
+        assert torch.allclose(FactoredSVD.of(up, down).s, f.s, rtol=1e-10)
 
 
 def test_resize_error_is_the_optimal_truncation(tmp_path, rank16, lora_settings):

@@ -104,7 +104,7 @@ class FactoredSVD:
     cost ``O((m + n) r k)``. Directions whose Gram eigenvalue is below 1e-13 of the largest (a
     rank-deficient factor) are dropped: they carry no part of ``A`` above fp64 rounding.
     Well-conditioned factors (the usual case) take the same route through Cholesky factors of
-    the Grams instead (:func:`_cholesky_route`), which costs a fraction of two ``eigh``.
+    the Grams instead (:func:`_cholesky_factors`), which costs a fraction of two ``eigh``.
     """
 
     s: torch.Tensor        # (K,) fp64, descending
@@ -113,23 +113,14 @@ class FactoredSVD:
 
     @classmethod
     def of(cls, up: torch.Tensor, down: torch.Tensor) -> FactoredSVD:
-        upd, downd = up.double(), down.double()
-        gu, gd = upd.T @ upd, downd @ downd.T
-        fast = _cholesky_route(gu, gd)
-        if fast is not None:
-            return fast
-        vu, ru = _gram_root(gu)
-        vd, rd = _gram_root(gd)
-        core = ru[:, None] * (vu.T @ vd) * rd[None, :]
-        w, s, zt = torch.linalg.svd(core, full_matrices=False)
-        return cls(s, (vu / ru) @ w, zt @ (vd / rd).T)
+        return cls.many([(up, down)])[0]
 
     @classmethod
     def many(cls, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[FactoredSVD]:
         """:meth:`of` for several layers at once: the r x r work (Cholesky, core SVD, triangular
         solves) of layers with equal ranks runs as one batched call each, instead of a few
-        hundred microseconds of small calls per layer. Layers the Cholesky route declines go
-        through :meth:`of`."""
+        hundred microseconds of small calls per layer. Layers the Cholesky route declines
+        (:func:`_cholesky_factors`) take the eigh route (:func:`_eigh_route`)."""
         grams = []
         for up, down in pairs:
             upd, downd = up.double(), down.double()
@@ -139,22 +130,18 @@ class FactoredSVD:
         for i, (gu, gd) in enumerate(grams):
             groups.setdefault((gu.shape[0], gd.shape[0]), []).append(i)
         for idx in groups.values():
-            lu, iu = torch.linalg.cholesky_ex(torch.stack([grams[i][0] for i in idx]))
-            ld, id_ = torch.linalg.cholesky_ex(torch.stack([grams[i][1] for i in idx]))
-            ok = (iu == 0) & (id_ == 0)
-            for lower in (lu, ld):
-                d = lower.diagonal(dim1=-2, dim2=-1) ** 2
-                ok &= torch.isfinite(d).all(-1) & (d.min(-1).values * CHOLESKY_MAX_RATIO > d.max(-1).values)
-            good = [j for j in range(len(idx)) if bool(ok[j])]
+            lu, ld, ok = _cholesky_factors(*(grams[idx[0]][side][None] if len(idx) == 1 else
+                                             torch.stack([grams[i][side] for i in idx]) for side in (0, 1)))
+            flags = ok.tolist()
+            good = [j for j, accepted in enumerate(flags) if accepted]
             if good:
-                sel = torch.tensor(good)
-                glu, gld = lu[sel], ld[sel]
+                glu, gld = (lu, ld) if len(good) == len(idx) else (lu[good], ld[good])
                 w, sv, zt = torch.linalg.svd(glu.mT @ gld, full_matrices=False)
-                tu = torch.linalg.solve_triangular(glu.mT, w, upper=True)
-                td = torch.linalg.solve_triangular(gld.mT, zt.mT, upper=True).mT
+                tu = torch.linalg.solve_triangular(glu.mT, w, upper=True)                # U = up Lu^-T W
+                td = torch.linalg.solve_triangular(gld.mT, zt.mT, upper=True).mT         # V^T = Z^T Ld^-1 down
                 for b, j in enumerate(good):
                     out[idx[j]] = cls(sv[b], tu[b], td[b])
-        return [f if f is not None else cls.of(*pairs[i]) for i, f in enumerate(out)]
+        return [f if f is not None else _eigh_route(*grams[i]) for i, f in enumerate(out)]
 
     def top(self, k: int, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced factors of the top-``k`` components, ``U_k S_k^1/2`` ``(m, k)`` and
@@ -176,23 +163,31 @@ class FactoredSVD:
 CHOLESKY_MAX_RATIO = 1e10
 
 
-def _cholesky_route(gu: torch.Tensor, gd: torch.Tensor) -> FactoredSVD | None:
-    """The same decomposition from Cholesky factors, ``up = Qu Lu^T`` and ``down = Ld Qd^T``
-    (core ``Lu^T Ld``): several times cheaper than two eigendecompositions of the r x r Grams,
-    and as exact in fp64 for a well-conditioned factor. None (use eigh) for a rank-deficient
-    or badly conditioned one."""
+def _cholesky_factors(gu: torch.Tensor, gd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cholesky factors of a batch of Grams ``(b, r, r)``, ``up = Qu Lu^T`` and ``down = Ld Qd^T``
+    (core ``Lu^T Ld``), and which layers may use them: several times cheaper than two
+    eigendecompositions, and as exact in fp64 for a well-conditioned factor. A rank-deficient
+    or badly conditioned factor (a failed factorisation, or a diagonal spread over
+    ``CHOLESKY_MAX_RATIO``) is declined: ``ok`` is False there."""
     lu, info_u = torch.linalg.cholesky_ex(gu)
     ld, info_d = torch.linalg.cholesky_ex(gd)
-    if int(info_u) or int(info_d):
-        return None
+    ok = (info_u == 0) & (info_d == 0)
+    if gu.shape[-1] == 0 or gd.shape[-1] == 0:
+        return lu, ld, torch.zeros_like(ok)
     for lower in (lu, ld):
-        d = lower.diagonal() ** 2
-        if not bool(torch.isfinite(d).all()) or float(d.min()) * CHOLESKY_MAX_RATIO <= float(d.max()):
-            return None
-    w, s, zt = torch.linalg.svd(lu.T @ ld, full_matrices=False)
-    tu = torch.linalg.solve_triangular(lu.T, w, upper=True)           # U = up Lu^-T W
-    td = torch.linalg.solve_triangular(ld.T, zt.T, upper=True).T      # V^T = Z^T Ld^-1 down
-    return FactoredSVD(s, tu, td)
+        d = lower.diagonal(dim1=-2, dim2=-1) ** 2
+        ok &= torch.isfinite(d).all(-1) & (d.min(-1).values * CHOLESKY_MAX_RATIO > d.max(-1).values)
+    return lu, ld, ok
+
+
+def _eigh_route(gu: torch.Tensor, gd: torch.Tensor) -> FactoredSVD:
+    """The decomposition from eigendecompositions of the two Grams, dropping null directions:
+    exact for rank-deficient factors too."""
+    vu, ru = _gram_root(gu)
+    vd, rd = _gram_root(gd)
+    core = ru[:, None] * (vu.T @ vd) * rd[None, :]
+    w, s, zt = torch.linalg.svd(core, full_matrices=False)
+    return FactoredSVD(s, (vu / ru) @ w, zt @ (vd / rd).T)
 
 
 def _gram_root(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
