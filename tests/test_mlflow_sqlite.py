@@ -276,3 +276,31 @@ def test_discard_removes_the_folder_of_a_run_that_never_committed(fresh_settings
         kept.mkdir()
         Tracker(ws).discard("never", "../" + "f" * 29, None)  # not a run id: never a path
         assert kept.exists()
+
+
+def test_doctor_finds_and_removes_a_run_folder_no_run_owns(fresh_settings, make_weights):
+    """A fast mirror killed between writing its files and committing, with no catalog row left
+    to remember its run id, leaves only ``<artifacts>/<run id>/``: doctor reports it, --repair
+    removes it, and the folders of real runs (and anything not named like a run) stay."""
+    from lbm_registry.api.registry import doctor, register_asset
+
+    s = fresh_settings()
+    register_asset(make_weights(), name="kept", kind="base", settings=s)
+    root = s.home / "artifacts"
+    real = [p for p in root.iterdir() if p.is_dir()]
+    assert len(real) == 1
+    orphan = root / ("0123abcd" * 4) / "artifacts" / "weights"
+    orphan.mkdir(parents=True)
+    (orphan / "model.safetensors").write_bytes(b"half a mirror")
+    other = root / "notes"
+    other.mkdir()
+
+    report = doctor(s)
+    found = [i for i in report["issues"] if i["kind"] == "mlflow_orphan_folder"]
+    assert [i["subject"] for i in found] == ["0123abcd" * 4] and not report["ok"]
+    assert orphan.exists()  # reported, not touched, without --repair
+    repaired = doctor(s, repair=True)
+    assert repaired["remaining"] == 0, repaired["issues"]
+    assert not (root / ("0123abcd" * 4)).exists()
+    assert real[0].is_dir() and other.is_dir()
+    assert doctor(s)["ok"]

@@ -17,8 +17,11 @@ What can drift, and what ``--repair`` does about it:
 - orphan blobs (no catalog row) and temp files of dead writers are deleted;
 - MLflow: a ready version whose run or model version is missing is mirrored again from the
   catalog; one whose ``weights/`` folder is no MLflow model (registered before versions were
-  models) gets its ``MLmodel`` and environment files added next to the weights; MLflow runs and model versions the catalog does not know are deleted, except those
-  tagged with another catalog's ``lbm.catalog_id`` (registries sharing one tracking server).
+  models) gets its ``MLmodel`` and environment files added next to the weights; MLflow runs
+  and model versions the catalog does not know are deleted, except those tagged with another
+  catalog's ``lbm.catalog_id`` (registries sharing one tracking server). In the workspace's own
+  SQLite store, run folders of the artifact root that no run owns (a mirror killed before its
+  transaction committed) are removed too.
 
 Pending rows of live processes (same host, pid alive) are left alone, so doctor and gc are safe
 to run while others register.
@@ -473,6 +476,18 @@ class Doctor:
             if self.repair:
                 done = tracker.discard(run.data.tags.get("lbm.name", ""), run_id, None)
                 issue.fixed, issue.action = True, "; ".join(done) or "deleted"
+        from lbm_registry.registry.mlflow_sqlite import SqliteMirror
+
+        store = tracker if isinstance(tracker, SqliteMirror) else SqliteMirror.open(self.ws)
+        if store is not None:  # the workspace's own SQLite store: its artifact root is ours
+            for folder in store.unrecorded_run_folders():
+                if folder.name in referenced_runs:  # a pending registration's: check_registrations' job
+                    continue
+                issue = self.add("mlflow_orphan_folder", folder.name,
+                                 f"artifact folder of no MLflow run ({folder})")
+                if self.repair:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    issue.fixed, issue.action = not folder.exists(), "removed"
 
     def _check_model_folder(self, tracker: Any, rec: VersionRecord) -> None:
         """A mirrored version whose ``weights/`` folder is not (yet) an MLflow model: add the

@@ -350,6 +350,22 @@ class SqliteMirror(CatalogOwnership, VersionPages):
             shutil.rmtree(Path(unquote(urlparse(root).path)) / run_id, ignore_errors=True)
         return []
 
+    def unrecorded_run_folders(self) -> list[Path]:
+        """Run folders under our artifact root that no run of the store owns (any lifecycle
+        stage): what a fast-path mirror killed between writing its files and committing leaves
+        when no catalog row remembers its run id. Taken under the mirror's write lock, so a
+        registration in the middle of its transaction is never listed."""
+        with self.write_lock(), self._connect(self.path) as conn:
+            root = self._artifact_root(conn)
+            if root is None:
+                return []
+            folder = Path(unquote(urlparse(root).path))
+            if not folder.is_dir():
+                return []
+            candidates = [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{32}", p.name)]
+            known = {r for (r,) in conn.execute("SELECT run_uuid FROM runs")}
+        return sorted(p for p in candidates if p.name not in known)
+
     def artifact_folder(self, run_id: str) -> Path | None:
         """The local folder of a live run's artifacts (None: no such run, or not a local store)."""
         from lbm_registry.registry.tracking import _local_dir
