@@ -47,6 +47,7 @@ USAGE_ERRORS = [
     (["alias", "set", "only-one"], "Missing argument"),
     (["show"], "Missing argument"),
     # click's parser raises these without a command context: main() supplies the one named
+    (["ui", "--port", "-5"], "Invalid value for '--port'"),
     (["--home"], "Option '--home' requires an argument"),
     (["infer", "x", "--source"], "Option '--source' requires an argument"),
     (["--home", "h", "data", "synth", "--n"], "Option '--n' requires an argument"),
@@ -394,3 +395,22 @@ def test_list_shows_rank_ranges_for_non_fixed_policies(cli, populated, make_weig
 def test_unknown_device_is_one_line_in_every_command(cli, tmp_path, args):
     rc, _, err = cli("--home", tmp_path / "h", *args, "--device", "tpu")
     assert rc == 2 and err.strip() == "error: unknown --device 'tpu': use auto, cpu, cuda or cuda:N", err
+
+
+def test_a_taken_port_is_one_line_before_anything_starts(cli, fresh_settings, tmp_path):
+    """``serve`` and ``ui`` on a port something else holds: one line, exit 2, before a model
+    loads or the MLflow UI starts (whose own error is a traceback with exit 0)."""
+    import socket
+
+    s = fresh_settings()
+    from lbm_registry.api.registry import init_workspace
+
+    init_workspace(s)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        for args in (["ui", "--port", port], ["serve", "--port", port], ["ui", "--host", "no-such-host.invalid"]):
+            rc, out, err = cli("--home", s.home, *args)
+            assert rc == 2, (args, out, err)
+            assert err.strip().startswith("error: cannot bind ") and len(err.strip().splitlines()) == 1, err

@@ -370,24 +370,28 @@ def test_cli_serve_drains_on_sigterm(serve_registry, images, tmp_path):
     """``lbm-reg serve`` as a real process: requests in flight when SIGTERM arrives are answered,
     then it exits 0."""
     import os
+    import re
     import signal
     import subprocess
     import sys
 
     from fixtures.serve import http_request
-    from fixtures.servers import free_port
 
-    port = free_port()
     env = dict(os.environ, SERVE_TOKEN="tok", MLFLOW_DISABLE_TELEMETRY="true")
     log = tmp_path / "serve.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "lbm_registry.cli.main", "--home", str(serve_registry.home),
-                                 "serve", "--base", "sv-base@1", "--port", str(port), "--device", "cpu",
+                                 "serve", "--base", "sv-base@1", "--port", "0", "--device", "cpu",
                                  "--max-wait-ms", "1500", "--preload", "sv-a@1", "--token-env", "SERVE_TOKEN"],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
+        while not (found := re.search(r"at http://127\.0\.0\.1:(\d+) ", log.read_text())):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        port = int(found.group(1))  # --port 0: the free port it holds, printed
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"
         while True:
             try:
                 if http_request(url, "GET", "/healthz", timeout=2)[0] == 200:

@@ -140,7 +140,12 @@ def test_late_checks_come_first(fresh_settings, make_weights, tmp_path, cli_prob
          "unknown reference 'nope'"),
         ([*h, "infer", "tb", "--dtype", "int4", "--source", img, "-o", tmp_path / "o.png"], "unknown --dtype"),
         ([*h, "compare", "nope", "relight"], "unknown reference 'nope'"),
-        ([*h, "train", "--config", "lora-finetune", "--base", "nope"], "unknown reference 'nope'"),
+        ([*h, "train", "--config", "lora-finetune", "--base", "nope"],
+         "base 'nope' (config key base, option --base): unknown reference 'nope'"),
+        # the config file's own default LoRA, which the user never typed, is named with its key
+        ([*h, "train", "--config", "lora-finetune", "--base", "tb", "--lora", "nope@3"],
+         "lora 'nope@3' (config key lora, option --lora): unknown asset 'nope'; or start a fresh LoRA"),
+        ([*h, "train", "--config", "lbm-tiny", "--base", "tb"], "is an LBM model config, not a training config"),
     ]
     results = cli_probe_many([c for c, _ in cases])
     for (args, want), got in zip(cases, results, strict=True):

@@ -68,6 +68,8 @@ def test_shards_brace_expansion_and_missing(tmp_path):
     assert len(expand_shards([str(tmp_path / "s-{000..002}.tar")])) == 3
     with pytest.raises(DataError, match=r"shard not found: .*s-003.tar \(from"):
         expand_shards([str(tmp_path / "s-{000..003}.tar")])
+    with pytest.raises(DataError, match=r"shard not found: .*s-003.tar \(from .*; --validation-shards overrides it\)"):
+        expand_shards([str(tmp_path / "s-{000..003}.tar")], "validation_shards")
 
 
 def test_stream_order_is_seeded_and_resumable(synth_shards):

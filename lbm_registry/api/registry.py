@@ -562,6 +562,9 @@ def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1
         raise RegistryError(f"this workspace tracks to {mask_url(s.effective_tracking_uri)}: "
                             "open that server's UI instead")
     open_existing(s).close()  # a UI on a typo'd home would show a new, empty registry
+    from lbm_registry.net import check_bindable
+
+    check_bindable(host, port)  # a taken port: one line, and the workspace is left as it was
     init_workspace(s)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.effective_tracking_uri,
             "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]

@@ -99,15 +99,32 @@ def run_folder(cfg: TrainConfig, settings: WorkspaceSettings, resume: bool) -> P
     return folder
 
 
+def _resolve_field(cfg: TrainConfig, field: str, settings: WorkspaceSettings,
+                   kinds: tuple[str, ...]) -> ResolvedAsset:
+    """Resolve the reference in config field ``field``, naming the field when it fails: the
+    reference may be a default of the config file the user never typed."""
+    from lbm_registry.api.registry import resolve
+    from lbm_registry.errors import RefError
+
+    ref = getattr(cfg, field)
+    try:
+        return resolve(ref, settings, kinds=kinds)
+    except RefError as exc:
+        fresh = field == "lora" and "unknown" in str(exc)
+        raise RefError(f"{field} {ref!r} (training option {field}): {exc}"
+                       + ("; or start a fresh LoRA with new_lora" if fresh else ""),
+                       cli=f"{field} {ref!r} (config key {field}, option --{field}): {exc.cli_message}"
+                           + ("; or start a fresh LoRA with --set new_lora.rank=8" if fresh else "")) from None
+
+
 def _parent_lora(cfg: TrainConfig, base: ResolvedAsset,
                  settings: WorkspaceSettings) -> tuple[ResolvedAsset | None, LoRAFile | None]:
-    from lbm_registry.api.registry import resolve
     from lbm_registry.errors import LoRAError
     from lbm_registry.lora.format import read_lora
 
     if cfg.lora is None:
         return None, None
-    parent = resolve(cfg.lora, settings, kinds=("lora",))
+    parent = _resolve_field(cfg, "lora", settings, ("lora",))
     lora = read_lora(parent.path)
     made_for = lora.base_sha256
     from lbm_registry.api.lora import lora_fits_base
@@ -119,26 +136,28 @@ def _parent_lora(cfg: TrainConfig, base: ResolvedAsset,
 
 
 def _cheap_checks(cfg: TrainConfig, settings: WorkspaceSettings) -> None:
-    """The refusals that need no torch (a taken name, an unknown base), before torch is imported."""
-    from lbm_registry.api.registry import check_name_free, resolve
+    """The refusals that need no torch (a taken name, an unknown base or LoRA), before torch is imported."""
+    from lbm_registry.api.registry import check_name_free
 
     if cfg.register_name:
         check_name_free(cfg.register_name, "lora", settings)
-    resolve(cfg.base, settings, kinds=("base", "model"))
+    _resolve_field(cfg, "base", settings, ("base", "model"))
+    if cfg.lora is not None:
+        _resolve_field(cfg, "lora", settings, ("lora",))
 
 
 def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, ...]:
     """Every start-up check that needs no model weights (references, data, shapes, module
     patterns, options): run before loading anything, and by ``--num-processes`` before
     starting workers. Returns ``(base, lbm, train_shards, val_shards, parent, lora)``."""
-    from lbm_registry.api.registry import check_name_free, resolve
+    from lbm_registry.api.registry import check_name_free
     from lbm_registry.errors import ConfigError
 
     if cfg.register_name:
         check_name_free(cfg.register_name, "lora", settings)
     if cfg.cache_latents != "no" and cfg.pixel_loss is not None:
         raise ConfigError("cache_latents needs the images only for a pixel_loss: turn one of them off")
-    base = resolve(cfg.base, settings, kinds=("base", "model"))   # refused before torch loads
+    base = _resolve_field(cfg, "base", settings, ("base", "model"))   # refused before torch loads
 
     from lbm_registry.lbm.model import build_model, pick_device
     from lbm_registry.train.data import expand_shards
@@ -149,8 +168,8 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     if cfg.resolution % lbm.pixel_multiple:
         raise ConfigError(f"resolution {cfg.resolution} must be a multiple of {lbm.pixel_multiple} "
                           f"for the '{lbm.name}' architecture")
-    train_shards = expand_shards(cfg.train_shards)
-    val_shards = expand_shards(cfg.validation_shards)
+    train_shards = expand_shards(cfg.train_shards, "train_shards")
+    val_shards = expand_shards(cfg.validation_shards, "validation_shards")
     parent, lora = _parent_lora(cfg, base, settings)
     if cfg.save_dtype is None:  # keep the parent's dtype (a bf16 parent gives a bf16 child)
         cfg = cfg.model_copy(update={"save_dtype": _lora_dtype(lora) if lora is not None else "fp32"})

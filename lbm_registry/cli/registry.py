@@ -369,7 +369,8 @@ def pull(ctx: typer.Context, ref: str = typer.Argument(..., help="A registered v
         con.print(f"{b['ref']} ({b['role']}, {format_size(b['size'])}, sha256 {_short(b['sha256'])}): {how}")
 
 
-def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(5000, "--port")) -> None:
+def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host"),
+       port: int = typer.Option(5000, "--port", min=1, max=65535)) -> None:
     """Start the MLflow UI on this workspace."""
     import os
     import sys

@@ -10,7 +10,7 @@ from lbm_registry.cli._common import console, fail, settings
 def serve(
     ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network)."),
-    port: int = typer.Option(8080, "--port", min=0, max=65535),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port; 0 picks a free one (printed)"),
     base: str | None = typer.Option(None, "--base", help="The base REF this server holds [default: the base of "
                                     "the first --preload, else the registry's only base]."),
     preload: list[str] = typer.Option([], "--preload", help="LoRA REF to load at start; repeatable."),
@@ -28,7 +28,6 @@ def serve(
 ) -> None:
     """Serve images over HTTP: POST /v1/images, /v1/loras, /healthz, /metrics, docs at /docs."""
     import os
-    import socket
 
     from lbm_registry.lbm.device import check_device, check_dtype
 
@@ -39,12 +38,11 @@ def serve(
         token = os.environ.get(token_env, "")
         if not token:
             fail(f"--token-env {token_env}: the environment variable is not set or empty")
-    try:  # a taken port is a usage error, found before seconds of model loading
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except OSError as exc:
-        fail(f"cannot bind {host}:{port}: {exc.strerror or exc}")
+    # a taken port is a usage error, found before seconds of model loading; port 0 picks a free one
+    from lbm_registry.net import listening_socket
+
+    sock = listening_socket(host, port)
+    port = sock.getsockname()[1]
 
     import uvicorn
 
@@ -64,7 +62,7 @@ def serve(
               f"drains and stops")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=300,
                             access_log=log_level in ("info", "debug", "trace"))
-    _draining_server_class()(config).run()
+    _draining_server_class()(config).run(sockets=[sock])
     server.close()
     err.print("stopped")
 

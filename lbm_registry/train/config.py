@@ -227,6 +227,9 @@ def train_config_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any]
 
     notes: list[str] = []
     data = dict(data)
+    if {"denoiser", "vae"} <= set(data) and not set(data) & own_keys():
+        raise ConfigError(f"{source} is an LBM model config, not a training config: give a training config "
+                          f"(like configs/lora-finetune.yaml), and this one as its model_config if needed")
     if looks_original(data, own_keys()):
         data, notes = translate_original_config(data, own_keys())
     merged = apply_overrides(data, overrides)

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-def expand_shards(patterns: Iterable[str]) -> list[Path]:
-    """Brace-expand (``shards/train-{000..003}.tar``) and check that every shard exists."""
+def expand_shards(patterns: Iterable[str], field: str | None = None) -> list[Path]:
+    """Brace-expand (``shards/train-{000..003}.tar``) and check that every shard exists.
+
+    ``field`` names the config key the patterns came from (``validation_shards``), so a path
+    the user never typed (a default of the config file) says where it came from."""
     import braceexpand
 
     out: list[Path] = []
@@ -35,8 +38,10 @@ def expand_shards(patterns: Iterable[str]) -> list[Path]:
         for item in braceexpand.braceexpand(str(pattern)):
             p = Path(item).expanduser()
             if not p.is_file():
-                where = f" (from {pattern!r})" if item != pattern else ""
-                raise DataError(f"shard not found: {item}{where}")
+                where = [f"from {pattern!r}"] if item != pattern else []
+                if field:
+                    where.append(f"{field}; --{field.replace('_', '-')} overrides it")
+                raise DataError(f"shard not found: {item}" + (f" ({', '.join(where)})" if where else ""))
             out.append(p)
     return out
 
