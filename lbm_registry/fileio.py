@@ -38,6 +38,44 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (made) a folder, or None: it is a file, or a file stands where
+    one of its parent folders would go. Cheap (no writes): for checks before long work."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if q.is_dir():
+                return None
+            return f"{p} is a file, not a folder" if q == p else f"{q} is a file, so {p} cannot be a folder in it"
+    return None
+
+
+def output_file_problem(path: str | Path, what: str = "--output") -> str | None:
+    """Why ``path`` cannot be written as a file (it is a folder, or a file stands where its
+    folder would go), as a message naming ``what``; None when it can. Checked before any work."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{what} {p} is a folder, expected a .safetensors file name" if p.suffix in ("", ".safetensors") \
+            else f"{what} {p} is a folder, expected a file name"
+    problem = folder_problem(p.parent)
+    return None if problem is None else f"cannot write {what} {p}: {problem}"
+
+
+def make_folder(path: str | Path, what: str = "output folder") -> Path:
+    """``mkdir -p`` with a one-line :class:`ConfigError` instead of an OSError traceback."""
+    from lbm_registry.errors import ConfigError
+
+    p = Path(path)
+    problem = folder_problem(p)
+    if problem is not None:
+        raise ConfigError(f"{what}: {problem}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot create {p}: {exc.strerror or exc}") from None
+    return p
+
+
 def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     """``mkdtemp`` next to its final place, with the umask's folder mode (not 0700)."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
@@ -52,7 +90,11 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     The renamed file has the umask's permissions (``0o666 & ~umask``), like any tool's output.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_dir():
+        from lbm_registry.errors import ConfigError
+
+        raise ConfigError(f"cannot write {dest}: it is a folder")
+    make_folder(dest.parent, f"cannot write {dest}")
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -414,3 +414,23 @@ def test_a_taken_port_is_one_line_before_anything_starts(cli, fresh_settings, tm
             rc, out, err = cli("--home", s.home, *args)
             assert rc == 2, (args, out, err)
             assert err.strip().startswith("error: cannot bind ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_os_refusal_is_one_line_not_a_traceback(cli, fresh_settings, monkeypatch):
+    """What the machine refuses mid-command (disk full, permissions) that no early check could
+    foresee reaches the user as one line with the path, exit 1."""
+    import errno
+
+    import lbm_registry.api.registry as R
+
+    s = fresh_settings()
+    R.init_workspace(s)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(s.home / "catalog.db"))
+
+    monkeypatch.setattr(R, "list_assets", full)
+    rc, out, err = cli("--home", s.home, "list")
+    assert rc == 1 and out == ""
+    assert err == f"error: No space left on device: {s.home / 'catalog.db'}\n"
+

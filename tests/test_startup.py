@@ -127,6 +127,17 @@ def test_late_checks_come_first(fresh_settings, make_weights, tmp_path, cli_prob
         ([*h, "base", "create", "--config", "lbm-tiny", "--register", "relight"], "'relight' is a lora"),
         ([*h, "import", junk, "--name", "relight", "--kind", "model"], "'relight' is a lora"),
         ([*h, "import", tmp_path / "nope.safetensors", "--name", "x", "--kind", "base"], "file not found"),
+        ([*h, "import", junk, "--name", "newlora", "--kind", "lora"], "import --kind lora needs --base REF"),
+        ([*h, "resize", "nope", "--rank", "2", "-o", out], "unknown reference 'nope'"),
+        ([*h, "resize", "relight", "--rank", "2", "-o", out, "--dtype", "int4"], "unknown --dtype 'int4'"),
+        ([*h, "resize", "relight", "--rank", "2", "--register", "tb"], "'tb' is a base"),
+        ([*h, "merge", "relight", "nope", "-o", out], "unknown reference 'nope'"),
+        # an output whose folder cannot exist (a file stands there): refused before any work
+        ([*h, "infer", "tb", "--source", img, "-o", junk / "o.png"], "is a file, not a folder"),
+        ([*h, "resize", "relight", "--rank", "2", "-o", junk / "x.safetensors"], "is a file, not a folder"),
+        ([*h, "extract", "--base", "tb", "--tuned", "tb", "-o", junk / "x.safetensors"], "is a file, not a folder"),
+        (["base", "create", "--config", "lbm-tiny", "--output", junk / "x.safetensors"], "is a file, not a folder"),
+        (["data", "synth", "--output", junk, "--n", "2"], "is a file, not a folder"),
         ([*h, "extract", "--base", "nope", "--tuned", "tb", "-o", out], "unknown reference 'nope'"),
         ([*h, "extract", "--base", "tb", "--tuned", "nope", "-o", out], "unknown reference 'nope'"),
         ([*h, "extract", "--base", "tb", "--tuned", "tb", "-o", out, "--dtype", "int4"], "unknown --dtype 'int4'"),
@@ -152,6 +163,7 @@ def test_late_checks_come_first(fresh_settings, make_weights, tmp_path, cli_prob
         assert got["rc"] == 2, (args, got)
         assert want in got["err"], (args, got["err"])
         assert len(got["err"].strip().splitlines()) == 1, (args, got["err"])
+        assert got["err"] == got["err"].lstrip(), (args, got["err"])  # no empty progress-bar line first
         assert not {"torch", "diffusers"} & set(got["heavy"]), (args, got["heavy"])
 
 

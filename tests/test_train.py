@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures.train import START_LORA_PATTERNS, TRAINED_PATTERNS
 
-from lbm_registry.errors import ConfigError, LoRAError, TrainingError
+from lbm_registry.errors import ConfigError, DataError, LoRAError, TrainingError
 
 pytestmark = pytest.mark.usefixtures("train_threads")
 
@@ -222,6 +222,12 @@ def test_start_up_errors_come_before_loading_the_model(train_config, tmp_path, s
 
     with pytest.raises(RegistryError, match="invalid name"):
         _build(train_config(register="bad name!"), tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="a-file is a file, so .* cannot be a folder in it"):
+        _build(train_config(output_dir=str(blocker / "run")), tmp_path)
+    with pytest.raises(DataError, match=r"shard not found: .*nope.tar \(validation_shards; --validation-shards"):
+        _build(train_config(validation_shards=[str(tmp_path / "nope.tar")]), tmp_path)
 
 
 def test_shared_sample_trains(shared_sample, train_config, tmp_path):

@@ -239,3 +239,17 @@ def test_default_run_folder_lives_in_the_workspace(tmp_path):
     assert run_folder(cfg, settings, resume=False) != first  # a new run never reuses a folder
     explicit = load_train_config("lora-finetune", {"output_dir": str(tmp_path / "mine")})
     assert run_folder(explicit, settings, resume=True) == tmp_path / "mine"
+
+
+def test_a_shard_named_twice_is_one_dataset_in_the_lineage(tmp_path):
+    """Training and validating on the same shard records it once (``lineage`` listed it twice)."""
+    import hashlib
+
+    from lbm_registry.train.data import shard_hashes
+
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    rows = shard_hashes([a, b, tmp_path / "." / "a.tar"])
+    assert rows == [{"path": str(a.resolve()), "sha256": hashlib.sha256(b"first").hexdigest()},
+                    {"path": str(b.resolve()), "sha256": hashlib.sha256(b"second").hexdigest()}]

@@ -75,11 +75,25 @@ def _same_base(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     return bool(a["tensor_sha256"]) and a["tensor_sha256"] == b["tensor_sha256"]
 
 
-def _open(refs: Sequence[str], settings: WorkspaceSettings) -> list[tuple[ResolvedAsset, LoRAFile]]:
-    from lbm_registry.api.registry import resolve
+def _resolve_all(refs: Sequence[str], settings: WorkspaceSettings, register: str | None,
+                 dtype: str) -> list[ResolvedAsset]:
+    """The refusals that need no torch, before it is imported: the dtype, every reference, and
+    a ``--register`` name already used by another kind."""
+    from lbm_registry.api.lora import LORA_DTYPES
+    from lbm_registry.api.registry import check_name_free, resolve
+
+    if dtype not in LORA_DTYPES:
+        raise LoRAError(f"unknown --dtype {dtype!r}: use bf16, fp16 or fp32")
+    assets = [resolve(r, settings, ("lora",)) for r in refs]
+    if register is not None:
+        check_name_free(register, "lora", settings)
+    return assets
+
+
+def _open(assets: Sequence[ResolvedAsset]) -> list[tuple[ResolvedAsset, LoRAFile]]:
     from lbm_registry.lora.format import read_lora
 
-    return [(a, read_lora(a.path)) for a in (resolve(r, settings, ("lora",)) for r in refs)]
+    return [(a, read_lora(a.path)) for a in assets]
 
 
 def _policy(rank: int | None, conv_rank: int | None, energy: float | None, budget: str | int | None,
@@ -101,8 +115,11 @@ def _policy(rank: int | None, conv_rank: int | None, energy: float | None, budge
 def _destination(output: str | Path | None, register: str | None) -> tuple[Path, Path | None]:
     if output is None and register is None:
         raise LoRAError("give --output FILE and/or --register NAME")
-    if output is not None and Path(output).is_dir():
-        raise LoRAError(f"--output {output} is a folder, expected a .safetensors file name")
+    if output is not None:
+        from lbm_registry.fileio import output_file_problem
+
+        if (problem := output_file_problem(output)) is not None:
+            raise LoRAError(problem)
     if register is not None:
         from lbm_registry.api.registry import validate_name
 
@@ -128,17 +145,17 @@ def resize(ref: str, *, rank: int | None = None, conv_rank: int | None = None, e
     """A smaller LoRA of ``ref`` from its factors alone (optimal truncation of its own delta).
     ``probe``: the registered version's probe picture, wait|auto|off (see api/probe.py)."""
     from lbm_registry.api.probe import probe_mode
-    from lbm_registry.lora.algebra import resize_lora
-    from lbm_registry.lora.extract import storage_dtype
 
     mode = probe_mode(probe)
     policy = _policy(rank, conv_rank, energy, budget, max_rank, required=True)
-    storage_dtype(dtype)
     settings = settings if settings is not None else WorkspaceSettings.resolve()
+    assets = _resolve_all([ref], settings, register, dtype)
     dest, tmpdir = _destination(output, register)
     try:
+        from lbm_registry.lora.algebra import resize_lora
+
         t0 = time.perf_counter()
-        [(asset, lora)] = _open([ref], settings)
+        [(asset, lora)] = _open(assets)
         base = _base_of(asset, lora)
         info = _info("resize", base, [(asset, 1.0)], register)
         result = resize_lora(lora, dest, policy=policy, dtype=dtype, info=info, progress=progress)
@@ -158,9 +175,6 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
           probe: str | None = None) -> AlgebraReport:
     """``sum_i w_i * LoRA_i`` for LoRAs on one base: exact by default, compressed with a policy.
     ``probe``: the registered version's probe picture, wait|auto|off (see api/probe.py)."""
-    from lbm_registry.lora.algebra import merge_loras
-    from lbm_registry.lora.extract import storage_dtype
-
     if len(specs) < 2:
         raise LoRAError("merge needs at least two LoRAs (REF[:WEIGHT] REF[:WEIGHT] ...)")
     from lbm_registry.api.probe import probe_mode
@@ -168,9 +182,11 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
     mode = probe_mode(probe)
     weighted = [parse_weighted(s) for s in specs]
     policy = _policy(rank, conv_rank, energy, budget, max_rank, required=False)
-    storage_dtype(dtype)
     settings = settings if settings is not None else WorkspaceSettings.resolve()
-    opened = _open([r for r, _ in weighted], settings)
+    assets = _resolve_all([r for r, _ in weighted], settings, register, dtype)
+    from lbm_registry.lora.algebra import merge_loras
+
+    opened = _open(assets)
     bases = [_base_of(a, lo) for a, lo in opened]
     for (asset, _), b in zip(opened[1:], bases[1:], strict=True):
         if _same_base(bases[0], b) is False:

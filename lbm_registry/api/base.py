@@ -29,8 +29,11 @@ def _preflight(config: str | Path, *, sdxl_unet: str | Path | None, vae: str | P
         raise ConfigError(f"unknown --dtype {dtype!r}: use {', '.join(STORAGE_DTYPES[:-1])} or {STORAGE_DTYPES[-1]}")
     if output is None and register is None:
         raise ConfigError("give --register NAME or --output FILE")
-    if output is not None and Path(output).is_dir():
-        raise ConfigError(f"--output {output} is a folder, expected a .safetensors file name")
+    if output is not None:
+        from lbm_registry.fileio import output_file_problem
+
+        if (problem := output_file_problem(output)) is not None:
+            raise ConfigError(problem)
     cfg = load_config(config)
     if register:
         from lbm_registry.api.registry import check_name_free

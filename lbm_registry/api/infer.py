@@ -264,13 +264,23 @@ def plan_outputs(source: Path, output: Path, inputs: list[Path]) -> dict[Path, P
         stems: dict[str, int] = {}
         for p in inputs:
             stems[p.stem] = stems.get(p.stem, 0) + 1
-        return {p: output / ((p.name if stems[p.stem] > 1 else p.stem) + ".png") for p in inputs}
+        return _writable({p: output / ((p.name if stems[p.stem] > 1 else p.stem) + ".png") for p in inputs})
     if output.is_dir() or not suffix:
-        return {p: output / (p.stem + ".png") for p in inputs}
+        return _writable({p: output / (p.stem + ".png") for p in inputs})
     if suffix not in OUTPUT_FORMATS:
         raise ConfigError(f"cannot write {output}: {suffix!r} is not an image format this writes "
                           f"(use {', '.join(OUTPUT_FORMATS)})")
-    return {p: output for p in inputs}
+    return _writable({p: output for p in inputs})
+
+
+def _writable(destinations: dict[Path, Path]) -> dict[Path, Path]:
+    """Refuse, before any model loads, outputs whose folder cannot exist (a file in the way)."""
+    from lbm_registry.fileio import folder_problem
+
+    for parent in {d.parent for d in destinations.values()}:
+        if (problem := folder_problem(parent)) is not None:
+            raise ConfigError(f"cannot write the output: {problem}")
+    return destinations
 
 
 def check_inputs(source: Path, inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:

@@ -17,15 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lbm_registry.errors import LoRAError, RegistryError
 from lbm_registry.registry.settings import WorkspaceSettings
 
+if TYPE_CHECKING:
+    import torch
+
 ProgressFn = Callable[[str, int, int], None]
-_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp32"}
+#: storage name of a dtype (torch imported lazily: the refusals of an import need no torch)
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp32"}
 
 
 @dataclass
@@ -72,26 +74,28 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                 probe: str | None = None) -> ImportReport:
     """Register a LoRA from any supported format (see :mod:`lbm_registry.lora.convert`).
     ``probe``: the version's probe picture, wait|auto|off (see api/probe.py)."""
-    from lbm_registry.api.lora import PREFIX, denoiser_layers, tensor_sha_of
     from lbm_registry.api.probe import probe_mode
-    from lbm_registry.api.registry import after_registration, register_asset, resolve
-    from lbm_registry.lbm.checkpoint import CheckpointReader
-    from lbm_registry.lbm.loading import config_from_checkpoint
-    from lbm_registry.lora.convert import check_against_base, read_foreign
+    from lbm_registry.api.registry import check_name_free, resolve
     from lbm_registry.lora.ranks import RankPolicy
-    from lbm_registry.registry.blobs import sha256_file
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    from lbm_registry.api.registry import check_name_free
-
-    check_name_free(name, "lora", settings)
+    check_name_free(name, "lora", settings)   # the cheap refusals come before torch is imported
     mode = probe_mode(probe)
     if base is None:
-        raise LoRAError("import --kind lora needs --base REF (the base the LoRA is applied to)")
+        raise LoRAError("import --kind lora needs a base (the base the LoRA is applied to)",
+                        cli="import --kind lora needs --base REF (the base the LoRA is applied to)")
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
     settings = settings if settings is not None else WorkspaceSettings.resolve()
     base_asset = resolve(base, settings, ("base", "model"))
+
+    from lbm_registry.api.lora import PREFIX, denoiser_layers, tensor_sha_of
+    from lbm_registry.api.registry import after_registration, register_asset
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.loading import config_from_checkpoint
+    from lbm_registry.lora.convert import check_against_base, read_foreign
+    from lbm_registry.registry.blobs import sha256_file
+
     base_reader = CheckpointReader(base_asset.path)
     modules, _ = denoiser_layers(base_reader)
     if not modules:
@@ -202,6 +206,8 @@ def _native_rows(lora: Any) -> list[dict[str, Any]]:
 
 
 def _dtype_of(foreign: Any) -> torch.dtype:
+    import torch
+
     for layer in foreign.layers.values():
         for t in layer.parts.values():
             if t.is_floating_point():
@@ -217,6 +223,8 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
     under ``policy``; under ``--budget`` the budget left after the plain layers is allocated over
     the dense layers' spectra (the same greedy knapsack as extraction).
     """
+    import torch
+
     from lbm_registry.lora.convert import dense_delta, plain_factors
     from lbm_registry.lora.extract import choose_energy_rank, factorize
     from lbm_registry.lora.format import LoRALayer, LoRAWriter, layer_kind
@@ -225,7 +233,7 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
     from lbm_registry.lora.threads import single_thread_below
 
     dtype = _dtype_of(foreign)
-    dtype_name = _SHORT[dtype]
+    dtype_name = _SHORT[str(dtype).removeprefix("torch.")]
     settings = SVDSettings()
     src = foreign.weights_path
 

@@ -168,6 +168,12 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     if cfg.resolution % lbm.pixel_multiple:
         raise ConfigError(f"resolution {cfg.resolution} must be a multiple of {lbm.pixel_multiple} "
                           f"for the '{lbm.name}' architecture")
+    if cfg.output_dir is not None:
+        from lbm_registry.fileio import folder_problem
+
+        problem = folder_problem(cfg.output_dir)
+        if problem is not None:
+            raise ConfigError(f"output_dir: {problem}", cli=f"--output-dir: {problem}")
     train_shards = expand_shards(cfg.train_shards, "train_shards")
     val_shards = expand_shards(cfg.validation_shards, "validation_shards")
     parent, lora = _parent_lora(cfg, base, settings)

@@ -66,3 +66,38 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
     console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+class LazyProgress:
+    """A Rich progress display on stderr that starts with its first task.
+
+    A started-and-stopped Progress leaves an empty line on a stderr that is no terminal, so a
+    command that fails before any progress (a bad reference) would print that line above its
+    one-line error. This one prints nothing until there is something to show."""
+
+    def __init__(self, *columns: Any, transient: bool = True, disable: bool = False) -> None:
+        from rich.progress import Progress
+
+        err = console(stderr=True)
+        # off a terminal (a pipe, a log file, CI) a bar is noise: only its final line would show
+        self._progress = Progress(*columns, console=err, transient=transient, disable=disable or not err.is_terminal)
+        self._started = False
+
+    def add_task(self, description: str, **kwargs: Any) -> Any:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        return self._progress.add_task(description, **kwargs)
+
+    def update(self, task: Any, **kwargs: Any) -> None:
+        self._progress.update(task, **kwargs)
+
+    def advance(self, task: Any, amount: float = 1) -> None:
+        self._progress.advance(task, amount)
+
+    def __enter__(self) -> LazyProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            self._progress.stop()

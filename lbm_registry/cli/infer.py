@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lbm_registry.cli._common import console, print_json, settings
+from lbm_registry.cli._common import LazyProgress, console, print_json, settings
 
 
 def infer(
@@ -27,13 +27,13 @@ def infer(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Translate images with a base/model, optionally with LoRA(s) merged at a scale."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from lbm_registry.api.infer import run_infer
 
     err = console(stderr=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=err, transient=True, disable=as_json) as progress:
+    with LazyProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), transient=True, disable=as_json) as progress:
         result = run_infer(ref, source=source, output=output, scale=scale, steps=steps, seed=seed, base=base,
                            loras=lora, device=device, dtype=dtype, force=force, sample_latent=sample_latent,
                            log_run=log, settings=settings(ctx), progress=progress)

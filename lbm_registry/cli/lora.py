@@ -40,21 +40,23 @@ class _ProgressBar:
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console(stderr=True), transient=False,
+            console=console(stderr=True), transient=False, disable=not console(stderr=True).is_terminal,
         )
         self._tasks: dict[str, Any] = {}
 
     def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self._tasks:  # started by the first report: an early error prints no empty bar line
+            self._progress.start()
         if phase not in self._tasks:
             self._tasks[phase] = self._progress.add_task(_PHASES.get(phase, phase), total=total)
         self._progress.update(self._tasks[phase], completed=done, total=total)
 
     def __enter__(self) -> _ProgressBar:
-        self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._tasks:
+            self._progress.stop()
 
 
 def _hist(hist: dict[str, int]) -> str:

@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         exit_interrupted()
+    except OSError as exc:  # the machine refused (disk full, permissions...): one line, not a traceback
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        sys.exit(1)
     except Exception as exc:  # click's usage errors: typer's vendored click and/or the real one
         click_errors, click_aborts = _click_exception_types()
         if isinstance(exc, click_errors):

@@ -13,6 +13,7 @@ import typer
 from lbm_registry.cli._common import (
     JSON_OPTION,
     PROBE_OPTION,
+    LazyProgress,
     console,
     print_json,
     probe_mode,
@@ -322,13 +323,13 @@ def doctor(ctx: typer.Context, repair: bool = typer.Option(False, "--repair", he
         report = api_doctor(settings(ctx), repair=repair)
         print_json(report)
     else:
-        from rich.progress import Progress
-
-        with Progress(console=console(stderr=True), transient=True) as bar:
-            task = bar.add_task("checking", total=None)
+        with LazyProgress(transient=True) as bar:
+            tasks: list[Any] = []
 
             def progress(what: str, done: int, total: int) -> None:
-                bar.update(task, description=what, completed=done, total=total or None)
+                if not tasks:
+                    tasks.append(bar.add_task(what, total=None))
+                bar.update(tasks[0], description=what, completed=done, total=total or None)
 
             report = api_doctor(settings(ctx), repair=repair, progress=progress)
         _render_report(report, "doctor")

@@ -194,7 +194,9 @@ class LoRAWriter:
             raise LoRAError(f"unsupported LoRA dtype {dtype}: use bf16, fp16 or fp32")
         self.dest = Path(dest)
         self.dtype = dtype
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        from lbm_registry.fileio import make_folder
+
+        make_folder(self.dest.parent, f"cannot write {self.dest}")
         fd, body = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".body", dir=self.dest.parent)
         self._body_path = Path(body)
         self._body = os.fdopen(fd, "wb")

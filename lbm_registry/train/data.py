@@ -47,11 +47,16 @@ def expand_shards(patterns: Iterable[str], field: str | None = None) -> list[Pat
 
 
 def shard_hashes(shards: Iterable[Path]) -> list[dict[str, str]]:
-    """``[{"path", "sha256"}]`` per shard: the dataset part of a trained LoRA's lineage."""
+    """``[{"path", "sha256"}]`` per shard: the dataset part of a trained LoRA's lineage. A shard
+    named twice (the same file for training and validation) is listed once."""
     import hashlib
 
     out = []
+    seen: set[str] = set()
     for shard in shards:
+        if str(Path(shard).resolve()) in seen:
+            continue
+        seen.add(str(Path(shard).resolve()))
         h = hashlib.sha256()
         with open(shard, "rb") as fh:
             while chunk := fh.read(8 * 1024 * 1024):

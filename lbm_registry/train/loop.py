@@ -122,7 +122,13 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 
 def check_output_dir(output_dir: str | Path, resume: bool) -> None:
-    """Refuse to mix two runs in one folder, and to resume from nothing (cheap: call it early)."""
+    """Refuse a folder that cannot be one, to mix two runs in one folder, and to resume from
+    nothing (cheap: call it early)."""
+    from lbm_registry.fileio import folder_problem
+
+    problem = folder_problem(output_dir)
+    if problem is not None:
+        raise TrainingError(f"output_dir: {problem}", cli=f"--output-dir: {problem}")
     if resume and latest_checkpoint(output_dir) is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {Path(output_dir) / 'checkpoints'}")
     if not resume and list_checkpoints(output_dir):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lbm_registry.lbm.checkpoint import atomic_path
+from lbm_registry.fileio import atomic_path, make_folder
 
 
 def _shape_mask(kind: str, p: dict[str, float], x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -118,8 +118,7 @@ def write_synth_shards(output: str | Path, n: int, *, resolution: int = 128, see
         raise ValueError("shard_size must be >= 1")
     if resolution < 8:
         raise ValueError("resolution must be >= 8")
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(output, "--output")
     n_shards = math.ceil(n / shard_size)
     width = max(3, len(str(n_shards - 1)))
     paths = []
