@@ -232,6 +232,8 @@ def test_request_errors_in_process(server, images):
         server.run(images["wide"], lora="sv-aa@1")
     with pytest.raises(RefError, match="not a registered reference"):
         server.run(images["wide"], lora="/etc/passwd")
+    with pytest.raises(RefError, match="nothing after '@' in 'sv-a@'"):  # the CLI's words, not a bare refusal
+        server.run(images["wide"], lora="sv-a@")
     with pytest.raises(BaseMismatchError, match="another base|made for base"):
         server.run(images["wide"], lora="sv-other@1")
     with pytest.raises(DataError, match="not a LoRA"):
@@ -336,7 +338,9 @@ def test_http_errors_are_one_line_json(server, images, http_server):
         status, answer = srv.request("POST", "/v1/images", raw=b"{" + b" " * 300_000 + b"}")
         assert status == 413 and "over the limit" in answer["error"]
         status, answer = srv.request("POST", "/v1/images", raw=b"{not json")
-        assert status == 400
+        assert status == 400 and answer["error"].startswith("body: not valid JSON"), answer
+        status, answer = srv.request("POST", "/v1/images", raw=b"[1, 2]")
+        assert status == 400 and answer["error"].startswith("body: expected a JSON object"), answer
         assert srv.request("DELETE", "/v1/loras/sv-b@9")[0] == 404
         assert srv.request("GET", "/nope")[0] == 404
     finally:

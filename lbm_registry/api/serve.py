@@ -42,7 +42,11 @@ class RegistryResolver:
         from lbm_registry.api.registry import resolve
 
         ref = str(ref).strip()
-        if not SERVABLE_REF_RE.fullmatch(ref):
+        if not SERVABLE_REF_RE.fullmatch(ref):  # never a path: a client names registered LoRAs only
+            name, sep, selector = ref.partition("@")
+            if sep and not selector and SERVABLE_REF_RE.fullmatch(name):
+                raise RefError(f"nothing after '@' in {ref!r}: write {name} or {name}@latest, {name}@N, "
+                               f"{name}@ALIAS")
             raise RefError(f"{ref!r} is not a registered reference (NAME, NAME@VERSION|ALIAS or sha256:PREFIX)")
         asset = resolve(ref, self.settings, layers=False)
         if asset.kind == "file":

@@ -149,7 +149,12 @@ def create_app(engine: Engine, *, token: str | None = None, max_body_bytes: int 
         errs = exc.errors()
         if errs:
             e = errs[0]
+            if e.get("type") == "json_invalid":  # its loc is a character offset, not a field
+                why = (e.get("ctx") or {}).get("error")
+                return error(400, "body: not valid JSON" + (f" ({why})" if why else ""))
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            if where == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
+                return error(400, 'body: expected a JSON object, e.g. {"image": "<base64>", "lora": "NAME@VERSION"}')
             return error(400, f"{where}: {e.get('msg', 'invalid')}")
         return error(400, "invalid request")
 
