@@ -434,3 +434,32 @@ def test_an_os_refusal_is_one_line_not_a_traceback(cli, fresh_settings, monkeypa
     assert rc == 1 and out == ""
     assert err == f"error: No space left on device: {s.home / 'catalog.db'}\n"
 
+
+
+def test_a_failed_first_command_leaves_no_half_made_workspace(cli, tmp_path):
+    """``init`` (or a first registration) against a tracking server that is not there fails in
+    one line and leaves no workspace behind: not in a new folder, not in an empty one, and a
+    folder that already held something keeps exactly that."""
+    from fixtures.servers import free_port
+
+    from lbm_registry.api.registry import init_workspace
+    from lbm_registry.errors import RegistryError
+    from lbm_registry.registry.settings import WorkspaceSettings
+
+    gone = f"http://127.0.0.1:{free_port()}"
+    new, empty, used = tmp_path / "new", tmp_path / "empty", tmp_path / "used"
+    empty.mkdir()
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\0" * 8)
+    for home, args in ((new, ["init"]), (empty, ["init"]), (used, ["init"]),
+                       (new, ["import", weights, "--name", "b", "--kind", "base"])):
+        rc, _, err = cli("--home", home, "--tracking-uri", gone, *args)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert not new.exists()
+    assert list(empty.iterdir()) == []
+    assert "notes.txt" in {p.name for p in used.iterdir()}
+    with pytest.raises(RegistryError, match="cannot reach the MLflow tracking server"):
+        init_workspace(WorkspaceSettings.resolve(home=new, tracking_uri=gone))
+    assert not new.exists()

@@ -463,10 +463,10 @@ def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
     from lbm_registry.registry.db import mask_url
     from lbm_registry.registry.mlflow_sqlite import SqliteMirror
     from lbm_registry.registry.tracking import Tracker
-    from lbm_registry.registry.workspace import Workspace
+    from lbm_registry.registry.workspace import Workspace, undone_if_new
 
     s = _settings(settings)
-    with Workspace.open(s) as ws:
+    with undone_if_new(s.home), Workspace.open(s) as ws:
         # An MLflow store that is already set up is read with sqlite3 (no MLflow import);
         # creating one runs MLflow's own migrations.
         tracker = SqliteMirror.open(ws) or Tracker(ws)

@@ -170,9 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         sys.exit(130)
 
+    from lbm_registry.registry.workspace import undone_if_new
+
+    fresh = _settings_from_args(args)
     previous = _set_sigint(on_sigint)
     try:
-        rc = app(args=args, prog_name="lbm-reg", standalone_mode=False)
+        # a command that fails leaves no half-made workspace where there was none
+        with undone_if_new(fresh.home if fresh is not None else None, (LBMError, OSError)):
+            rc = app(args=args, prog_name="lbm-reg", standalone_mode=False)
         if interrupted and rc == 130:  # typer turns KeyboardInterrupt into Exit(130)
             exit_interrupted()
         if isinstance(rc, int) and rc:

@@ -155,3 +155,42 @@ class Workspace:
         """Catalog paths are stored relative to the home so a workspace can be moved."""
         p = Path(rel)
         return p if p.is_absolute() else self.home / p
+
+
+@contextmanager
+def undone_if_new(home: Path | None, errors: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+    """Run a block that may create the workspace ``home``; if it fails with one of ``errors``
+    and ``home`` did not exist before (or was an empty folder), remove what it made there, so
+    a failed first command (``init`` against an unreachable tracking server, a refused first
+    registration) leaves no half-made workspace. Anything else in ``home`` is never touched."""
+    existed: bool | None = None
+    if home is not None:
+        try:
+            if not home.exists():
+                existed = False
+            elif home.is_dir() and not any(home.iterdir()):
+                existed = True
+        except OSError:
+            existed = None
+    try:
+        yield
+    except errors:
+        if existed is not None and home is not None and home.is_dir():
+            _empty(home, remove=not existed)
+        raise
+
+
+def _empty(home: Path, *, remove: bool) -> None:
+    import shutil
+
+    try:
+        if remove:
+            shutil.rmtree(home, ignore_errors=True)
+            return
+        for child in home.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    except OSError:
+        pass
