@@ -269,3 +269,26 @@ def test_dora_and_full_diff_become_dense_deltas(tmp_path, factors, shapes, reg_s
     rep = do_import(path, "imp-diff", reg_settings, base_ref, rank=9999, conv_rank=9999)
     assert rep.source_format == "kohya+full"
     assert rel(imported_delta(rep.ref, reg_settings, ff), diff) < 1e-5
+
+
+def test_a_file_of_ours_brings_its_base(cli, tmp_path, varied_tuned, extract_tiny, reg_settings, base_ref,
+                                       fresh_settings):
+    """Our own LoRA files (and their kohya exports) record their base's sha256: without --base,
+    import uses it when it is registered here and says so; elsewhere it asks for --base, naming
+    the hash it could not find."""
+    from lbm_registry.api.lora import export
+
+    native = extract_tiny(varied_tuned, rank=4, conv_rank=2, dtype="fp32").path
+    rc, out, err = cli("--home", reg_settings.home, "import", native, "--kind", "lora", "--name", "imp-own")
+    assert rc == 0, err
+    assert "note: base imp-base@1: the one the file records" in out
+    from lbm_registry.api.registry import resolve
+
+    assert resolve("imp-own@1", reg_settings).lineage["base"]["ref"] == "imp-base@1"
+    kohya = tmp_path / "k.safetensors"
+    export("imp-own@1", fmt="kohya", output=kohya, settings=reg_settings)
+    rc, out, err = cli("--home", reg_settings.home, "import", kohya, "--kind", "lora", "--name", "imp-own-k")
+    assert rc == 0 and "the one the file records" in out, err
+    other = fresh_settings()
+    rc, _, err = cli("--home", other.home, "import", native, "--kind", "lora", "--name", "x")
+    assert rc == 2 and "needs --base REF" in err and "which is not registered here" in err, err

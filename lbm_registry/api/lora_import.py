@@ -82,11 +82,11 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
     t0 = time.perf_counter()
     check_name_free(name, "lora", settings)   # the cheap refusals come before torch is imported
     mode = probe_mode(probe)
-    if base is None:
-        raise LoRAError("import --kind lora needs a base (the base the LoRA is applied to)",
-                        cli="import --kind lora needs --base REF (the base the LoRA is applied to)")
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
     settings = settings if settings is not None else WorkspaceSettings.resolve()
+    base_note = None
+    if base is None:  # a file of ours records its base: registered here, it is the base
+        base, base_note = _recorded_base(Path(path), settings)
     base_asset = resolve(base, settings, ("base", "model"))
 
     from lbm_registry.api.lora import PREFIX, denoiser_layers, tensor_sha_of
@@ -102,6 +102,8 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
         raise LoRAError(f"{base_asset.label}: not an LBM checkpoint (no {PREFIX}* weight layers)")
     foreign = read_foreign(Path(path), modules)
     check_against_base(foreign, modules)
+    if base_note:
+        foreign.notes.append(base_note)
     timings["read_check_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     source_sha = sha256_file(foreign.weights_path)
@@ -203,6 +205,33 @@ def _native_rows(lora: Any) -> list[dict[str, Any]]:
         rows.append({"module": m, "kind": la.kind, "shape": list(la.weight_shape), "rank": la.rank,
                      "rel_error": err, "energy": 1.0 - err**2})
     return rows
+
+
+def _recorded_base(path: Path, settings: WorkspaceSettings) -> tuple[str, str]:
+    """``(sha256:..., note)`` of the base a LoRA file records (ours: ``base_sha256`` in its
+    metadata), when that base is registered here; else the one-line refusal asking for one."""
+    import json
+
+    from lbm_registry.api.registry import resolve
+    from lbm_registry.errors import LBMError
+    from lbm_registry.lbm.header import SafetensorsHeader
+    from lbm_registry.lora.format import META_KEY
+
+    sha = None
+    try:
+        raw = SafetensorsHeader(path).metadata.get(META_KEY) if path.is_file() else None
+        sha = json.loads(raw).get("base_sha256") if raw else None
+    except (LBMError, ValueError, AttributeError):
+        sha = None
+    need = "import --kind lora needs {} (the base the LoRA is applied to)"
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise LoRAError(need.format("a base"), cli=need.format("--base REF"))
+    try:
+        asset = resolve(f"sha256:{sha}", settings, ("base", "model"))
+    except LBMError:
+        why = f"; the file records base sha256 {sha[:12]}, which is not registered here"
+        raise LoRAError(need.format("a base") + why, cli=need.format("--base REF") + why) from None
+    return f"sha256:{sha}", f"base {asset.label}: the one the file records (sha256 {sha[:12]})"
 
 
 def _dtype_of(foreign: Any) -> torch.dtype:
