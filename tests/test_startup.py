@@ -176,6 +176,10 @@ def test_torch_free_option_lists_match_the_real_ones():
     from lbm_registry.lora.extract import STORAGE_DTYPES as LORA_STORAGE
 
     assert EXPORT_FORMATS == FORMATS
+    from lbm_registry.api.lora_import import NATIVE_META_KEY
+    from lbm_registry.lora.format import META_KEY
+
+    assert NATIVE_META_KEY == META_KEY
     assert set(LORA_DTYPES) == set(LORA_STORAGE)
     assert set(STORAGE_DTYPES) == set(LORA_STORAGE)
     import torch

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 ProgressFn = Callable[[str, int, int], None]
+NATIVE_META_KEY = "lbm_registry"   # lora.format.META_KEY, named without importing torch
 #: storage name of a dtype (torch imported lazily: the refusals of an import need no torch)
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp32"}
 
@@ -215,11 +216,10 @@ def _recorded_base(path: Path, settings: WorkspaceSettings) -> tuple[str, str]:
     from lbm_registry.api.registry import resolve
     from lbm_registry.errors import LBMError
     from lbm_registry.lbm.header import SafetensorsHeader
-    from lbm_registry.lora.format import META_KEY
 
     sha = None
     try:
-        raw = SafetensorsHeader(path).metadata.get(META_KEY) if path.is_file() else None
+        raw = SafetensorsHeader(path).metadata.get(NATIVE_META_KEY) if path.is_file() else None
         sha = json.loads(raw).get("base_sha256") if raw else None
     except (LBMError, ValueError, AttributeError):
         sha = None
