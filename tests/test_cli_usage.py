@@ -463,3 +463,22 @@ def test_a_failed_first_command_leaves_no_half_made_workspace(cli, tmp_path):
     with pytest.raises(RegistryError, match="cannot reach the MLflow tracking server"):
         init_workspace(WorkspaceSettings.resolve(home=new, tracking_uri=gone))
     assert not new.exists()
+
+
+def test_a_wheel_carries_the_built_in_configs(tmp_path):
+    """``pip install`` (not editable) must find ``--config lbm-tiny``: the built-in configs are
+    package data, in the wheel next to the code that looks them up."""
+    import zipfile
+
+    from lbm_registry.lbm.config import builtin_config_dir
+
+    root = Path(__file__).resolve().parents[1]
+    assert builtin_config_dir().is_relative_to(Path(__import__("lbm_registry").__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                           "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [wheel] = list(tmp_path.glob("lbm_registry-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for cfg in ("lbm-tiny", "lbm-relighting", "lora-finetune"):
+        assert f"lbm_registry/configs/{cfg}.yaml" in names

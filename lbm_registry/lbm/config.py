@@ -169,8 +169,9 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> LBMConfig:
 
 
 def builtin_config_dir() -> Path:
-    """The repository's ``configs/`` folder (the package is installed editable)."""
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The built-in configs, shipped inside the package (``lbm_registry/configs``; the
+    repository's ``configs/`` is a link to it), so a plain ``pip install`` finds them too."""
+    return Path(__file__).resolve().parents[1] / "configs"
 
 
 def resolve_config_path(path: str | Path) -> Path:
