@@ -465,9 +465,10 @@ def test_a_failed_first_command_leaves_no_half_made_workspace(cli, tmp_path):
     assert not new.exists()
 
 
-def test_a_wheel_carries_the_built_in_configs(tmp_path):
-    """``pip install`` (not editable) must find ``--config lbm-tiny``: the built-in configs are
-    package data, in the wheel next to the code that looks them up."""
+def test_a_wheel_carries_the_built_in_configs_and_migrations(tmp_path):
+    """``pip install`` (not editable) must find ``--config lbm-tiny`` and be able to create a
+    catalog: the built-in configs and the Alembic scripts are package data, in the wheel next to
+    the code that looks them up."""
     import zipfile
 
     from lbm_registry.lbm.config import builtin_config_dir
@@ -482,3 +483,10 @@ def test_a_wheel_carries_the_built_in_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for cfg in ("lbm-tiny", "lbm-relighting", "lora-finetune"):
         assert f"lbm_registry/configs/{cfg}.yaml" in names
+    from lbm_registry.registry.schema import SCHEMA_HEAD, migrations_dir
+
+    scripts = {f"lbm_registry/registry/migrations/{p.relative_to(migrations_dir()).as_posix()}"
+               for p in migrations_dir().rglob("*") if p.is_file() and p.suffix in (".py", ".mako")}
+    assert {"lbm_registry/registry/migrations/env.py", "lbm_registry/registry/migrations/script.py.mako"} <= scripts
+    assert any(n.startswith(f"lbm_registry/registry/migrations/versions/{SCHEMA_HEAD}_") for n in names)
+    assert scripts <= names

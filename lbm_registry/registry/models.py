@@ -1,7 +1,7 @@
 """SQLAlchemy 2 declarative models of the catalog: the declared schema.
 
 Why they exist when the catalog code speaks plain SQL: the tables are *created and upgraded*
-only by the Alembic scripts in ``migrations/`` (whose ``env.py`` uses this metadata as
+only by the Alembic scripts in ``registry/migrations/`` (whose ``env.py`` uses this metadata as
 ``target_metadata``), and a test checks that migrating an empty database yields exactly these
 models. The hot read path (``lbm-reg list/show``) does not import this module: importing
 SQLAlchemy alone costs ~0.45 s, more than half the latency budget of those commands (see

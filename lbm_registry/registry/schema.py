@@ -15,7 +15,7 @@ from pathlib import Path
 from lbm_registry.errors import RegistryError
 from lbm_registry.registry.db import Database
 
-#: The newest revision in ``migrations/versions``. Bump it with every new migration script
+#: The newest revision in ``lbm_registry/registry/migrations/versions``. Bump it with every new migration script
 #: (``tests/test_registry_catalog.py`` checks it equals Alembic's head).
 SCHEMA_HEAD = "0002"
 
@@ -24,12 +24,11 @@ PG_MIGRATION_LOCK = 0x4C424D52  # "LBMR"
 
 
 def migrations_dir() -> Path:
-    """The top-level ``migrations/`` folder of the (editable) checkout."""
-    import lbm_registry
-
-    path = Path(lbm_registry.__file__).resolve().parents[1] / "migrations"
+    """The Alembic scripts, shipped inside the package (``lbm_registry/registry/migrations``), so
+    a plain ``pip install`` can create and upgrade a catalog, not only an editable checkout."""
+    path = Path(__file__).resolve().parent / "migrations"
     if not (path / "env.py").is_file():
-        raise RegistryError(f"Alembic migrations not found at {path} (is the package installed editable?)")
+        raise RegistryError(f"Alembic migrations not found at {path} (a broken install: reinstall lbm-registry)")
     return path
 
 
