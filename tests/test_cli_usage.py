@@ -490,3 +490,18 @@ def test_a_wheel_carries_the_built_in_configs_and_migrations(tmp_path):
     assert {"lbm_registry/registry/migrations/env.py", "lbm_registry/registry/migrations/script.py.mako"} <= scripts
     assert any(n.startswith(f"lbm_registry/registry/migrations/versions/{SCHEMA_HEAD}_") for n in names)
     assert scripts <= names
+
+
+def test_only_set_up_commands_undo_a_new_home():
+    """The clean-up of a failed first command is for ``init``, ``import`` and ``--register``:
+    a failed ``train`` keeps a new home, which holds the run's checkpoints for ``--resume``."""
+    from lbm_registry.cli.main import _sets_up_a_workspace
+
+    assert _sets_up_a_workspace(["--home", "h", "init"])
+    assert _sets_up_a_workspace(["--home", "import", "init"])  # a home named like a command
+    assert _sets_up_a_workspace(["import", "w.safetensors", "--name", "b", "--kind", "base"])
+    assert _sets_up_a_workspace(["extract", "--base", "b", "--tuned", "t", "--register", "relight"])
+    assert _sets_up_a_workspace(["resize", "relight", "--rank", "4", "--register=small"])
+    assert not _sets_up_a_workspace(["--home", "h", "train", "--config", "c.yaml", "--register", "relight"])
+    assert not _sets_up_a_workspace(["demo", "--home", "d"])
+    assert not _sets_up_a_workspace(["extract", "--base", "b", "--tuned", "t", "-o", "x.safetensors"])

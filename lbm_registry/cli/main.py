@@ -111,6 +111,28 @@ def _attach_usage_context(exc: Exception, args: list[str]) -> None:
         return
 
 
+GLOBAL_VALUE_OPTIONS = ("--home", "--catalog-url", "--tracking-uri")
+
+
+def _sets_up_a_workspace(argv: list[str]) -> bool:
+    """Is this ``init``, ``import`` or a ``--register`` of a one-shot command? Those are the
+    commands whose failure may leave a workspace they created half made. Not ``train`` (a new
+    home may hold the run's checkpoints, needed to resume) nor ``demo`` (its own home)."""
+    command, skip = None, False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in GLOBAL_VALUE_OPTIONS:
+            skip = True
+        elif not a.startswith("-"):
+            command = a
+            break
+    if command in ("init", "import"):
+        return True
+    return command not in ("train", "demo") and any(a == "--register" or a.startswith("--register=")
+                                                    for a in argv)
+
+
 def _may_register(argv: list[str]) -> bool:
     """Could this command line register something? (``import``, ``train``, ``--register``)."""
     return any(a == "--register" or a.startswith("--register=") for a in argv) or any(
@@ -172,10 +194,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from lbm_registry.registry.workspace import undone_if_new
 
-    fresh = _settings_from_args(args)
+    fresh = _settings_from_args(args) if _sets_up_a_workspace(args) else None
     previous = _set_sigint(on_sigint)
     try:
-        # a command that fails leaves no half-made workspace where there was none
+        # init, import or a --register that fails leaves no half-made workspace where there was none
         with undone_if_new(fresh.home if fresh is not None else None, (LBMError, OSError)):
             rc = app(args=args, prog_name="lbm-reg", standalone_mode=False)
         if interrupted and rc == 130:  # typer turns KeyboardInterrupt into Exit(130)
