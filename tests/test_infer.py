@@ -296,6 +296,8 @@ def test_bad_lora_scale_suffix_is_named(no_model, tmp_path, workspace, one_image
     with pytest.raises(LoRAError, match="bad LoRA spec 'relight@1:abc'.*scale 'abc'"):
         parse_lora_spec("relight@1:abc")
     assert parse_lora_spec("relight@1:0.5") == ("relight@1", 0.5)
+    with pytest.raises(LoRAError, match=r"bad LoRA spec 'relight@1:9': its scale 9 is outside 0.0-2.0"):
+        parse_lora_spec("relight@1:9")
     assert parse_lora_spec("sha256:abcdef12") == ("sha256:abcdef12", 1.0)
     with pytest.raises(LoRAError, match="bad LoRA spec"):
         run_infer(str(tiny_base_path), source=one_image, output=tmp_path / "o.png", loras=["relight@1:abc"],

@@ -59,7 +59,9 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
                 return spec, 1.0
             raise LoRAError(f"bad LoRA spec {spec!r}: write REF or REF:SCALE (a number), "
                             f"got scale {tail!r}") from None
-        return head, check_scale(value)
+        if not (0.0 <= value <= MAX_SCALE):
+            raise LoRAError(f"bad LoRA spec {spec!r}: its scale {value:g} is outside 0.0-{MAX_SCALE}")
+        return head, float(value)
     return spec, 1.0
 
 
