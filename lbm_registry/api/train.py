@@ -162,18 +162,14 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     from lbm_registry.lbm.model import build_model, pick_device
     from lbm_registry.train.data import expand_shards
     from lbm_registry.train.inject import check_lora_fits, match_modules, new_lora_file
-    from lbm_registry.train.loop import check_optimizer_available
+    from lbm_registry.train.loop import check_optimizer_available, check_output_folder
 
     lbm = _lbm_config_for(base, cfg.model_config_path)
     if cfg.resolution % lbm.pixel_multiple:
         raise ConfigError(f"resolution {cfg.resolution} must be a multiple of {lbm.pixel_multiple} "
                           f"for the '{lbm.name}' architecture")
     if cfg.output_dir is not None:
-        from lbm_registry.fileio import folder_problem
-
-        problem = folder_problem(cfg.output_dir)
-        if problem is not None:
-            raise ConfigError(f"output_dir: {problem}", cli=f"--output-dir: {problem}")
+        check_output_folder(cfg.output_dir)
     train_shards = expand_shards(cfg.train_shards, "train_shards")
     val_shards = expand_shards(cfg.validation_shards, "validation_shards")
     parent, lora = _parent_lora(cfg, base, settings)

@@ -121,14 +121,20 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def check_output_dir(output_dir: str | Path, resume: bool) -> None:
-    """Refuse a folder that cannot be one, to mix two runs in one folder, and to resume from
-    nothing (cheap: call it early)."""
+def check_output_folder(output_dir: str | Path) -> None:
+    """A ConfigError unless ``output_dir`` is a folder or can be made one (no file in the way)."""
+    from lbm_registry.errors import ConfigError
     from lbm_registry.fileio import folder_problem
 
     problem = folder_problem(output_dir)
     if problem is not None:
-        raise TrainingError(f"output_dir: {problem}", cli=f"--output-dir: {problem}")
+        raise ConfigError(f"output_dir: {problem}", cli=f"--output-dir: {problem}")
+
+
+def check_output_dir(output_dir: str | Path, resume: bool) -> None:
+    """Refuse a folder that cannot be one, to mix two runs in one folder, and to resume from
+    nothing (cheap: call it early)."""
+    check_output_folder(output_dir)
     if resume and latest_checkpoint(output_dir) is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {Path(output_dir) / 'checkpoints'}")
     if not resume and list_checkpoints(output_dir):
