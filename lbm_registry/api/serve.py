@@ -45,8 +45,9 @@ class RegistryResolver:
         if not SERVABLE_REF_RE.fullmatch(ref):  # never a path: a client names registered LoRAs only
             name, sep, selector = ref.partition("@")
             if sep and not selector and SERVABLE_REF_RE.fullmatch(name):
-                raise RefError(f"nothing after '@' in {ref!r}: write {name} or {name}@latest, {name}@N, "
-                               f"{name}@ALIAS")
+                from lbm_registry.registry.refs import nothing_after_at
+
+                raise nothing_after_at(ref, name)
             raise RefError(f"{ref!r} is not a registered reference (NAME, NAME@VERSION|ALIAS or sha256:PREFIX)")
         asset = resolve(ref, self.settings, layers=False)
         if asset.kind == "file":

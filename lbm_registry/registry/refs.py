@@ -77,6 +77,11 @@ def _suggest(word: str, candidates: list[str], n: int = 3) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+def nothing_after_at(ref: str, name: str) -> RefError:
+    """The refusal of ``NAME@`` (never read as latest), worded the same wherever it is met."""
+    return RefError(f"nothing after '@' in {ref!r}: write {name} or {name}@latest, {name}@N, {name}@ALIAS")
+
+
 def _looks_like_path(ref: str) -> bool:
     return os.sep in ref or "/" in ref or ref.startswith(("~", ".")) or Path(ref).suffix != ""
 
@@ -97,7 +102,7 @@ def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None,
 
     name, sep, selector = ref.partition("@")
     if sep and not selector and NAME_RE.fullmatch(name) and not Path(ref).expanduser().is_file():
-        raise RefError(f"nothing after '@' in {ref!r}: write {name} or {name}@latest, {name}@N, {name}@ALIAS")
+        raise nothing_after_at(ref, name)
     if NAME_RE.fullmatch(name) and ws is not None:
         if sep:
             return Resolution(ref, record=_by_name(ws, name, selector))
