@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from lbm_registry.cli._common import JSON_OPTION, console, print_json, settings
+from lbm_registry.cli._common import JSON_OPTION, LazyProgress, console, print_json, settings
 from lbm_registry.units import format_size
 
 _PHASES = {"spectra": "spectra (budget pass 1)", "refine": "deeper spectra", "extract": "extracting",
@@ -18,13 +18,13 @@ _PHASES = {"spectra": "spectra (budget pass 1)", "refine": "deeper spectra", "ex
 
 
 class _ProgressBar:
-    """A Rich progress bar on stderr, fed by the API's ``progress(phase, done, total)`` calls."""
+    """A Rich progress bar on stderr, fed by the API's ``progress(phase, done, total)`` calls
+    (a :class:`LazyProgress`: nothing shows before the first report, nor off a terminal)."""
 
     def __init__(self) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress,
             ProgressColumn,
             TextColumn,
             TimeElapsedColumn,
@@ -37,16 +37,13 @@ class _ProgressBar:
                 speed = task.finished_speed or task.speed
                 return Text(f"{speed:6.1f} layers/s" if speed else "", style="cyan")
 
-        self._progress = Progress(
+        self._progress = LazyProgress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console(stderr=True), transient=False, disable=not console(stderr=True).is_terminal,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
         )
         self._tasks: dict[str, Any] = {}
 
     def __call__(self, phase: str, done: int, total: int) -> None:
-        if not self._tasks:  # started by the first report: an early error prints no empty bar line
-            self._progress.start()
         if phase not in self._tasks:
             self._tasks[phase] = self._progress.add_task(_PHASES.get(phase, phase), total=total)
         self._progress.update(self._tasks[phase], completed=done, total=total)
@@ -55,8 +52,7 @@ class _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._tasks:
-            self._progress.stop()
+        self._progress.__exit__(*exc)
 
 
 def _hist(hist: dict[str, int]) -> str:
