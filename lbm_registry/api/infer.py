@@ -59,9 +59,10 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
                 return spec, 1.0
             raise LoRAError(f"bad LoRA spec {spec!r}: write REF or REF:SCALE (a number), "
                             f"got scale {tail!r}") from None
-        if not (0.0 <= value <= MAX_SCALE):
-            raise LoRAError(f"bad LoRA spec {spec!r}: its scale {value:g} is outside 0.0-{MAX_SCALE}")
-        return head, float(value)
+        try:
+            return head, check_scale(value)
+        except LoRAError:
+            raise LoRAError(f"bad LoRA spec {spec!r}: its scale {value:g} is outside 0.0-{MAX_SCALE}") from None
     return spec, 1.0
 
 
