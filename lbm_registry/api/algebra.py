@@ -79,11 +79,10 @@ def _resolve_all(refs: Sequence[str], settings: WorkspaceSettings, register: str
                  dtype: str) -> list[ResolvedAsset]:
     """The refusals that need no torch, before it is imported: the dtype, every reference, and
     a ``--register`` name already used by another kind."""
-    from lbm_registry.api.lora import LORA_DTYPES
+    from lbm_registry.api.lora import check_lora_dtype
     from lbm_registry.api.registry import check_name_free, resolve
 
-    if dtype not in LORA_DTYPES:
-        raise LoRAError(f"unknown --dtype {dtype!r}: use bf16, fp16 or fp32")
+    check_lora_dtype(dtype)
     assets = [resolve(r, settings, ("lora",)) for r in refs]
     if register is not None:
         check_name_free(register, "lora", settings)

@@ -187,6 +187,12 @@ def open_pair(base_ref: str, tuned_ref: str, settings: WorkspaceSettings) -> Mod
 LORA_DTYPES = ("bf16", "fp16", "fp32")   # lora.extract.STORAGE_DTYPES, named without importing torch
 
 
+def check_lora_dtype(dtype: str) -> None:
+    """Refuse a LoRA storage dtype other than :data:`LORA_DTYPES`, without importing torch."""
+    if dtype not in LORA_DTYPES:
+        raise LoRAError(f"unknown --dtype {dtype!r}: use bf16, fp16 or fp32")
+
+
 @dataclass
 class ExtractReport(WrittenLoRAReport):
     result: ExtractionResult
@@ -218,8 +224,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
 
     # Every check that needs no torch comes first: a wrong option answers in a fraction of a second.
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
-    if dtype not in LORA_DTYPES:
-        raise LoRAError(f"unknown --dtype {dtype!r}: use bf16, fp16 or fp32")
+    check_lora_dtype(dtype)
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise LoRAError(f"--alpha must be positive, got {alpha}")
     if output is None and register is None:
