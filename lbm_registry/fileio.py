@@ -61,6 +61,13 @@ def output_file_problem(path: str | Path, what: str = "--output") -> str | None:
     return None if problem is None else f"cannot write {what} {p}: {problem}"
 
 
+def check_output_file(path: str | Path | None, error: type[Exception], what: str = "--output") -> None:
+    """Raise ``error`` (the caller's one-line error type) when ``path`` is given and
+    :func:`output_file_problem` finds a reason it cannot be written."""
+    if path is not None and (problem := output_file_problem(path, what)) is not None:
+        raise error(problem)
+
+
 def make_folder(path: str | Path, what: str = "output folder") -> Path:
     """``mkdir -p`` with a one-line :class:`ConfigError` instead of an OSError traceback."""
     from lbm_registry.errors import ConfigError

@@ -114,11 +114,9 @@ def _policy(rank: int | None, conv_rank: int | None, energy: float | None, budge
 def _destination(output: str | Path | None, register: str | None) -> tuple[Path, Path | None]:
     if output is None and register is None:
         raise LoRAError("give --output FILE and/or --register NAME")
-    if output is not None:
-        from lbm_registry.fileio import output_file_problem
+    from lbm_registry.fileio import check_output_file
 
-        if (problem := output_file_problem(output)) is not None:
-            raise LoRAError(problem)
+    check_output_file(output, LoRAError)
     if register is not None:
         from lbm_registry.api.registry import validate_name
 

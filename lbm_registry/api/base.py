@@ -29,11 +29,9 @@ def _preflight(config: str | Path, *, sdxl_unet: str | Path | None, vae: str | P
         raise ConfigError(f"unknown --dtype {dtype!r}: use {', '.join(STORAGE_DTYPES[:-1])} or {STORAGE_DTYPES[-1]}")
     if output is None and register is None:
         raise ConfigError("give --register NAME or --output FILE")
-    if output is not None:
-        from lbm_registry.fileio import output_file_problem
+    from lbm_registry.fileio import check_output_file
 
-        if (problem := output_file_problem(output)) is not None:
-            raise ConfigError(problem)
+    check_output_file(output, ConfigError)
     cfg = load_config(config)
     if register:
         from lbm_registry.api.registry import check_name_free

@@ -229,11 +229,9 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
         raise LoRAError(f"--alpha must be positive, got {alpha}")
     if output is None and register is None:
         raise LoRAError("give output=FILE and/or register=NAME", cli="give --output FILE and/or --register NAME")
-    if output is not None:
-        from lbm_registry.fileio import output_file_problem
+    from lbm_registry.fileio import check_output_file
 
-        if (problem := output_file_problem(output)) is not None:
-            raise LoRAError(problem)
+    check_output_file(output, LoRAError)
     settings = _settings(settings)
     if register is not None:
         from lbm_registry.api.registry import check_name_free
