@@ -406,3 +406,21 @@ def test_cli_corrupt_shard_is_one_clean_line_and_skip_warns_on_stderr(tmp_path, 
     assert json.loads(captured.out)["skipped_samples"] == 1  # stdout is the JSON alone
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0] == err[-1].replace("error:", "warning: skipping bad sample:")
+
+
+def test_save_dtype_null_keeps_the_parents_dtype(train_config, start_lora_path, tmp_path):
+    """`save_dtype: null` means the parent's dtype (a bf16 parent gives a bf16 child), fp32 for a new LoRA."""
+    from lbm_registry.lora.format import read_lora, write_lora
+
+    bf16 = write_lora(read_lora(start_lora_path), tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
+    common = {"max_steps": 1, "validation_shards": [], "num_sample_images": 0}
+    trainer, inputs = _build(train_config(lora=str(bf16), output_dir=str(tmp_path / "a"), **common), tmp_path)
+    assert trainer.cfg.save_dtype == inputs.config.save_dtype == "bf16"  # recorded as resolved
+    got = read_lora(trainer.fit().lora_path)
+    assert {la.down.dtype for la in got.layers.values()} == {torch.bfloat16}
+    from lbm_registry.api.train import check_training, with_save_dtype
+    from lbm_registry.registry.settings import WorkspaceSettings
+
+    fresh = train_config(lora=None, new_lora={"rank": 2, "targets": ["*attn1.to_q"]}, trainable_lora_modules=["*"])
+    parent = check_training(fresh, WorkspaceSettings.resolve(home=tmp_path / "home"))[4]
+    assert parent is None and with_save_dtype(fresh, parent).save_dtype == "fp32"

@@ -173,8 +173,6 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     train_shards = expand_shards(cfg.train_shards, "train_shards")
     val_shards = expand_shards(cfg.validation_shards, "validation_shards")
     parent, lora = _parent_lora(cfg, base, settings)
-    if cfg.save_dtype is None:  # keep the parent's dtype (a bf16 parent gives a bf16 child)
-        cfg = cfg.model_copy(update={"save_dtype": _lora_dtype(lora) if lora is not None else "fp32"})
     meta_denoiser = build_model(lbm, meta=True).denoiser  # shapes only: checks before any loading
     if lora is None:
         assert cfg.new_lora is not None
@@ -228,6 +226,7 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     if resume is not None and dist.is_main:
         check_output_dir(cfg.output_dir, resume)
     base, lbm, train_shards, val_shards, parent, lora = check_training(cfg, settings)
+    cfg = with_save_dtype(cfg, lora if parent is not None else None)
 
     device = dist.device if dist.device is not None else pick_device(cfg.device)
     check_optimizer_available(cfg.optimizer, device)
@@ -276,6 +275,17 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
         raise
     inputs = TrainingInputs(cfg, lbm, base, parent, lora, train_shards, val_shards, device, datasets)
     return trainer, inputs
+
+
+def with_save_dtype(cfg: TrainConfig, parent: LoRAFile | None) -> TrainConfig:
+    """``cfg`` with ``save_dtype: null`` resolved: the parent LoRA's dtype (a bf16 parent gives a
+    bf16 child), fp32 for a new LoRA. Resolved once, before training, so the run writes, records
+    and registers one dtype."""
+    if cfg.save_dtype is not None:
+        return cfg
+    out = cfg.model_copy(update={"save_dtype": _lora_dtype(parent) if parent is not None else "fp32"})
+    out._notes = list(cfg.notes)
+    return out
 
 
 def _lora_dtype(lora: LoRAFile) -> str:
