@@ -193,7 +193,7 @@ def test_pixel_loss_step_and_lpips_startup_error(train_config, tmp_path, monkeyp
     import lbm_registry.lbm.loading as loading
 
     monkeypatch.setattr(loading, "load_lbm", lambda *a, **k: pytest.fail("model loaded before the LPIPS check"))
-    with pytest.raises(ConfigError, match="lpips needs the alex backbone"):
+    with pytest.raises(ConfigError, match="lpips needs the vgg backbone"):  # upstream's net by default
         _build(train_config(pixel_loss={"kind": "lpips"}), tmp_path)
 
 

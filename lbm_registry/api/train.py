@@ -237,7 +237,8 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     objective = BridgeObjective.create(
         lbm, latent_loss_fn(cfg.latent_loss), timesteps=cfg.timesteps, probabilities=cfg.timestep_probabilities,
         bridge_noise_sigma=cfg.bridge_noise_sigma, pixel_loss=pixel,
-        pixel_weight=cfg.pixel_loss.weight if cfg.pixel_loss else 0.0)
+        pixel_weight=cfg.pixel_loss.weight if cfg.pixel_loss else 0.0, latent_sample=cfg.latent_sample,
+        pixel_crop_size=cfg.pixel_loss.crop_size if cfg.pixel_loss else None)
     datasets = shard_hashes([*train_shards, *val_shards]) if cfg.register_name else []
 
     # frozen base weights in the autocast dtype on GPU; the trained LoRA factors stay fp32 (master copy)
@@ -260,7 +261,7 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     if cfg.cache_latents != "no":
         short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[base_dtype]
         cache = LatentCache(cfg.cache_latents, cfg.resolution, root=Path(cfg.output_dir) / "latent_cache",
-                            vae_tag=f"{base.sha256[:12]}-{short}")
+                            vae_tag=f"{base.sha256[:12]}-{short}", with_std=cfg.latent_sample == "sample")
 
     tracker = make_tracker(cfg.mlflow and dist.is_main, settings.effective_tracking_uri, cfg.experiment,
                            home=settings.home, run_name=cfg.register_name or Path(cfg.output_dir).name,
@@ -464,7 +465,8 @@ def finetune_full(base_path: str | Path, config: LBMConfig | str | Path | None =
     model.denoiser.requires_grad_(True).train()
     params = [p for p in model.denoiser.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    objective = BridgeObjective.create(lbm, latent_loss_fn("l2"))
+    # the latent mean: this stand-in fine-tune feeds the demo, whose printed numbers the README shows
+    objective = BridgeObjective.create(lbm, latent_loss_fn("l2"), latent_sample="mean")
     stream = PairStream(expand_shards([shards] if isinstance(shards, str) else shards), source_key=source_key,
                         target_key=target_key, resolution=resolution, seed=seed)
     gen = torch.Generator().manual_seed(seed)

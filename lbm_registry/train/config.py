@@ -55,11 +55,16 @@ class NewLoRAConfig(_Strict):
 
 
 class PixelLossConfig(_Strict):
-    """An extra loss on the decoded one-step prediction, in pixel space."""
+    """An extra loss on the decoded one-step prediction, in pixel space, as upstream computes it:
+    on a random ``crop_size`` window (cut from the latent before decoding), the decoded image
+    clamped to [-1, 1]. LPIPS uses VGG by default, as upstream and the original configs do."""
 
     kind: Literal["l1", "l2", "lpips"]
     weight: float = Field(1.0, gt=0)
-    lpips_net: Literal["alex", "vgg"] = "alex"
+    lpips_net: Literal["alex", "vgg"] = "vgg"
+    crop_size: int | None = Field(
+        512, ge=8, description="Side of the random window the pixel loss sees (upstream's pixel_loss_max_size); "
+                               "a side no longer than it is taken whole; null = the whole image.")
     lpips_random_backbone: bool = Field(
         False, description="Tests only: build LPIPS with a random backbone (never downloads, meaningless as a metric).")
 
@@ -101,6 +106,8 @@ class TrainConfig(_Strict):
     timestep_probabilities: list[float] | None = None
     bridge_noise_sigma: float | None = Field(None, ge=0)
     latent_loss: Literal["l2", "l1"] = "l2"
+    latent_sample: Literal["sample", "mean"] = Field(
+        "sample", description="Training latents: a seeded sample of the VAE posterior (upstream) or its mean.")
     pixel_loss: PixelLossConfig | None = None
 
     # -- validation, checkpoints, outputs ----------------------------------------------------

@@ -31,12 +31,12 @@ from lbm_registry.errors import DataError, TrainingError
 from lbm_registry.lbm.model import LBMModel
 from lbm_registry.lora.format import LoRAFile, write_lora
 from lbm_registry.registry.runs import NullTracker
-from lbm_registry.train.cache import LatentCache
+from lbm_registry.train.cache import LatentCache, Posterior
 from lbm_registry.train.config import TrainConfig
 from lbm_registry.train.data import PairStream, RawSample
 from lbm_registry.train.distributed import DistContext
 from lbm_registry.train.inject import LoRAInjection, inject_lora
-from lbm_registry.train.objective import BridgeObjective, sample_seed
+from lbm_registry.train.objective import BridgeObjective, latent_from, sample_seed
 from lbm_registry.train.state import (
     TrainState,
     latest_checkpoint,
@@ -187,13 +187,15 @@ class _Progress:
 
 @dataclass
 class _Micro:
-    """One process's share of one micro-step: latents, draws, and (for a pixel loss) targets."""
+    """One process's share of one micro-step: latents, draws, and (for a pixel loss) targets and
+    the latent offsets of each sample's pixel-loss window."""
 
     z_src: torch.Tensor
     z_tgt: torch.Tensor
     sigma: torch.Tensor
     eps: torch.Tensor
     target: torch.Tensor | None
+    crops: list[tuple[int, int]] | None = None
 
     @property
     def n(self) -> int:
@@ -282,46 +284,58 @@ class LoRATrainer:
         return micro
 
     @torch.no_grad()
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled posterior ``(mean, std)`` of ``images``, fp32 on the CPU: the same numbers
+        whether they are used now or come back from the latent cache."""
         with self.autocast():
-            return self.objective.encode(self.model, images.to(self.device)).float()
+            mean, std = self.objective.posterior(self.model, images.to(self.device))
+        return mean.float().cpu(), std.float().cpu()
 
     def prepare_micro(self, epoch: int, positions: list[int]) -> _Micro | None:
-        """Decode (or fetch cached latents of) the samples at ``positions`` and draw their
-        timesteps and noise. None when none of them is usable."""
+        """Decode (or fetch the cached posteriors of) the samples at ``positions`` and draw their
+        timesteps, noise, posterior samples and pixel-loss windows, each from the sample's own
+        seed. None when none of them is usable."""
         order = self.train_stream.order(epoch)
         cache = self.latent_cache
-        latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        posteriors: dict[int, Posterior] = {}
         images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for q in positions:
             raw: RawSample = order[q]
             hit = cache.get(raw) if cache is not None else None
             if hit is not None:
-                latents[q] = hit
+                posteriors[q] = hit
                 continue
             decoded = self.train_stream.decode(raw)
             if decoded is not None:
                 images[q] = decoded
         if images:
             keys = sorted(images)
-            z_src = self._encode(torch.stack([images[q][0] for q in keys]))
-            z_tgt = self._encode(torch.stack([images[q][1] for q in keys]))
+            m_src, s_src = self._posterior(torch.stack([images[q][0] for q in keys]))
+            m_tgt, s_tgt = self._posterior(torch.stack([images[q][1] for q in keys]))
             for i, q in enumerate(keys):
-                latents[q] = (z_src[i].cpu(), z_tgt[i].cpu())
+                posteriors[q] = (m_src[i], s_src[i], m_tgt[i], s_tgt[i])
                 if cache is not None:
-                    cache.put(order[q], z_src[i], z_tgt[i])
-        good = [q for q in positions if q in latents]
+                    cache.put(order[q], posteriors[q])
+        good = [q for q in positions if q in posteriors]
         if not good:
             return None
-        z_src = torch.stack([latents[q][0] for q in good]).to(self.device)
-        z_tgt = torch.stack([latents[q][1] for q in good]).to(self.device)
-        draws = [self.objective.draw(sample_seed(self.cfg.seed, epoch, q), tuple(z_src.shape[1:])) for q in good]
-        sigma = torch.stack([d[0] for d in draws])
-        eps = torch.stack([d[1] for d in draws])
-        target = None
+        shape = tuple(posteriors[good[0]][0].shape)
+        draws = [self.objective.draw(sample_seed(self.cfg.seed, epoch, q), shape) for q in good]
+        z_src, z_tgt = [], []
+        for q, d in zip(good, draws, strict=True):
+            m_s, s_s, m_t, s_t = posteriors[q]
+            noise = d.posterior or (None, None)
+            z_src.append(latent_from(m_s, s_s, noise[0]))
+            z_tgt.append(latent_from(m_t, s_t, noise[1]))
+        sigma = torch.stack([d.sigma for d in draws])
+        eps = torch.stack([d.eps for d in draws])
+        target = crops = None
         if self.objective.pixel_loss is not None:
             target = torch.stack([images[q][1] for q in good]).to(self.device)
-        return _Micro(z_src, z_tgt, sigma, eps, target)
+            if draws[0].crops is not None:
+                crops = [d.crops[0] for d in draws if d.crops is not None]
+        return _Micro(torch.stack(z_src).to(self.device), torch.stack(z_tgt).to(self.device), sigma, eps, target,
+                      crops)
 
     # -- one step --------------------------------------------------------------------------------
     def optimizer_step(self, micros: list[_Micro | None]) -> dict[str, float] | None:
@@ -340,7 +354,8 @@ class LoRATrainer:
             if m is None:
                 continue
             with self.autocast():
-                out = self.objective.loss_from_latents(self.model, m.z_src, m.z_tgt, m.sigma, m.eps, m.target)
+                out = self.objective.loss_from_latents(self.model, m.z_src, m.z_tgt, m.sigma, m.eps, m.target,
+                                                       m.crops)
             loss = out["loss"].float() * (m.n / n_global)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for k, v in out.items():
@@ -386,12 +401,15 @@ class LoRATrainer:
         self._reduced_sums = [float(x) for x in flat[offset:].tolist()]
 
     def train_step(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on a batch of images (timesteps/noise from the trainer's generator)."""
-        z_src, z_tgt = self._encode(source), self._encode(target)
-        sigma = self.objective.sample_sigmas(z_src.shape[0], self.generator)
-        eps = torch.randn(z_src.shape, generator=self.generator, dtype=torch.float32)
+        """One optimizer step on a batch of images (every draw from the trainer's generator)."""
+        m_src, s_src = self._posterior(source)
+        m_tgt, s_tgt = self._posterior(target)
+        d = self.objective.draw_batch(m_src.shape[0], tuple(m_src.shape[1:]), self.generator)
+        noise = d.posterior or (None, None)
+        z_src = latent_from(m_src, s_src, noise[0]).to(self.device)
+        z_tgt = latent_from(m_tgt, s_tgt, noise[1]).to(self.device)
         tgt = target.to(self.device) if self.objective.pixel_loss is not None else None
-        out = self.optimizer_step([_Micro(z_src, z_tgt, sigma, eps, tgt)])
+        out = self.optimizer_step([_Micro(z_src, z_tgt, d.sigma, d.eps, tgt, d.crops)])
         assert out is not None
         return out
 
