@@ -181,6 +181,10 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
                              conv_alpha=n.conv_alpha, targets=n.targets, seed=cfg.seed)
     check_lora_fits(lora, meta_denoiser)
     match_modules(lora.layers, cfg.trainable_lora_modules, what="LoRA module")
+    from lbm_registry.train.schedule import check_schedule
+
+    check_schedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.lr_scheduler_kwargs, cfg.max_steps,
+                   has_validation=bool(val_shards))
 
     check_optimizer_available(cfg.optimizer, pick_device(cfg.device))
     return base, lbm, train_shards, val_shards, parent, lora

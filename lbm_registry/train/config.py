@@ -99,6 +99,11 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_steps: int | None = Field(1000, ge=1)
     epochs: int | None = Field(None, ge=1)
+    lr_scheduler: str = Field("constant", description="Learning-rate schedule: a diffusers get_scheduler name or "
+                                                      "a torch.optim.lr_scheduler class upstream uses.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (diffusers schedules).")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                                description="Extra arguments of the schedule.")
     seed: int = 0
 
     # -- objective ---------------------------------------------------------------------------
@@ -146,6 +151,25 @@ class TrainConfig(_Strict):
         if v is False or v is None:
             return "no"
         return v
+
+    @field_validator("lr_scheduler", mode="before")
+    @classmethod
+    def _schedule(cls, v: Any) -> Any:
+        return "constant" if v is None else v
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        from lbm_registry.train.schedule import SCHEDULES
+
+        if v not in SCHEDULES:
+            raise ValueError(f"unknown schedule {v!r}: use one of {', '.join(SCHEDULES)}")
+        return v
+
+    @field_validator("lr_scheduler_kwargs", mode="before")
+    @classmethod
+    def _no_kwargs(cls, v: Any) -> Any:
+        return {} if v is None else v
 
     @field_validator("train_shards", "validation_shards", "trainable_lora_modules", mode="before")
     @classmethod

@@ -273,6 +273,10 @@ class PairStream:
         self._order = (epoch, out)
         return out
 
+    def steps_per_epoch(self, epoch: int, global_batch: int) -> int:
+        """Optimizer steps in ``epoch`` when each takes up to ``global_batch`` consecutive samples."""
+        return -(-len(self.order(epoch)) // global_batch)
+
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, raw: RawSample) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(source, target)`` tensors, or None for a bad sample in skip mode."""

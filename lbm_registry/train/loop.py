@@ -37,6 +37,7 @@ from lbm_registry.train.data import PairStream, RawSample
 from lbm_registry.train.distributed import DistContext
 from lbm_registry.train.inject import LoRAInjection, inject_lora
 from lbm_registry.train.objective import BridgeObjective, latent_from, sample_seed
+from lbm_registry.train.schedule import LRSchedule
 from lbm_registry.train.state import (
     TrainState,
     latest_checkpoint,
@@ -240,6 +241,7 @@ class LoRATrainer:
             model.denoiser.enable_gradient_checkpointing()  # the UNet's own (diffusers, non-reentrant)
         check_optimizer_available(cfg.optimizer, device)
         self.optimizer = build_optimizer(cfg, self.params)
+        self.schedule: LRSchedule | None = None  # built by fit(): it needs the run's length
         self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype(device, cfg.mixed_precision) == \
             torch.float16 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -479,6 +481,8 @@ class LoRATrainer:
         val = self.dist.broadcast(val)
         if val is not None:
             self.state.val_history.append((step, val))
+            if step > 0 and self.schedule is not None:
+                self.schedule.validated(val)
         return val
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -507,7 +511,8 @@ class LoRATrainer:
             rng["grad_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
                                optimizer=self.optimizer, rng=rng, state=self.state,
-                               config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
+                               config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints,
+                               scheduler=self.schedule.state_dict() if self.schedule is not None else None)
 
     def _resume(self) -> int:
         """Rank 0 reads the newest checkpoint and hands it to every process (no shared disk needed)."""
@@ -527,8 +532,7 @@ class LoRATrainer:
             self.optimizer.load_state_dict(ckpt.optimizer)
         except (ValueError, KeyError) as exc:
             raise TrainingError(f"{path}: optimizer state does not fit this run ({exc})") from None
-        for group in self.optimizer.param_groups:  # the config may change the learning rate
-            group["lr"] = self.cfg.learning_rate
+        self._resume_schedule(ckpt.scheduler, ckpt.state.step, ckpt.config.get("learning_rate"))
         if self.scaler is not None and "grad_scaler" in ckpt.rng:
             self.scaler.load_state_dict(ckpt.rng["grad_scaler"])
         restore_rng({k: v for k, v in ckpt.rng.items() if k != "grad_scaler"}, self.generator)
@@ -536,6 +540,33 @@ class LoRATrainer:
         self._skipped_before = ckpt.state.skipped
         self._last_checkpoint_step = self.state.step
         return self.state.step
+
+    def _resume_schedule(self, state: dict[str, Any] | None, step: int, saved_lr: float | None) -> None:
+        """Continue the learning-rate schedule where the checkpoint left it. A ``learning_rate``
+        changed since the checkpoint scales the whole schedule; a checkpoint without a schedule
+        (older versions trained at a constant rate) starts this one at its step."""
+        assert self.schedule is not None
+        if state is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = self.cfg.learning_rate
+            self.schedule.fast_forward(step)
+            return
+        try:
+            self.schedule.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingError(f"the checkpoint's learning-rate schedule does not fit lr_scheduler "
+                                f"{self.cfg.lr_scheduler} ({exc})") from None
+        if saved_lr and saved_lr != self.cfg.learning_rate:
+            self.schedule.rescale(self.cfg.learning_rate / saved_lr)
+
+    def planned_steps(self) -> int:
+        """How many optimizer steps this run will make (``max_steps``, or ``epochs`` passes over the
+        data, whichever comes first): what a decaying schedule decays over."""
+        cfg = self.cfg
+        steps = [cfg.max_steps] if cfg.max_steps is not None else []
+        if cfg.epochs is not None:
+            steps.append(cfg.epochs * self.train_stream.steps_per_epoch(0, self.global_batch))
+        return max(1, min(steps))
 
     # -- the loop --------------------------------------------------------------------------------
     def _done(self) -> bool:
@@ -581,6 +612,12 @@ class LoRATrainer:
         resumed_from = None
         if self.dist.is_main:
             check_output_dir(self.output_dir, resume)
+        self.train_stream.warn = self.warn
+        self.train_stream.quiet_index = not self.dist.is_main
+        if self.val_stream is not None:
+            self.val_stream.warn = self.warn
+        self.schedule = LRSchedule(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
+                                   total_steps=self.planned_steps(), kwargs=cfg.lr_scheduler_kwargs)
         if resume:
             resumed_from = self._resume()
             self.log(f"resuming from step {resumed_from} ({self.output_dir / 'checkpoints'})")
@@ -596,10 +633,6 @@ class LoRATrainer:
         self.tracker.log_params({"trainable_params": c["trainable"], "total_params": c["total"],
                                  "num_processes": self.dist.world_size, "global_batch": self.global_batch,
                                  **{k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict | list)}})
-        self.train_stream.warn = self.warn
-        self.train_stream.quiet_index = not self.dist.is_main
-        if self.val_stream is not None:
-            self.val_stream.warn = self.warn
 
         if self.state.step == 0 and not self.state.val_history:
             self._validation_round(0)
@@ -615,6 +648,7 @@ class LoRATrainer:
                 last_loss = None
                 useful = self.state.position > 0  # resumed mid-epoch: that epoch had steps
                 for micros in self._steps():
+                    lr = self.schedule.lr
                     losses = self.optimizer_step(micros)
                     epoch, position, size = self._next_position
                     self.state.position = position
@@ -626,11 +660,13 @@ class LoRATrainer:
                     if losses is None:  # every sample of this step was bad (skip mode)
                         continue
                     self.state.step += 1
+                    self.schedule.step_done()
                     self._step_rng = rng_state(self.generator)
                     step = self.state.step
                     last_loss = losses["loss"]
                     self.state.train_history.append((step, last_loss))
-                    self.tracker.log_metrics({f"train/{k}": v for k, v in losses.items()}, step)
+                    self.state.lr_history.append((step, lr))
+                    self.tracker.log_metrics({**{f"train/{k}": v for k, v in losses.items()}, "train/lr": lr}, step)
                     if step % cfg.validation_interval == 0:
                         last_val = self._validation_round(step)
                     if step % cfg.checkpoint_interval == 0:
@@ -680,7 +716,8 @@ class LoRATrainer:
             trained_modules=list(self.trained_modules), samples_path=samples if samples.is_file() else None,
             loss_plot=plot, skipped_samples=self.total_skipped(), run_id=self.tracker.run_id,
             resumed_from=resumed_from,
-            history={"train": list(self.state.train_history), "val": list(self.state.val_history)})
+            history={"train": list(self.state.train_history), "val": list(self.state.val_history),
+                     "lr": list(self.state.lr_history)})
 
     def final_lora_file(self, train_loss: float | None = None, val_loss: float | None = None) -> LoRAFile:
         """The trained LoRA with its ``lbm_registry`` metadata (base sha256 kept, policy ``trained``)."""
