@@ -165,9 +165,7 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     from lbm_registry.train.loop import check_optimizer_available, check_output_folder
 
     lbm = _lbm_config_for(base, cfg.model_config_path)
-    if cfg.resolution % lbm.pixel_multiple:
-        raise ConfigError(f"resolution {cfg.resolution} must be a multiple of {lbm.pixel_multiple} "
-                          f"for the '{lbm.name}' architecture")
+    training_buckets(cfg, lbm)
     if cfg.output_dir is not None:
         check_output_folder(cfg.output_dir)
     train_shards = expand_shards(cfg.train_shards, "train_shards")
@@ -188,6 +186,29 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
 
     check_optimizer_available(cfg.optimizer, pick_device(cfg.device))
     return base, lbm, train_shards, val_shards, parent, lora
+
+
+def training_buckets(cfg: TrainConfig, lbm: LBMConfig) -> list[tuple[int, int]] | None:
+    """The aspect buckets of a run (None: every image at ``resolution``), every size checked
+    against the architecture's pixel multiple."""
+    from lbm_registry.errors import ConfigError
+    from lbm_registry.train.buckets import default_buckets
+
+    m = lbm.pixel_multiple
+    h, w = cfg.size
+    if h % m or w % m:
+        shown = str(h) if h == w else f"{h}x{w}"
+        raise ConfigError(f"resolution {shown} must be a multiple of {m} for the '{lbm.name}' architecture")
+    if cfg.aspect_buckets is False:
+        return None
+    if cfg.aspect_buckets is True:
+        return default_buckets(cfg.size, m)
+    chosen = [(int(a), int(b)) for a, b in cfg.aspect_buckets]
+    bad = [f"{a}x{b}" for a, b in chosen if a < m or b < m or a % m or b % m]
+    if not chosen or bad:
+        raise ConfigError(f"aspect_buckets: every bucket must be [height, width], multiples of {m} for the "
+                          f"'{lbm.name}' architecture" + (f" (not {', '.join(bad)})" if bad else ""))
+    return chosen
 
 
 def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | None = None,
@@ -256,16 +277,20 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     if parent is not None:
         lora_info.update(parent_sha256=parent.sha256, parent_ref=parent.label)
 
+    buckets = training_buckets(cfg, lbm)
     common = {"source_key": cfg.source_key, "target_key": cfg.target_key, "resolution": cfg.resolution,
-              "on_bad_sample": cfg.on_bad_sample}
+              "buckets": buckets, "on_bad_sample": cfg.on_bad_sample}
     train_stream = PairStream(train_shards, shuffle=True, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, **common)
     val_stream = PairStream(val_shards, shuffle=False, **common) if val_shards else None
 
     cache = None
     if cfg.cache_latents != "no":
         short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[base_dtype]
-        cache = LatentCache(cfg.cache_latents, cfg.resolution, root=Path(cfg.output_dir) / "latent_cache",
-                            vae_tag=f"{base.sha256[:12]}-{short}", with_std=cfg.latent_sample == "sample")
+        from lbm_registry.train.buckets import size_tag
+
+        cache = LatentCache(cfg.cache_latents, size_tag(cfg.size, buckets),
+                            root=Path(cfg.output_dir) / "latent_cache", vae_tag=f"{base.sha256[:12]}-{short}",
+                            with_std=cfg.latent_sample == "sample")
 
     tracker = make_tracker(cfg.mlflow and dist.is_main, settings.effective_tracking_uri, cfg.experiment,
                            home=settings.home, run_name=cfg.register_name or Path(cfg.output_dir).name,

@@ -83,9 +83,15 @@ class TrainConfig(_Strict):
     # -- data --------------------------------------------------------------------------------
     train_shards: list[str] = Field(min_length=1)
     validation_shards: list[str] = Field(default_factory=list)
-    source_key: str = "source.jpg"
-    target_key: str = "target.jpg"
-    resolution: int = Field(256, ge=8)
+    source_key: str | list[str] = Field(
+        "source.jpg", description="Sample entry of the input image; a name without an extension matches any "
+                                  "image extension; a list: the first entry present.")
+    target_key: str | list[str] = "target.jpg"
+    resolution: int | tuple[int, int] = Field(
+        256, description="Training image side, or [height, width] (480x640 on the command line).")
+    aspect_buckets: bool | list[tuple[int, int]] = Field(
+        False, description="Group samples by aspect ratio: true = upstream's 11 buckets at the pixel count of "
+                           "resolution, or a list of [height, width].")
     on_bad_sample: Literal["error", "skip"] = "error"
     shuffle_buffer: int = Field(64, ge=1)
 
@@ -151,6 +157,38 @@ class TrainConfig(_Strict):
         if v is False or v is None:
             return "no"
         return v
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "480x640" or "64", from the command line
+            parts = v.lower().replace(" ", "").split("x")
+            if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2):
+                raise ValueError(f"use a side in pixels (512) or HEIGHTxWIDTH (480x640), got {v!r}")
+            v = [int(p) for p in parts]
+        if isinstance(v, list | tuple) and len(v) == 1:
+            v = v[0]
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _size_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if min((v, v) if isinstance(v, int) else v) < 8:
+            raise ValueError("image sides must be at least 8 pixels")
+        return v
+
+    @field_validator("source_key", "target_key")
+    @classmethod
+    def _entry(cls, v: str | list[str]) -> str | list[str]:
+        if not v or any(not k for k in ([v] if isinstance(v, str) else v)):
+            raise ValueError("name a sample entry (source.jpg, or source_image for any image extension)")
+        return v
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``resolution`` as (height, width)."""
+        r = self.resolution
+        return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod

@@ -245,6 +245,7 @@ class LoRATrainer:
         self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype(device, cfg.mixed_precision) == \
             torch.float16 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        train_stream.group_size = self.global_batch  # aspect buckets: one bucket per optimizer step
         self.state = TrainState()
         self._step_rng: dict[str, Any] | None = None
         self._sample_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -440,7 +441,8 @@ class LoRATrainer:
             if stream is None:  # no validation set: show training pairs, in file order
                 stream = PairStream(self.train_stream.shards, source_key=self.train_stream.source_key,
                                     target_key=self.train_stream.target_key,
-                                    resolution=self.train_stream.resolution, on_bad_sample="skip", shuffle=False)
+                                    resolution=self.train_stream.resolution, buckets=self.train_stream.buckets,
+                                    on_bad_sample="skip", shuffle=False)
             self._sample_pairs = [(s, t) for _, _, s, t in stream.pairs(limit=k)] if k else []
         return self._sample_pairs
 
@@ -455,14 +457,17 @@ class LoRATrainer:
         if not pairs:
             return None
         self.model.eval()
-        src = torch.stack([s for s, _ in pairs]).to(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         lbm = self.model.config
-        with self.autocast():
-            z = sample(self.model.velocity, self.model.vae.encode(src), steps=lbm.inference.steps,
-                       bridge_noise_sigma=self.objective.bridge_noise_sigma, generator=gen)
-            pred = self.model.vae.decode(z)
-        rows = [(to_pil(s), to_pil(p), to_pil(t)) for (s, t), p in zip(pairs, pred.float(), strict=True)]
+        preds: dict[int, torch.Tensor] = {}
+        for shape in dict.fromkeys(s.shape for s, _ in pairs):  # one batch per size (aspect buckets)
+            idx = [i for i, (s, _) in enumerate(pairs) if s.shape == shape]
+            src = torch.stack([pairs[i][0] for i in idx]).to(self.device)
+            gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+            with self.autocast():
+                z = sample(self.model.velocity, self.model.vae.encode(src), steps=lbm.inference.steps,
+                           bridge_noise_sigma=self.objective.bridge_noise_sigma, generator=gen)
+                preds.update(zip(idx, self.model.vae.decode(z).float(), strict=True))
+        rows = [(to_pil(s), to_pil(preds[i]), to_pil(t)) for i, (s, t) in enumerate(pairs)]
         grid = sample_grid(rows, title=f"step {step}")
         path = save_image(grid, self.output_dir / "samples" / f"step-{step:08d}.png")
         save_image(grid, self.output_dir / SAMPLES)
@@ -587,7 +592,7 @@ class LoRATrainer:
             if start >= size:  # a checkpoint taken at the very end of an epoch
                 self.state.epoch, self.state.position = epoch + 1, 0
                 continue
-            g = min(self.global_batch, size - start)
+            g = self.train_stream.step_size(epoch, start, self.global_batch)
             micros = [self.prepare_micro(epoch, pos) if pos else None for pos in self.my_positions(start, g)]
             self._next_position = (epoch, start + g, size)
             yield micros
