@@ -125,3 +125,154 @@ def test_training_latents_are_a_seeded_posterior_sample_by_default(train_config,
 
     obj.sample_posterior = False  # latent_sample: mean
     torch.testing.assert_close(trainer.prepare_micro(0, [0, 1]).z_src, dist.mean * sf)
+
+
+# The keys of yonderwonder-ai/LBM_lora's lora/lora_relight_config.yaml, as it is (paths filled in).
+LORA_RELIGHT_CONFIG = """\
+train_shards:
+  - "{train}"
+validation_shards:
+  - "{val}"
+
+# Path to the exact base model created by create_exact_base_model.py
+base_model_path: "{base}"
+
+# Path to pre-existing LoRA weights to continue training.
+lora_weights_path: "{lora}"
+
+trainable_lora_modules:
+  - "attn1"
+  - "attn2"
+  - "up_blocks"
+
+# Training parameters
+wandb_project: null
+batch_size: 4
+learning_rate: 0.0002
+optimizer: "AdamW"
+save_ckpt_path: "{out}"
+log_interval: 100
+max_epochs: 50
+save_interval: 1000
+num_steps: [1, 2, 4]
+"""
+
+# The keys of gojasper/LBM-style upstream training configs (examples/training/config/*.yaml, with the
+# relighting keys): no base or LoRA (upstream builds from the Hub), `pipe:cat` shards, YAML's string "4e-5".
+UPSTREAM_RELIGHT_CONFIG = """\
+wandb_project: lbm-relighting
+timestep_sampling: custom_timesteps
+unet_input_channels: 4
+vae_num_channels: 4
+selected_timesteps: [250, 500, 750, 1000]
+prob: [0.25, 0.25, 0.25, 0.25]
+pixel_loss_type: lpips # l1 l2
+pixel_loss_weight: 10.0
+latent_loss_type: l2 # l1 l2
+latent_loss_weight: 1.0
+bridge_noise_sigma: 0.005
+conditioning_images_keys: []
+conditioning_masks_keys: []
+source_key: source_image
+target_key: target_image
+train_shards:
+  - pipe:cat {train}
+validation_shards:
+  - pipe:cat {val}
+batch_size: 4
+learning_rate: 4e-5
+learning_rate_scheduler: StepLR
+learning_rate_scheduler_kwargs: {{step_size: 1, gamma: 0.5}}
+optimizer: AdamW
+num_steps: [1, 4]
+log_interval: 500
+resume_from_checkpoint: true
+max_epochs: 50
+save_interval: 5000
+save_ckpt_path: {out}
+"""
+
+
+@pytest.fixture(scope="module")
+def attn_lora(tmp_path_factory, tiny_config, tiny_base_path):
+    """A LoRA with attn1, attn2 and up_blocks layers (every pattern of the original config matches)."""
+    from lbm_registry.lbm.model import build_model
+    from lbm_registry.lora.format import write_lora
+    from lbm_registry.registry.blobs import sha256_file
+    from lbm_registry.train.inject import new_lora_file
+
+    lora = new_lora_file(build_model(tiny_config, meta=True).denoiser, rank=2, conv_rank=2, seed=1,
+                         targets=["*attn1.to_q", "*attn2.to_v", "up_blocks.2.resnets.0.conv1"])
+    lora.info["base_sha256"] = sha256_file(tiny_base_path)
+    return write_lora(lora, tmp_path_factory.mktemp("attn") / "my_lora.safetensors", dtype=torch.float32)
+
+
+def test_the_original_lora_relight_config_runs_as_it_is(tmp_path, tiny_base_path, attn_lora, synth_shards, capsys):
+    import json
+
+    from lbm_registry.cli.main import main
+    from lbm_registry.train.config import load_train_config
+
+    cfg = tmp_path / "lora_relight_config.yaml"
+    cfg.write_text(LORA_RELIGHT_CONFIG.format(train=synth_shards["train"][0], val=synth_shards["val"][0],
+                                              base=tiny_base_path, lora=attn_lora, out=tmp_path / "out"))
+    loaded = load_train_config(cfg)
+    assert loaded.resolution == (480, 640) and loaded.max_steps is None and loaded.epochs == 50
+    assert loaded.experiment == "lbm-registry-train" and loaded.optimizer == "adamw"
+    main(["--home", str(tmp_path / "home"), "train", "--config", str(cfg), "--device", "cpu", "--no-mlflow",
+          "--max-steps", "1", "--resolution", "32x64", "--set", "num_sample_images=0", "--json"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["steps"] == 1 and out["output_dir"] == str(tmp_path / "out")
+    for note in ("wandb_project: null", "lora_weights_path -> lora", "base_model_path -> base",
+                 "resolution: 480x640", "max_steps: none", "log_interval -> validation_interval",
+                 "num_steps (", "pixel_loss: {kind: lpips, weight: 10}"):
+        assert note in captured.err, note
+
+
+def test_upstream_training_config_runs_with_source_image_entries_and_vgg_lpips(
+        tmp_path, tiny_base_path, start_lora_path, pair_shard, monkeypatch, capsys):
+    """upstream's keys: `source_key: source_image` reads `source_image.<ext>` entries (and the
+    `source.jpg` ones upstream's relighting pipeline renames so), `pixel_loss_type: lpips` is
+    LPIPS with VGG: a clear one-line error when its weights are not cached, never AlexNet."""
+    import json
+
+    from lbm_registry.cli.main import main
+    from lbm_registry.train.config import load_train_config
+
+    train = pair_shard(tmp_path / "train.tar", [(64, 32)] * 3, names=("source_image.jpg", "target_image.png"))
+    val = pair_shard(tmp_path / "val.tar", [(64, 32)], names=("source.jpg", "target.jpg"), seed=1)
+    cfg = tmp_path / "relight.yaml"
+    cfg.write_text(UPSTREAM_RELIGHT_CONFIG.format(train=train, val=val, out=tmp_path / "out"))
+    loaded = load_train_config(cfg, {"base": "b", "lora": "l"})
+    assert loaded.learning_rate == 4e-5 and loaded.lr_scheduler == "StepLR" and loaded.epochs == 50
+    assert loaded.pixel_loss.kind == "lpips" and loaded.pixel_loss.lpips_net == "vgg"
+    assert loaded.pixel_loss.weight == 10 and loaded.train_shards == [str(train)]
+    assert loaded.source_key == ["source_image", "source.jpg"] and loaded.timesteps == [250, 500, 750, 1000]
+
+    import lbm_registry.lbm.loading as loading
+
+    home = ["--home", str(tmp_path / "home")]
+    args = ["train", "--config", str(cfg), "--base", str(tiny_base_path), "--lora", str(start_lora_path),
+            "--device", "cpu", "--no-mlflow", "--max-steps", "2", "--batch-size", "2", "--resolution", "32x64",
+            "--set", "num_sample_images=0", "--json"]
+    real_load = loading.load_lbm
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(loading, "load_lbm", lambda *a, **k: pytest.fail("model loaded before the LPIPS check"))
+    with pytest.raises(SystemExit) as exc:
+        main([*home, *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: pixel_loss lpips needs the vgg backbone weights cached at "), err[-1]
+
+    monkeypatch.setattr(loading, "load_lbm", real_load)
+    main([*home, *args, "--set", "pixel_loss.lpips_random_backbone=true"])  # stands in for the cached VGG
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["steps"] == 2 and out["val_loss"] is not None  # both entry layouts were read
+    assert "source_key: source_image -> [source_image, source.jpg]" in captured.err
+    assert "(LPIPS with VGG, as upstream)" in captured.err and "pipe:cat FILE -> FILE" in captured.err
+    from lbm_registry.train.state import latest_checkpoint, load_checkpoint
+
+    state = load_checkpoint(latest_checkpoint(tmp_path / "out")).state
+    assert [lr for _, lr in state.lr_history] == pytest.approx([4e-5, 2e-5])  # StepLR(step_size=1, gamma=0.5)
