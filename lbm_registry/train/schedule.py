@@ -71,9 +71,14 @@ class LRSchedule:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def step_done(self) -> None:
-        """After each optimizer step."""
+        """After each optimizer step (also one an fp16 gradient scaler skipped: the schedule counts
+        steps, as upstream's does; torch's warning about that order is silenced)."""
         if not self.on_validation:
-            self.scheduler.step()
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
 
     def validated(self, val_loss: float) -> None:
         """After each validation round (``ReduceLROnPlateau`` only)."""
