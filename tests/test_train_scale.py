@@ -242,6 +242,7 @@ def test_accelerate_launch_runs_the_same_entry_point(reference_1x4, train_config
     assert _rel_diff(_factors(result["lora_path"]), _factors(reference_1x4.lora_path), start) < 1e-3
 
 
+@pytest.mark.slow  # the grouping itself: test_train_data.py::test_non_square_resolution_and_aspect_buckets
 def test_aspect_buckets_train_the_same_in_every_layout_and_with_cached_latents(train_config_factory, pair_shard,
                                                                                start_lora_path, tmp_path):
     """Non-square data in aspect buckets: batch 4 == batch 2 x accumulation 2 with cached latents

@@ -230,48 +230,60 @@ def test_the_original_lora_relight_config_runs_as_it_is(tmp_path, tiny_base_path
         assert note in captured.err, note
 
 
-def test_upstream_training_config_runs_with_source_image_entries_and_vgg_lpips(
-        tmp_path, tiny_base_path, start_lora_path, pair_shard, monkeypatch, capsys):
-    """upstream's keys: `source_key: source_image` reads `source_image.<ext>` entries (and the
-    `source.jpg` ones upstream's relighting pipeline renames so), `pixel_loss_type: lpips` is
-    LPIPS with VGG: a clear one-line error when its weights are not cached, never AlexNet."""
-    import json
-
-    from lbm_registry.cli.main import main
-    from lbm_registry.train.config import load_train_config
-
+@pytest.fixture
+def upstream_config(tmp_path, tiny_base_path, start_lora_path, pair_shard):
+    """upstream's relighting training config over shards with `source_image.jpg` entries (training)
+    and the `source.jpg` ones its pipeline renames (validation); the CLI arguments to run it."""
     train = pair_shard(tmp_path / "train.tar", [(64, 32)] * 3, names=("source_image.jpg", "target_image.png"))
     val = pair_shard(tmp_path / "val.tar", [(64, 32)], names=("source.jpg", "target.jpg"), seed=1)
     cfg = tmp_path / "relight.yaml"
     cfg.write_text(UPSTREAM_RELIGHT_CONFIG.format(train=train, val=val, out=tmp_path / "out"))
+    args = ["--home", str(tmp_path / "home"), "train", "--config", str(cfg), "--base", str(tiny_base_path),
+            "--lora", str(start_lora_path), "--device", "cpu", "--no-mlflow", "--max-steps", "2", "--batch-size",
+            "2", "--resolution", "32x64", "--set", "num_sample_images=0", "--json"]
+    return cfg, train, args
+
+
+def test_upstream_training_config_translates_and_wants_vgg_lpips(upstream_config, tmp_path, monkeypatch, capsys):
+    """upstream's keys as they are; `pixel_loss_type: lpips` is LPIPS with VGG: one clear line, before
+    any model loads, when its weights are not cached (never AlexNet instead)."""
+    from lbm_registry.cli.main import main
+    from lbm_registry.train.config import load_train_config
+
+    cfg, train, args = upstream_config
     loaded = load_train_config(cfg, {"base": "b", "lora": "l"})
     assert loaded.learning_rate == 4e-5 and loaded.lr_scheduler == "StepLR" and loaded.epochs == 50
+    assert loaded.lr_scheduler_kwargs == {"step_size": 1, "gamma": 0.5} and loaded.max_steps is None
     assert loaded.pixel_loss.kind == "lpips" and loaded.pixel_loss.lpips_net == "vgg"
-    assert loaded.pixel_loss.weight == 10 and loaded.train_shards == [str(train)]
+    assert loaded.pixel_loss.weight == 10 and loaded.pixel_loss.crop_size == 512
+    assert loaded.train_shards == [str(train)] and loaded.resolution == (480, 640)
     assert loaded.source_key == ["source_image", "source.jpg"] and loaded.timesteps == [250, 500, 750, 1000]
+    assert loaded.experiment == "lbm-relighting" and loaded.bridge_noise_sigma == 0.005
 
     import lbm_registry.lbm.loading as loading
 
-    home = ["--home", str(tmp_path / "home")]
-    args = ["train", "--config", str(cfg), "--base", str(tiny_base_path), "--lora", str(start_lora_path),
-            "--device", "cpu", "--no-mlflow", "--max-steps", "2", "--batch-size", "2", "--resolution", "32x64",
-            "--set", "num_sample_images=0", "--json"]
-    real_load = loading.load_lbm
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
     monkeypatch.setattr(loading, "load_lbm", lambda *a, **k: pytest.fail("model loaded before the LPIPS check"))
     with pytest.raises(SystemExit) as exc:
-        main([*home, *args])
+        main(args)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: pixel_loss lpips needs the vgg backbone weights cached at "), err[-1]
+    assert "source_key: source_image -> [source_image, source.jpg]" in "\n".join(err)
+    assert "(LPIPS with VGG, as upstream)" in "\n".join(err) and "pipe:cat FILE -> FILE" in "\n".join(err)
 
-    monkeypatch.setattr(loading, "load_lbm", real_load)
-    main([*home, *args, "--set", "pixel_loss.lpips_random_backbone=true"])  # stands in for the cached VGG
+
+@pytest.mark.slow
+def test_upstream_training_config_runs_on_both_entry_layouts(upstream_config, capsys, tmp_path):
+    import json
+
+    from lbm_registry.cli.main import main
+
+    *_, args = upstream_config
+    main([*args, "--set", "pixel_loss.lpips_random_backbone=true"])  # stands in for the cached VGG
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert out["steps"] == 2 and out["val_loss"] is not None  # both entry layouts were read
-    assert "source_key: source_image -> [source_image, source.jpg]" in captured.err
-    assert "(LPIPS with VGG, as upstream)" in captured.err and "pipe:cat FILE -> FILE" in captured.err
     from lbm_registry.train.state import latest_checkpoint, load_checkpoint
 
     state = load_checkpoint(latest_checkpoint(tmp_path / "out")).state
