@@ -121,16 +121,22 @@ def test_run_outputs(trained):
     assert sorted(result.output_dir.glob("samples/step-*.png"))
     ckpts = list_checkpoints(result.output_dir)
     assert [c.name for c in ckpts] == ["step-00000006", "step-00000012"]
-    assert {p.name for p in ckpts[-1].iterdir()} == {"lora.safetensors", "optimizer.pt", "rng.pt", "state.json"}
+    assert {p.name for p in ckpts[-1].iterdir()} == {"lora.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt",
+                                                     "state.json"}
 
 
 def test_interrupt_saves_and_resume_matches_uninterrupted_run(train_config, tmp_path):
+    """With a warm-up + cosine learning-rate schedule: the resumed run continues it exactly."""
     from lbm_registry.lora.format import read_lora
     from lbm_registry.train.state import latest_checkpoint
 
-    common = {"max_steps": 5, "validation_shards": [], "num_sample_images": 0}  # 4 batches/epoch: crosses one
+    common = {"max_steps": 5, "validation_shards": [], "num_sample_images": 0,  # 4 batches/epoch: crosses one
+              "lr_scheduler": "cosine", "lr_warmup_steps": 2}
     ref_trainer, _ = _build(train_config(output_dir=str(tmp_path / "a"), **common), tmp_path)
-    reference = read_lora(ref_trainer.fit().lora_path)
+    ref_result = ref_trainer.fit()
+    reference = read_lora(ref_result.lora_path)
+    # diffusers' cosine with 2 warm-up steps over 5: 0, 1/2, then 1/2 (1 + cos(pi k / 3)), k = 0, 1, 2
+    assert [lr for _, lr in ref_result.history["lr"]] == pytest.approx([0, 1.5e-3, 3e-3, 2.25e-3, 0.75e-3])
 
     cfg = train_config(output_dir=str(tmp_path / "b"), **common)
     trainer, _ = _build(cfg, tmp_path)
@@ -155,6 +161,7 @@ def test_interrupt_saves_and_resume_matches_uninterrupted_run(train_config, tmp_
         train_lora(cfg, settings=settings, progress=False)
     resumed = _build(cfg, tmp_path)[0].fit(resume=True)
     assert resumed.resumed_from == 3 and resumed.steps == 5 and resumed.epochs == 1
+    assert resumed.history["lr"] == ref_result.history["lr"]
     got = read_lora(resumed.lora_path)
     for name, layer in reference.layers.items():
         assert torch.equal(got.layers[name].down, layer.down), name
@@ -193,7 +200,7 @@ def test_pixel_loss_step_and_lpips_startup_error(train_config, tmp_path, monkeyp
     import lbm_registry.lbm.loading as loading
 
     monkeypatch.setattr(loading, "load_lbm", lambda *a, **k: pytest.fail("model loaded before the LPIPS check"))
-    with pytest.raises(ConfigError, match="lpips needs the alex backbone"):
+    with pytest.raises(ConfigError, match="lpips needs the vgg backbone"):  # upstream's net by default
         _build(train_config(pixel_loss={"kind": "lpips"}), tmp_path)
 
 
@@ -406,3 +413,66 @@ def test_cli_corrupt_shard_is_one_clean_line_and_skip_warns_on_stderr(tmp_path, 
     assert json.loads(captured.out)["skipped_samples"] == 1  # stdout is the JSON alone
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0] == err[-1].replace("error:", "warning: skipping bad sample:")
+
+
+def test_save_dtype_null_keeps_the_parents_dtype(train_config, start_lora_path, tmp_path):
+    """`save_dtype: null` means the parent's dtype (a bf16 parent gives a bf16 child), fp32 for a new LoRA."""
+    from lbm_registry.lora.format import read_lora, write_lora
+
+    bf16 = write_lora(read_lora(start_lora_path), tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
+    common = {"max_steps": 1, "validation_shards": [], "num_sample_images": 0}
+    trainer, inputs = _build(train_config(lora=str(bf16), output_dir=str(tmp_path / "a"), **common), tmp_path)
+    assert trainer.cfg.save_dtype == inputs.config.save_dtype == "bf16"  # recorded as resolved
+    got = read_lora(trainer.fit().lora_path)
+    assert {la.down.dtype for la in got.layers.values()} == {torch.bfloat16}
+    from lbm_registry.api.train import check_training, with_save_dtype
+    from lbm_registry.registry.settings import WorkspaceSettings
+
+    fresh = train_config(lora=None, new_lora={"rank": 2, "targets": ["*attn1.to_q"]}, trainable_lora_modules=["*"])
+    parent = check_training(fresh, WorkspaceSettings.resolve(home=tmp_path / "home"))[4]
+    assert parent is None and with_save_dtype(fresh, parent).save_dtype == "fp32"
+
+
+def test_lr_schedules_by_diffusers_and_upstreams_torch_names():
+    """upstream's `learning_rate_scheduler: StepLR` + kwargs steps every optimizer step; warm-up and
+    decay come from diffusers; bad names/arguments are one-line start-up errors; a learning_rate
+    changed on resume scales the schedule."""
+    from lbm_registry.train.schedule import LRSchedule, check_schedule
+
+    def run(name, steps=4, **kw):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = LRSchedule(name, opt, **kw)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(sched.lr)
+            opt.step()
+            sched.step_done()
+        return lrs, sched
+
+    assert run("StepLR", kwargs={"step_size": 1, "gamma": 0.5})[0] == [1.0, 0.5, 0.25, 0.125]
+    assert run("constant")[0] == [1.0] * 4
+    assert run("constant", warmup_steps=2)[0] == [0.0, 0.5, 1.0, 1.0]  # constant + warm-up
+    assert run("linear", warmup_steps=1, total_steps=3)[0] == pytest.approx([0.0, 1.0, 0.5, 0.0])
+    lrs, sched = run("CosineAnnealingLR", steps=2, kwargs={"T_max": 4})
+    state = sched.state_dict()
+    _, again = run("CosineAnnealingLR", steps=0, kwargs={"T_max": 4})
+    again.optimizer.load_state_dict(sched.optimizer.state_dict())  # as a resume does, then the schedule
+    again.load_state_dict(state)
+    again.rescale(0.1)
+    assert again.lr == pytest.approx(sched.lr * 0.1)
+    plateau = run("ReduceLROnPlateau", steps=3, kwargs={"patience": 0})[1]
+    plateau.validated(1.0)
+    plateau.validated(2.0)  # worse, patience 0: cut by its factor, 0.1
+    assert plateau.lr == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"^lr_scheduler StepLR with lr_scheduler_kwargs \{'stepsize': 2\}: .*stepsize"):
+        check_schedule("StepLR", 0, {"stepsize": 2}, 10, True)
+    with pytest.raises(ConfigError, match="lr_warmup_steps applies to the diffusers schedules"):
+        check_schedule("ExponentialLR", 5, {"gamma": 0.9}, 10, True)
+    with pytest.raises(ConfigError, match="ReduceLROnPlateau follows the validation loss: give validation_shards"):
+        check_schedule("ReduceLROnPlateau", 0, {}, 10, False)
+    from lbm_registry.train.config import train_config_from_dict
+
+    with pytest.raises(ConfigError, match="lr_scheduler: Value error, unknown schedule 'cosin'"):
+        train_config_from_dict({"base": "b", "lora": "l", "train_shards": "x", "lr_scheduler": "cosin"})
+    assert train_config_from_dict({"base": "b", "lora": "l", "train_shards": "x",
+                                   "lr_scheduler": None}).lr_scheduler == "constant"

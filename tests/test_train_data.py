@@ -253,3 +253,60 @@ def test_a_shard_named_twice_is_one_dataset_in_the_lineage(tmp_path):
     rows = shard_hashes([a, b, tmp_path / "." / "a.tar"])
     assert rows == [{"path": str(a.resolve()), "sha256": hashlib.sha256(b"first").hexdigest()},
                     {"path": str(b.resolve()), "sha256": hashlib.sha256(b"second").hexdigest()}]
+
+
+def test_entries_named_without_extension_match_any_image_extension(tmp_path):
+    """upstream's configs name entries `source_image` / `target_image`: any image extension matches;
+    a list of names takes the first present (the original relighting shards hold `source.jpg`)."""
+    from lbm_registry.train.data import PairStream
+
+    shard = _tar(tmp_path / "up.tar", {
+        "a.source_image.png": _jpeg(), "a.target_image.webp": _jpeg((0, 0, 200)),
+        "b.source_image.jpg": _jpeg(), "b.target_image.jpeg": _jpeg((0, 200, 0)),
+        "c.source.jpg": _jpeg(), "c.target.jpg": _jpeg((9, 9, 9)), "c.json": b"{}",
+    })
+    stream = PairStream([shard], resolution=32, shuffle=False, source_key=["source_image", "source.jpg"],
+                        target_key=["target_image", "target"], on_bad_sample="skip")
+    assert [k for _, k, _, _ in stream.pairs()] == ["a", "b", "c"]
+    with pytest.raises(DataError, match=r"sample 'c' lacks 'source_image' \(has: json, source.jpg, target.jpg\)"):
+        list(PairStream([shard], resolution=32, shuffle=False, source_key="source_image",
+                        target_key="target_image").pairs())
+
+
+def test_non_square_resolution_and_aspect_buckets(tmp_path, pair_shard):
+    """`resolution: [H, W]` covers and centre-crops to H x W; with buckets each sample goes to the
+    bucket nearest its source's aspect ratio (EXIF rotation included) and each group of `global
+    batch` consecutive positions shares one bucket, the same grouping for every seed's order."""
+    import torch
+    from PIL import Image
+
+    from lbm_registry.train.data import PairStream
+
+    wide, tall = (96, 32), (32, 96)
+    shard = pair_shard(tmp_path / "mixed.tar", [wide] * 5 + [tall] * 3 + [(64, 64)])
+    fixed = PairStream([shard], resolution=(32, 64), shuffle=False)
+    assert {tuple(s.shape) for _, _, s, _ in fixed.pairs()} == {(3, 32, 64)}
+
+    buckets = [(32, 96), (96, 32), (64, 64)]
+    stream = PairStream([shard], resolution=64, buckets=buckets, shuffle_buffer=4, seed=3)
+    stream.group_size = 4
+    order = stream.order(0)
+    assert sorted(r.key for r in order) == [f"{i:04d}" for i in range(9)]
+    bounds, start = [], 0
+    while start < len(order):
+        n = stream.step_size(0, start, 4)
+        bounds.append(n)
+        assert len({stream.sample_size(r) for r in order[start:start + n]}) == 1, start
+        start += n
+    assert sorted(bounds) == [1, 1, 3, 4] and stream.steps_per_epoch(0, 4) == 4  # wide 4 + 1, tall 3, square 1
+    assert {tuple(s.shape[1:]) for _, _, s, _ in stream.pairs()} == {(32, 96), (96, 32), (64, 64)}
+    assert [b.source.shape[0] for b in stream.batches(4)] == bounds  # validation batches keep to one size
+
+    buf = io.BytesIO()  # a portrait photo stored landscape with EXIF orientation 6 (rotate 90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (96, 32), (9, 90, 200)).save(buf, format="JPEG", exif=exif)
+    rotated = _tar(tmp_path / "exif.tar", {"r.source.jpg": buf.getvalue(), "r.target.jpg": buf.getvalue()})
+    s = PairStream([rotated], resolution=64, buckets=buckets, shuffle=False)
+    assert s.sample_size(s.order(0)[0]) == (96, 32)
+    assert next(s.pairs())[2].shape == torch.Size([3, 96, 32])

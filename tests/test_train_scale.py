@@ -240,3 +240,21 @@ def test_accelerate_launch_runs_the_same_entry_point(reference_1x4, train_config
     assert result["num_processes"] == 2 and result["steps"] == 3
     start = _factors(start_lora_path)
     assert _rel_diff(_factors(result["lora_path"]), _factors(reference_1x4.lora_path), start) < 1e-3
+
+
+@pytest.mark.slow  # the grouping itself: test_train_data.py::test_non_square_resolution_and_aspect_buckets
+def test_aspect_buckets_train_the_same_in_every_layout_and_with_cached_latents(train_config_factory, pair_shard,
+                                                                               start_lora_path, tmp_path):
+    """Non-square data in aspect buckets: batch 4 == batch 2 x accumulation 2 with cached latents
+    (each step one bucket, partly filled buckets at the end of the epoch)."""
+    shard = pair_shard(tmp_path / "mixed.tar", [(96, 32)] * 5 + [(32, 96)] * 3, seed=4)
+    common = {**COMMON, "train_shards": [str(shard)], "aspect_buckets": True, "max_steps": 3}
+    runs = []
+    for name, kw in (("a", {"batch_size": 4}),
+                     ("b", {"batch_size": 2, "gradient_accumulation_steps": 2, "cache_latents": "memory"})):
+        trainer, result = _fit(train_config_factory(tmp_path / name, **common, **kw), tmp_path / name)
+        assert result.steps == 3 and result.epochs == 1  # 4 wide, then 1 wide and 3 tall
+        runs.append(_factors(result.lora_path))
+    assert trainer.train_stream.buckets[:2] == [(32, 128), (64, 64)] and (32, 96) in trainer.train_stream.buckets
+    assert trainer.latent_cache.misses == 8
+    assert _rel_diff(runs[1], runs[0], _factors(start_lora_path)) < 1e-3

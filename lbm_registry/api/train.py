@@ -165,16 +165,12 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
     from lbm_registry.train.loop import check_optimizer_available, check_output_folder
 
     lbm = _lbm_config_for(base, cfg.model_config_path)
-    if cfg.resolution % lbm.pixel_multiple:
-        raise ConfigError(f"resolution {cfg.resolution} must be a multiple of {lbm.pixel_multiple} "
-                          f"for the '{lbm.name}' architecture")
+    training_buckets(cfg, lbm)
     if cfg.output_dir is not None:
         check_output_folder(cfg.output_dir)
     train_shards = expand_shards(cfg.train_shards, "train_shards")
     val_shards = expand_shards(cfg.validation_shards, "validation_shards")
     parent, lora = _parent_lora(cfg, base, settings)
-    if cfg.save_dtype is None:  # keep the parent's dtype (a bf16 parent gives a bf16 child)
-        cfg = cfg.model_copy(update={"save_dtype": _lora_dtype(lora) if lora is not None else "fp32"})
     meta_denoiser = build_model(lbm, meta=True).denoiser  # shapes only: checks before any loading
     if lora is None:
         assert cfg.new_lora is not None
@@ -183,9 +179,36 @@ def check_training(cfg: TrainConfig, settings: WorkspaceSettings) -> tuple[Any, 
                              conv_alpha=n.conv_alpha, targets=n.targets, seed=cfg.seed)
     check_lora_fits(lora, meta_denoiser)
     match_modules(lora.layers, cfg.trainable_lora_modules, what="LoRA module")
+    from lbm_registry.train.schedule import check_schedule
+
+    check_schedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.lr_scheduler_kwargs, cfg.max_steps,
+                   has_validation=bool(val_shards))
 
     check_optimizer_available(cfg.optimizer, pick_device(cfg.device))
     return base, lbm, train_shards, val_shards, parent, lora
+
+
+def training_buckets(cfg: TrainConfig, lbm: LBMConfig) -> list[tuple[int, int]] | None:
+    """The aspect buckets of a run (None: every image at ``resolution``), every size checked
+    against the architecture's pixel multiple."""
+    from lbm_registry.errors import ConfigError
+    from lbm_registry.train.buckets import default_buckets
+
+    m = lbm.pixel_multiple
+    h, w = cfg.size
+    if h % m or w % m:
+        shown = str(h) if h == w else f"{h}x{w}"
+        raise ConfigError(f"resolution {shown} must be a multiple of {m} for the '{lbm.name}' architecture")
+    if cfg.aspect_buckets is False:
+        return None
+    if cfg.aspect_buckets is True:
+        return default_buckets(cfg.size, m)
+    chosen = [(int(a), int(b)) for a, b in cfg.aspect_buckets]
+    bad = [f"{a}x{b}" for a, b in chosen if a < m or b < m or a % m or b % m]
+    if not chosen or bad:
+        raise ConfigError(f"aspect_buckets: every bucket must be [height, width], multiples of {m} for the "
+                          f"'{lbm.name}' architecture" + (f" (not {', '.join(bad)})" if bad else ""))
+    return chosen
 
 
 def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | None = None,
@@ -228,6 +251,7 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     if resume is not None and dist.is_main:
         check_output_dir(cfg.output_dir, resume)
     base, lbm, train_shards, val_shards, parent, lora = check_training(cfg, settings)
+    cfg = with_save_dtype(cfg, lora if parent is not None else None)
 
     device = dist.device if dist.device is not None else pick_device(cfg.device)
     check_optimizer_available(cfg.optimizer, device)
@@ -238,7 +262,8 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     objective = BridgeObjective.create(
         lbm, latent_loss_fn(cfg.latent_loss), timesteps=cfg.timesteps, probabilities=cfg.timestep_probabilities,
         bridge_noise_sigma=cfg.bridge_noise_sigma, pixel_loss=pixel,
-        pixel_weight=cfg.pixel_loss.weight if cfg.pixel_loss else 0.0)
+        pixel_weight=cfg.pixel_loss.weight if cfg.pixel_loss else 0.0, latent_sample=cfg.latent_sample,
+        pixel_crop_size=cfg.pixel_loss.crop_size if cfg.pixel_loss else None)
     datasets = shard_hashes([*train_shards, *val_shards]) if cfg.register_name else []
 
     # frozen base weights in the autocast dtype on GPU; the trained LoRA factors stay fp32 (master copy)
@@ -252,16 +277,20 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     if parent is not None:
         lora_info.update(parent_sha256=parent.sha256, parent_ref=parent.label)
 
+    buckets = training_buckets(cfg, lbm)
     common = {"source_key": cfg.source_key, "target_key": cfg.target_key, "resolution": cfg.resolution,
-              "on_bad_sample": cfg.on_bad_sample}
+              "buckets": buckets, "on_bad_sample": cfg.on_bad_sample}
     train_stream = PairStream(train_shards, shuffle=True, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, **common)
     val_stream = PairStream(val_shards, shuffle=False, **common) if val_shards else None
 
     cache = None
     if cfg.cache_latents != "no":
         short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[base_dtype]
-        cache = LatentCache(cfg.cache_latents, cfg.resolution, root=Path(cfg.output_dir) / "latent_cache",
-                            vae_tag=f"{base.sha256[:12]}-{short}")
+        from lbm_registry.train.buckets import size_tag
+
+        cache = LatentCache(cfg.cache_latents, size_tag(cfg.size, buckets),
+                            root=Path(cfg.output_dir) / "latent_cache", vae_tag=f"{base.sha256[:12]}-{short}",
+                            with_std=cfg.latent_sample == "sample")
 
     tracker = make_tracker(cfg.mlflow and dist.is_main, settings.effective_tracking_uri, cfg.experiment,
                            home=settings.home, run_name=cfg.register_name or Path(cfg.output_dir).name,
@@ -276,6 +305,17 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
         raise
     inputs = TrainingInputs(cfg, lbm, base, parent, lora, train_shards, val_shards, device, datasets)
     return trainer, inputs
+
+
+def with_save_dtype(cfg: TrainConfig, parent: LoRAFile | None) -> TrainConfig:
+    """``cfg`` with ``save_dtype: null`` resolved: the parent LoRA's dtype (a bf16 parent gives a
+    bf16 child), fp32 for a new LoRA. Resolved once, before training, so the run writes, records
+    and registers one dtype."""
+    if cfg.save_dtype is not None:
+        return cfg
+    out = cfg.model_copy(update={"save_dtype": _lora_dtype(parent) if parent is not None else "fp32"})
+    out._notes = list(cfg.notes)
+    return out
 
 
 def _lora_dtype(lora: LoRAFile) -> str:
@@ -454,7 +494,8 @@ def finetune_full(base_path: str | Path, config: LBMConfig | str | Path | None =
     model.denoiser.requires_grad_(True).train()
     params = [p for p in model.denoiser.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    objective = BridgeObjective.create(lbm, latent_loss_fn("l2"))
+    # the latent mean: this stand-in fine-tune feeds the demo, whose printed numbers the README shows
+    objective = BridgeObjective.create(lbm, latent_loss_fn("l2"), latent_sample="mean")
     stream = PairStream(expand_shards([shards] if isinstance(shards, str) else shards), source_key=source_key,
                         target_key=target_key, resolution=resolution, seed=seed)
     gen = torch.Generator().manual_seed(seed)

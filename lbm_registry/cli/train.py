@@ -41,7 +41,8 @@ def train(
     mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="auto, no, bf16 or fp16."),
     num_processes: int | None = typer.Option(
         None, "--num-processes", help="Local data-parallel workers (gloo on CPU, NCCL on GPU)."),
-    resolution: int | None = typer.Option(None, "--resolution", help="Training image side in pixels."),
+    resolution: str | None = typer.Option(
+        None, "--resolution", help="Training image side in pixels, or HEIGHTxWIDTH (480x640)."),
     learning_rate: float | None = typer.Option(None, "--learning-rate"),
     optimizer: str | None = typer.Option(None, "--optimizer", help="adamw, adamw8bit (GPU + bitsandbytes) or sgd."),
     seed: int | None = typer.Option(None, "--seed"),

@@ -55,11 +55,16 @@ class NewLoRAConfig(_Strict):
 
 
 class PixelLossConfig(_Strict):
-    """An extra loss on the decoded one-step prediction, in pixel space."""
+    """An extra loss on the decoded one-step prediction, in pixel space, as upstream computes it:
+    on a random ``crop_size`` window (cut from the latent before decoding), the decoded image
+    clamped to [-1, 1]. LPIPS uses VGG by default, as upstream and the original configs do."""
 
     kind: Literal["l1", "l2", "lpips"]
     weight: float = Field(1.0, gt=0)
-    lpips_net: Literal["alex", "vgg"] = "alex"
+    lpips_net: Literal["alex", "vgg"] = "vgg"
+    crop_size: int | None = Field(
+        512, ge=8, description="Side of the random window the pixel loss sees (upstream's pixel_loss_max_size); "
+                               "a side no longer than it is taken whole; null = the whole image.")
     lpips_random_backbone: bool = Field(
         False, description="Tests only: build LPIPS with a random backbone (never downloads, meaningless as a metric).")
 
@@ -78,9 +83,15 @@ class TrainConfig(_Strict):
     # -- data --------------------------------------------------------------------------------
     train_shards: list[str] = Field(min_length=1)
     validation_shards: list[str] = Field(default_factory=list)
-    source_key: str = "source.jpg"
-    target_key: str = "target.jpg"
-    resolution: int = Field(256, ge=8)
+    source_key: str | list[str] = Field(
+        "source.jpg", description="Sample entry of the input image; a name without an extension matches any "
+                                  "image extension; a list: the first entry present.")
+    target_key: str | list[str] = "target.jpg"
+    resolution: int | tuple[int, int] = Field(
+        256, description="Training image side, or [height, width] (480x640 on the command line).")
+    aspect_buckets: bool | list[tuple[int, int]] = Field(
+        False, description="Group samples by aspect ratio: true = upstream's 11 buckets at the pixel count of "
+                           "resolution, or a list of [height, width].")
     on_bad_sample: Literal["error", "skip"] = "error"
     shuffle_buffer: int = Field(64, ge=1)
 
@@ -94,6 +105,11 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_steps: int | None = Field(1000, ge=1)
     epochs: int | None = Field(None, ge=1)
+    lr_scheduler: str = Field("constant", description="Learning-rate schedule: a diffusers get_scheduler name or "
+                                                      "a torch.optim.lr_scheduler class upstream uses.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (diffusers schedules).")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                                description="Extra arguments of the schedule.")
     seed: int = 0
 
     # -- objective ---------------------------------------------------------------------------
@@ -101,6 +117,8 @@ class TrainConfig(_Strict):
     timestep_probabilities: list[float] | None = None
     bridge_noise_sigma: float | None = Field(None, ge=0)
     latent_loss: Literal["l2", "l1"] = "l2"
+    latent_sample: Literal["sample", "mean"] = Field(
+        "sample", description="Training latents: a seeded sample of the VAE posterior (upstream) or its mean.")
     pixel_loss: PixelLossConfig | None = None
 
     # -- validation, checkpoints, outputs ----------------------------------------------------
@@ -139,6 +157,57 @@ class TrainConfig(_Strict):
         if v is False or v is None:
             return "no"
         return v
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "480x640" or "64", from the command line
+            parts = v.lower().replace(" ", "").split("x")
+            if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2):
+                raise ValueError(f"use a side in pixels (512) or HEIGHTxWIDTH (480x640), got {v!r}")
+            v = [int(p) for p in parts]
+        if isinstance(v, list | tuple) and len(v) == 1:
+            v = v[0]
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _size_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if min((v, v) if isinstance(v, int) else v) < 8:
+            raise ValueError("image sides must be at least 8 pixels")
+        return v
+
+    @field_validator("source_key", "target_key")
+    @classmethod
+    def _entry(cls, v: str | list[str]) -> str | list[str]:
+        if not v or any(not k for k in ([v] if isinstance(v, str) else v)):
+            raise ValueError("name a sample entry (source.jpg, or source_image for any image extension)")
+        return v
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``resolution`` as (height, width)."""
+        r = self.resolution
+        return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+
+    @field_validator("lr_scheduler", mode="before")
+    @classmethod
+    def _schedule(cls, v: Any) -> Any:
+        return "constant" if v is None else v
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        from lbm_registry.train.schedule import SCHEDULES
+
+        if v not in SCHEDULES:
+            raise ValueError(f"unknown schedule {v!r}: use one of {', '.join(SCHEDULES)}")
+        return v
+
+    @field_validator("lr_scheduler_kwargs", mode="before")
+    @classmethod
+    def _no_kwargs(cls, v: Any) -> Any:
+        return {} if v is None else v
 
     @field_validator("train_shards", "validation_shards", "trainable_lora_modules", mode="before")
     @classmethod

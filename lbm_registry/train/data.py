@@ -7,19 +7,23 @@ shard is indexed once (tar headers only: name, offset, size), so a sample is add
 *position* in an epoch and read on its own: a resumed run starts at the saved position without
 replaying anything, and each data-parallel process reads the bytes of its own samples only.
 Images are decoded by content (:func:`lbm_registry.lbm.imaging.open_image`), so WebP bytes in a
-``.jpg`` entry work.
+``.jpg`` entry work. An entry named without an extension (``source_image``, as upstream LBM's
+configs name their inputs) matches that entry with any image extension; a key may also list
+alternatives, the first one present wins. Images are resized to cover the training size (one
+(H, W), or their aspect bucket: :mod:`lbm_registry.train.buckets`) and centre-cropped.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lbm_registry.errors import DataError
+from lbm_registry.train.buckets import Size, group_by_bucket, image_size, nearest_bucket
 
 if TYPE_CHECKING:
     import torch
@@ -65,14 +69,47 @@ def shard_hashes(shards: Iterable[Path]) -> list[dict[str, str]]:
     return out
 
 
-def load_pair_image(data: bytes, resolution: int) -> Image.Image:
-    """Decode any PIL-readable bytes, resize the short side to ``resolution`` and centre-crop."""
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+
+def as_size(resolution: int | Sequence[int]) -> Size:
+    """``64`` -> (64, 64); ``(480, 640)`` -> (480, 640) (height, width)."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    h, w = resolution
+    return int(h), int(w)
+
+
+def load_pair_image(data: bytes, resolution: int | Sequence[int]) -> Image.Image:
+    """Decode any PIL-readable bytes, resize to cover ``resolution`` (a side, or (H, W)) and
+    centre-crop to it: the aspect ratio is kept, the overflowing edges are cut."""
     from PIL import Image, ImageOps
 
     from lbm_registry.lbm.imaging import open_image
 
+    h, w = as_size(resolution)
     img = open_image(data)
-    return ImageOps.fit(img, (resolution, resolution), method=Image.BICUBIC, centering=(0.5, 0.5))
+    return ImageOps.fit(img, (w, h), method=Image.BICUBIC, centering=(0.5, 0.5))
+
+
+def entry_names(key: str | Sequence[str]) -> tuple[str, ...]:
+    """A config's ``source_key``/``target_key`` as lower-case alternatives."""
+    keys = [key] if isinstance(key, str) else list(key)
+    return tuple(k.lower() for k in keys)
+
+
+def find_entry(members: Iterable[str], wanted: Sequence[str]) -> str | None:
+    """The first of ``wanted`` a sample has: the entry itself (``source.jpg``), or for a name
+    without an extension (``source_image``) that name with an image extension."""
+    present = set(members)
+    for name in wanted:
+        if name in present:
+            return name
+        if "." not in name:
+            for ext in IMAGE_EXTENSIONS:
+                if f"{name}.{ext}" in present:
+                    return f"{name}.{ext}"
+    return None
 
 
 _META = re.compile(r"__[^/]*__($|/)")
@@ -86,6 +123,16 @@ class RawSample:
     key: str
     members: dict[str, tuple[int, int]]  # entry (lower case) -> (offset, size) in the tar file
     compressed: bool = False
+
+    def read_head(self, entry: str, n: int = 65536) -> bytes:
+        """The first ``n`` bytes of ``entry`` (enough for an image header), or all of it from a
+        compressed shard."""
+        offset, size = self.members[entry]
+        if self.compressed or size <= n:
+            return self.read(entry)
+        with open(self.shard, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(n)
 
     def read(self, entry: str) -> bytes:
         offset, size = self.members[entry]
@@ -205,15 +252,20 @@ class PairStream:
     rest of a corrupt shard) after one ``warn`` line; ``"error"`` raises :class:`DataError`.
     """
 
-    def __init__(self, shards: list[Path], *, source_key: str = "source.jpg", target_key: str = "target.jpg",
-                 resolution: int = 256, on_bad_sample: str = "error", shuffle: bool = True,
+    def __init__(self, shards: list[Path], *, source_key: str | Sequence[str] = "source.jpg",
+                 target_key: str | Sequence[str] = "target.jpg", resolution: int | Sequence[int] = 256,
+                 buckets: Sequence[Size] | None = None, on_bad_sample: str = "error", shuffle: bool = True,
                  shuffle_buffer: int = 64, seed: int = 0, warn: Callable[[str], None] | None = None) -> None:
         if not shards:
             raise DataError("no shards given")
         self.shards = list(shards)
-        self.source_key = source_key.lower()
-        self.target_key = target_key.lower()
+        self.source_key = entry_names(source_key)
+        self.target_key = entry_names(target_key)
         self.resolution = resolution
+        self.size = as_size(resolution)
+        self.buckets = [as_size(b) for b in buckets] if buckets else None
+        self._group_size = 0
+        self._sizes: dict[tuple[Path, str], Size] = {}
         self.on_bad_sample = on_bad_sample
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
@@ -222,7 +274,18 @@ class PairStream:
         self.skipped = 0
         self._index: dict[Path, list[RawSample]] = {}
         self.quiet_index = False  # data-parallel workers but rank 0: every process indexes every shard
-        self._order: tuple[int, list[RawSample]] | None = None
+        self._order: tuple[int, list[RawSample], list[int] | None] | None = None
+
+    @property
+    def group_size(self) -> int:
+        """With buckets: how many consecutive samples share a bucket (the trainer's global batch)."""
+        return self._group_size
+
+    @group_size.setter
+    def group_size(self, n: int) -> None:
+        if n != self._group_size:
+            self._group_size = n
+            self._order = None  # regrouped on next use
 
     # -- raw stream ----------------------------------------------------------------------------
     def _bad(self, message: str) -> None:
@@ -251,7 +314,8 @@ class PairStream:
         yield from self.order(epoch)
 
     def order(self, epoch: int) -> list[RawSample]:
-        """This epoch's sample order (computed once per epoch, a pure function of seed and epoch)."""
+        """This epoch's sample order (computed once per epoch, a pure function of seed and epoch;
+        with buckets, and the group size, grouped so each step's samples share a bucket)."""
         if self._order is not None and self._order[0] == epoch:
             return self._order[1]
         rng = random.Random(f"{self.seed}:{epoch}")
@@ -270,8 +334,53 @@ class PairStream:
                     out.append(buf.pop(rng.randrange(len(buf))))
             while buf:
                 out.append(buf.pop(rng.randrange(len(buf))))
-        self._order = (epoch, out)
+        starts = None
+        if self.buckets and self.group_size > 0:
+            out, starts = group_by_bucket(out, self.sample_size, self.group_size)
+        self._order = (epoch, out, starts)
         return out
+
+    def steps_per_epoch(self, epoch: int, global_batch: int) -> int:
+        """Optimizer steps in ``epoch`` when each takes up to ``global_batch`` consecutive samples
+        (of one bucket, with buckets)."""
+        order = self.order(epoch)
+        starts = self._order[2] if self._order is not None else None
+        return len(starts) if starts is not None else -(-len(order) // global_batch)
+
+    def step_size(self, epoch: int, start: int, global_batch: int) -> int:
+        """How many samples the step starting at position ``start`` takes: up to ``global_batch``,
+        and with buckets up to the end of the bucket group ``start`` lies in."""
+        order = self.order(epoch)
+        size = min(global_batch, len(order) - start)
+        starts = self._order[2] if self._order is not None else None
+        if starts is not None:
+            import bisect
+
+            nxt = bisect.bisect_right(starts, start)
+            end = starts[nxt] if nxt < len(starts) else len(order)
+            size = min(size, end - start)
+        return size
+
+    def sample_size(self, raw: RawSample) -> Size:
+        """The (H, W) a sample is trained at: the fixed size, or the bucket nearest to its source
+        image's aspect ratio (read from the header once; an unreadable sample gets the fixed size
+        and is reported when decoded)."""
+        if not self.buckets:
+            return self.size
+        found = self._sizes.get((raw.shard, raw.key))
+        if found is None:
+            entry = find_entry(raw.members, self.source_key)
+            hw = None
+            if entry is not None:
+                try:
+                    hw = image_size(raw.read_head(entry))
+                    if hw is None:
+                        hw = image_size(raw.read(entry))
+                except OSError:
+                    hw = None
+            found = nearest_bucket(hw, self.buckets) if hw is not None else self.size
+            self._sizes[(raw.shard, raw.key)] = found
+        return found
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, raw: RawSample) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -279,11 +388,13 @@ class PairStream:
         from lbm_registry.lbm.imaging import to_tensor
 
         key, shard = raw.key, raw.shard.name
+        size = self.sample_size(raw)
         out = []
-        for want in (self.source_key, self.target_key):
-            if want not in raw.members:
+        for names in (self.source_key, self.target_key):
+            want = find_entry(raw.members, names)
+            if want is None:
                 present = ", ".join(sorted(raw.members)) or "nothing"
-                self._bad(f"{shard}: sample {key!r} lacks {want!r} (has: {present})")
+                self._bad(f"{shard}: sample {key!r} lacks {' or '.join(repr(n) for n in names)} (has: {present})")
                 return None
             try:
                 data = raw.read(want)
@@ -291,7 +402,7 @@ class PairStream:
                 self._bad(f"{shard}: sample {key!r} {want}: unreadable ({exc})")
                 return None
             try:
-                out.append(to_tensor(load_pair_image(data, self.resolution))[0])
+                out.append(to_tensor(load_pair_image(data, size))[0])
             except DataError as exc:
                 reason = getattr(exc, "reason", None) or str(exc).replace("unreadable image <bytes>: ", "")
                 self._bad(f"{shard}: sample {key!r} {want}: unreadable image ({reason})")
@@ -317,19 +428,24 @@ class PairStream:
 
     def batches(self, batch_size: int, epoch: int = 0, start: int = 0,
                 limit: int | None = None) -> Iterator[Batch]:
-        """Batches of up to ``batch_size`` pairs (the last one of an epoch may be smaller)."""
+        """Batches of up to ``batch_size`` consecutive pairs of one size (the last one of an epoch,
+        or of a run of one aspect bucket, may be smaller)."""
         import torch
 
         src: list[torch.Tensor] = []
         tgt: list[torch.Tensor] = []
         keys: list[str] = []
-        position = start
+        last = start
         for position, key, s, t in self.pairs(epoch, start, limit):
+            if src and s.shape != src[0].shape:
+                yield Batch(torch.stack(src), torch.stack(tgt), keys, last)
+                src, tgt, keys = [], [], []
             src.append(s)
             tgt.append(t)
             keys.append(key)
+            last = position
             if len(src) == batch_size:
                 yield Batch(torch.stack(src), torch.stack(tgt), keys, position)
                 src, tgt, keys = [], [], []
         if src:
-            yield Batch(torch.stack(src), torch.stack(tgt), keys, position)
+            yield Batch(torch.stack(src), torch.stack(tgt), keys, last)

@@ -31,12 +31,13 @@ from lbm_registry.errors import DataError, TrainingError
 from lbm_registry.lbm.model import LBMModel
 from lbm_registry.lora.format import LoRAFile, write_lora
 from lbm_registry.registry.runs import NullTracker
-from lbm_registry.train.cache import LatentCache
+from lbm_registry.train.cache import LatentCache, Posterior
 from lbm_registry.train.config import TrainConfig
 from lbm_registry.train.data import PairStream, RawSample
 from lbm_registry.train.distributed import DistContext
 from lbm_registry.train.inject import LoRAInjection, inject_lora
-from lbm_registry.train.objective import BridgeObjective, sample_seed
+from lbm_registry.train.objective import BridgeObjective, latent_from, sample_seed
+from lbm_registry.train.schedule import LRSchedule
 from lbm_registry.train.state import (
     TrainState,
     latest_checkpoint,
@@ -187,13 +188,15 @@ class _Progress:
 
 @dataclass
 class _Micro:
-    """One process's share of one micro-step: latents, draws, and (for a pixel loss) targets."""
+    """One process's share of one micro-step: latents, draws, and (for a pixel loss) targets and
+    the latent offsets of each sample's pixel-loss window."""
 
     z_src: torch.Tensor
     z_tgt: torch.Tensor
     sigma: torch.Tensor
     eps: torch.Tensor
     target: torch.Tensor | None
+    crops: list[tuple[int, int]] | None = None
 
     @property
     def n(self) -> int:
@@ -238,9 +241,11 @@ class LoRATrainer:
             model.denoiser.enable_gradient_checkpointing()  # the UNet's own (diffusers, non-reentrant)
         check_optimizer_available(cfg.optimizer, device)
         self.optimizer = build_optimizer(cfg, self.params)
+        self.schedule: LRSchedule | None = None  # built by fit(): it needs the run's length
         self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype(device, cfg.mixed_precision) == \
             torch.float16 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        train_stream.group_size = self.global_batch  # aspect buckets: one bucket per optimizer step
         self.state = TrainState()
         self._step_rng: dict[str, Any] | None = None
         self._sample_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -282,46 +287,58 @@ class LoRATrainer:
         return micro
 
     @torch.no_grad()
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled posterior ``(mean, std)`` of ``images``, fp32 on the CPU: the same numbers
+        whether they are used now or come back from the latent cache."""
         with self.autocast():
-            return self.objective.encode(self.model, images.to(self.device)).float()
+            mean, std = self.objective.posterior(self.model, images.to(self.device))
+        return mean.float().cpu(), std.float().cpu()
 
     def prepare_micro(self, epoch: int, positions: list[int]) -> _Micro | None:
-        """Decode (or fetch cached latents of) the samples at ``positions`` and draw their
-        timesteps and noise. None when none of them is usable."""
+        """Decode (or fetch the cached posteriors of) the samples at ``positions`` and draw their
+        timesteps, noise, posterior samples and pixel-loss windows, each from the sample's own
+        seed. None when none of them is usable."""
         order = self.train_stream.order(epoch)
         cache = self.latent_cache
-        latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        posteriors: dict[int, Posterior] = {}
         images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for q in positions:
             raw: RawSample = order[q]
             hit = cache.get(raw) if cache is not None else None
             if hit is not None:
-                latents[q] = hit
+                posteriors[q] = hit
                 continue
             decoded = self.train_stream.decode(raw)
             if decoded is not None:
                 images[q] = decoded
         if images:
             keys = sorted(images)
-            z_src = self._encode(torch.stack([images[q][0] for q in keys]))
-            z_tgt = self._encode(torch.stack([images[q][1] for q in keys]))
+            m_src, s_src = self._posterior(torch.stack([images[q][0] for q in keys]))
+            m_tgt, s_tgt = self._posterior(torch.stack([images[q][1] for q in keys]))
             for i, q in enumerate(keys):
-                latents[q] = (z_src[i].cpu(), z_tgt[i].cpu())
+                posteriors[q] = (m_src[i], s_src[i], m_tgt[i], s_tgt[i])
                 if cache is not None:
-                    cache.put(order[q], z_src[i], z_tgt[i])
-        good = [q for q in positions if q in latents]
+                    cache.put(order[q], posteriors[q])
+        good = [q for q in positions if q in posteriors]
         if not good:
             return None
-        z_src = torch.stack([latents[q][0] for q in good]).to(self.device)
-        z_tgt = torch.stack([latents[q][1] for q in good]).to(self.device)
-        draws = [self.objective.draw(sample_seed(self.cfg.seed, epoch, q), tuple(z_src.shape[1:])) for q in good]
-        sigma = torch.stack([d[0] for d in draws])
-        eps = torch.stack([d[1] for d in draws])
-        target = None
+        shape = tuple(posteriors[good[0]][0].shape)
+        draws = [self.objective.draw(sample_seed(self.cfg.seed, epoch, q), shape) for q in good]
+        z_src, z_tgt = [], []
+        for q, d in zip(good, draws, strict=True):
+            m_s, s_s, m_t, s_t = posteriors[q]
+            noise = d.posterior or (None, None)
+            z_src.append(latent_from(m_s, s_s, noise[0]))
+            z_tgt.append(latent_from(m_t, s_t, noise[1]))
+        sigma = torch.stack([d.sigma for d in draws])
+        eps = torch.stack([d.eps for d in draws])
+        target = crops = None
         if self.objective.pixel_loss is not None:
             target = torch.stack([images[q][1] for q in good]).to(self.device)
-        return _Micro(z_src, z_tgt, sigma, eps, target)
+            if draws[0].crops is not None:
+                crops = [d.crops[0] for d in draws if d.crops is not None]
+        return _Micro(torch.stack(z_src).to(self.device), torch.stack(z_tgt).to(self.device), sigma, eps, target,
+                      crops)
 
     # -- one step --------------------------------------------------------------------------------
     def optimizer_step(self, micros: list[_Micro | None]) -> dict[str, float] | None:
@@ -340,7 +357,8 @@ class LoRATrainer:
             if m is None:
                 continue
             with self.autocast():
-                out = self.objective.loss_from_latents(self.model, m.z_src, m.z_tgt, m.sigma, m.eps, m.target)
+                out = self.objective.loss_from_latents(self.model, m.z_src, m.z_tgt, m.sigma, m.eps, m.target,
+                                                       m.crops)
             loss = out["loss"].float() * (m.n / n_global)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for k, v in out.items():
@@ -386,12 +404,15 @@ class LoRATrainer:
         self._reduced_sums = [float(x) for x in flat[offset:].tolist()]
 
     def train_step(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on a batch of images (timesteps/noise from the trainer's generator)."""
-        z_src, z_tgt = self._encode(source), self._encode(target)
-        sigma = self.objective.sample_sigmas(z_src.shape[0], self.generator)
-        eps = torch.randn(z_src.shape, generator=self.generator, dtype=torch.float32)
+        """One optimizer step on a batch of images (every draw from the trainer's generator)."""
+        m_src, s_src = self._posterior(source)
+        m_tgt, s_tgt = self._posterior(target)
+        d = self.objective.draw_batch(m_src.shape[0], tuple(m_src.shape[1:]), self.generator)
+        noise = d.posterior or (None, None)
+        z_src = latent_from(m_src, s_src, noise[0]).to(self.device)
+        z_tgt = latent_from(m_tgt, s_tgt, noise[1]).to(self.device)
         tgt = target.to(self.device) if self.objective.pixel_loss is not None else None
-        out = self.optimizer_step([_Micro(z_src, z_tgt, sigma, eps, tgt)])
+        out = self.optimizer_step([_Micro(z_src, z_tgt, d.sigma, d.eps, tgt, d.crops)])
         assert out is not None
         return out
 
@@ -420,7 +441,8 @@ class LoRATrainer:
             if stream is None:  # no validation set: show training pairs, in file order
                 stream = PairStream(self.train_stream.shards, source_key=self.train_stream.source_key,
                                     target_key=self.train_stream.target_key,
-                                    resolution=self.train_stream.resolution, on_bad_sample="skip", shuffle=False)
+                                    resolution=self.train_stream.resolution, buckets=self.train_stream.buckets,
+                                    on_bad_sample="skip", shuffle=False)
             self._sample_pairs = [(s, t) for _, _, s, t in stream.pairs(limit=k)] if k else []
         return self._sample_pairs
 
@@ -435,14 +457,17 @@ class LoRATrainer:
         if not pairs:
             return None
         self.model.eval()
-        src = torch.stack([s for s, _ in pairs]).to(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         lbm = self.model.config
-        with self.autocast():
-            z = sample(self.model.velocity, self.model.vae.encode(src), steps=lbm.inference.steps,
-                       bridge_noise_sigma=self.objective.bridge_noise_sigma, generator=gen)
-            pred = self.model.vae.decode(z)
-        rows = [(to_pil(s), to_pil(p), to_pil(t)) for (s, t), p in zip(pairs, pred.float(), strict=True)]
+        preds: dict[int, torch.Tensor] = {}
+        for shape in dict.fromkeys(s.shape for s, _ in pairs):  # one batch per size (aspect buckets)
+            idx = [i for i, (s, _) in enumerate(pairs) if s.shape == shape]
+            src = torch.stack([pairs[i][0] for i in idx]).to(self.device)
+            gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+            with self.autocast():
+                z = sample(self.model.velocity, self.model.vae.encode(src), steps=lbm.inference.steps,
+                           bridge_noise_sigma=self.objective.bridge_noise_sigma, generator=gen)
+                preds.update(zip(idx, self.model.vae.decode(z).float(), strict=True))
+        rows = [(to_pil(s), to_pil(preds[i]), to_pil(t)) for i, (s, t) in enumerate(pairs)]
         grid = sample_grid(rows, title=f"step {step}")
         path = save_image(grid, self.output_dir / "samples" / f"step-{step:08d}.png")
         save_image(grid, self.output_dir / SAMPLES)
@@ -461,6 +486,8 @@ class LoRATrainer:
         val = self.dist.broadcast(val)
         if val is not None:
             self.state.val_history.append((step, val))
+            if step > 0 and self.schedule is not None:
+                self.schedule.validated(val)
         return val
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -489,7 +516,8 @@ class LoRATrainer:
             rng["grad_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.output_dir, lora=self.injection.to_lora_file(self.lora_info),
                                optimizer=self.optimizer, rng=rng, state=self.state,
-                               config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints)
+                               config=self.cfg.to_dict(), keep=self.cfg.keep_checkpoints,
+                               scheduler=self.schedule.state_dict() if self.schedule is not None else None)
 
     def _resume(self) -> int:
         """Rank 0 reads the newest checkpoint and hands it to every process (no shared disk needed)."""
@@ -509,8 +537,7 @@ class LoRATrainer:
             self.optimizer.load_state_dict(ckpt.optimizer)
         except (ValueError, KeyError) as exc:
             raise TrainingError(f"{path}: optimizer state does not fit this run ({exc})") from None
-        for group in self.optimizer.param_groups:  # the config may change the learning rate
-            group["lr"] = self.cfg.learning_rate
+        self._resume_schedule(ckpt.scheduler, ckpt.state.step, ckpt.config.get("learning_rate"))
         if self.scaler is not None and "grad_scaler" in ckpt.rng:
             self.scaler.load_state_dict(ckpt.rng["grad_scaler"])
         restore_rng({k: v for k, v in ckpt.rng.items() if k != "grad_scaler"}, self.generator)
@@ -518,6 +545,33 @@ class LoRATrainer:
         self._skipped_before = ckpt.state.skipped
         self._last_checkpoint_step = self.state.step
         return self.state.step
+
+    def _resume_schedule(self, state: dict[str, Any] | None, step: int, saved_lr: float | None) -> None:
+        """Continue the learning-rate schedule where the checkpoint left it. A ``learning_rate``
+        changed since the checkpoint scales the whole schedule; a checkpoint without a schedule
+        (older versions trained at a constant rate) starts this one at its step."""
+        assert self.schedule is not None
+        if state is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = self.cfg.learning_rate
+            self.schedule.fast_forward(step)
+            return
+        try:
+            self.schedule.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingError(f"the checkpoint's learning-rate schedule does not fit lr_scheduler "
+                                f"{self.cfg.lr_scheduler} ({exc})") from None
+        if saved_lr and saved_lr != self.cfg.learning_rate:
+            self.schedule.rescale(self.cfg.learning_rate / saved_lr)
+
+    def planned_steps(self) -> int:
+        """How many optimizer steps this run will make (``max_steps``, or ``epochs`` passes over the
+        data, whichever comes first): what a decaying schedule decays over."""
+        cfg = self.cfg
+        steps = [cfg.max_steps] if cfg.max_steps is not None else []
+        if cfg.epochs is not None:
+            steps.append(cfg.epochs * self.train_stream.steps_per_epoch(0, self.global_batch))
+        return max(1, min(steps))
 
     # -- the loop --------------------------------------------------------------------------------
     def _done(self) -> bool:
@@ -538,7 +592,7 @@ class LoRATrainer:
             if start >= size:  # a checkpoint taken at the very end of an epoch
                 self.state.epoch, self.state.position = epoch + 1, 0
                 continue
-            g = min(self.global_batch, size - start)
+            g = self.train_stream.step_size(epoch, start, self.global_batch)
             micros = [self.prepare_micro(epoch, pos) if pos else None for pos in self.my_positions(start, g)]
             self._next_position = (epoch, start + g, size)
             yield micros
@@ -563,6 +617,12 @@ class LoRATrainer:
         resumed_from = None
         if self.dist.is_main:
             check_output_dir(self.output_dir, resume)
+        self.train_stream.warn = self.warn
+        self.train_stream.quiet_index = not self.dist.is_main
+        if self.val_stream is not None:
+            self.val_stream.warn = self.warn
+        self.schedule = LRSchedule(cfg.lr_scheduler, self.optimizer, warmup_steps=cfg.lr_warmup_steps,
+                                   total_steps=self.planned_steps(), kwargs=cfg.lr_scheduler_kwargs)
         if resume:
             resumed_from = self._resume()
             self.log(f"resuming from step {resumed_from} ({self.output_dir / 'checkpoints'})")
@@ -578,10 +638,6 @@ class LoRATrainer:
         self.tracker.log_params({"trainable_params": c["trainable"], "total_params": c["total"],
                                  "num_processes": self.dist.world_size, "global_batch": self.global_batch,
                                  **{k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict | list)}})
-        self.train_stream.warn = self.warn
-        self.train_stream.quiet_index = not self.dist.is_main
-        if self.val_stream is not None:
-            self.val_stream.warn = self.warn
 
         if self.state.step == 0 and not self.state.val_history:
             self._validation_round(0)
@@ -597,6 +653,7 @@ class LoRATrainer:
                 last_loss = None
                 useful = self.state.position > 0  # resumed mid-epoch: that epoch had steps
                 for micros in self._steps():
+                    lr = self.schedule.lr
                     losses = self.optimizer_step(micros)
                     epoch, position, size = self._next_position
                     self.state.position = position
@@ -608,11 +665,13 @@ class LoRATrainer:
                     if losses is None:  # every sample of this step was bad (skip mode)
                         continue
                     self.state.step += 1
+                    self.schedule.step_done()
                     self._step_rng = rng_state(self.generator)
                     step = self.state.step
                     last_loss = losses["loss"]
                     self.state.train_history.append((step, last_loss))
-                    self.tracker.log_metrics({f"train/{k}": v for k, v in losses.items()}, step)
+                    self.state.lr_history.append((step, lr))
+                    self.tracker.log_metrics({**{f"train/{k}": v for k, v in losses.items()}, "train/lr": lr}, step)
                     if step % cfg.validation_interval == 0:
                         last_val = self._validation_round(step)
                     if step % cfg.checkpoint_interval == 0:
@@ -662,7 +721,8 @@ class LoRATrainer:
             trained_modules=list(self.trained_modules), samples_path=samples if samples.is_file() else None,
             loss_plot=plot, skipped_samples=self.total_skipped(), run_id=self.tracker.run_id,
             resumed_from=resumed_from,
-            history={"train": list(self.state.train_history), "val": list(self.state.val_history)})
+            history={"train": list(self.state.train_history), "val": list(self.state.val_history),
+                     "lr": list(self.state.lr_history)})
 
     def final_lora_file(self, train_loss: float | None = None, val_loss: float | None = None) -> LoRAFile:
         """The trained LoRA with its ``lbm_registry`` metadata (base sha256 kept, policy ``trained``)."""

@@ -1,5 +1,9 @@
 """Latent and pixel losses. LPIPS is built without any network access.
 
+LPIPS uses VGG unless told otherwise: upstream builds ``lpips.LPIPS(net="vgg")`` and the original
+configs train with it; AlexNet (the ``lpips`` package's default) is a different metric, used only
+when a config names it, never as a fallback.
+
 Why the care with LPIPS: ``lpips.LPIPS()`` silently downloads the torchvision backbone on first
 use. We build its trunk randomly initialised and load the ImageNet weights ourselves from the
 torch hub cache, so a missing file is a clear start-up error instead of a download (or a hang
@@ -41,16 +45,18 @@ def lpips_backbone_file(net: str) -> Path:
 class LPIPSLoss(nn.Module):
     """Mean LPIPS distance between images in [-1, 1]; frozen, no gradients into its weights."""
 
-    def __init__(self, net: str = "alex", random_backbone: bool = False) -> None:
+    def __init__(self, net: str = "vgg", random_backbone: bool = False) -> None:
         super().__init__()
         import lpips
 
         if not random_backbone:
             path = lpips_backbone_file(net)
             if not path.is_file():
+                other = "alex" if net == "vgg" else "vgg"
                 raise ConfigError(
                     f"pixel_loss lpips needs the {net} backbone weights cached at {path} (nothing is downloaded); "
-                    "copy the torchvision file there, or use pixel_loss kind l1/l2"
+                    f"copy the torchvision file there, set pixel_loss.lpips_net: {other} if that one is cached "
+                    "(a different metric), or use pixel_loss kind l1/l2"
                 )
         # pnet_rand=True: torchvision builds the trunk without downloading; the LPIPS linear
         # heads ship inside the lpips package and load from disk.
@@ -78,7 +84,7 @@ class LPIPSLoss(nn.Module):
         return self.model(pred.float(), target.float()).mean()
 
 
-def build_pixel_loss(kind: str, *, lpips_net: str = "alex", lpips_random_backbone: bool = False,
+def build_pixel_loss(kind: str, *, lpips_net: str = "vgg", lpips_random_backbone: bool = False,
                      device: torch.device | str = "cpu") -> LossFn:
     """The pixel-space loss on decoded predictions. Raises :class:`ConfigError` at start-up if
     LPIPS weights are not available locally."""

@@ -6,9 +6,10 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-<N>/`` holding:
   itself a usable LoRA);
 - ``optimizer.pt``: the optimizer state dict (tensors and plain values only);
 - ``rng.pt``: generator states (training noise/timesteps, torch, CUDA);
+- ``scheduler.pt``: the learning-rate schedule's state (absent in checkpoints of older versions);
 - ``state.json``: step, epoch, data position, loss history, the training config.
 
-Why folders renamed into place: the four files must agree. They are written into a hidden
+Why folders renamed into place: the files must agree. They are written into a hidden
 temporary folder that is renamed to its final name only when complete, so a crash or Ctrl-C
 mid-save never leaves a checkpoint that ``--resume`` would pick up half-written. Everything is
 loaded with ``torch.load(weights_only=True)``: resuming never executes pickled code.
@@ -44,6 +45,7 @@ class TrainState:
     skipped: int = 0
     train_history: list[tuple[int, float]] = field(default_factory=list)
     val_history: list[tuple[int, float]] = field(default_factory=list)
+    lr_history: list[tuple[int, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +55,7 @@ class TrainState:
         d = dict(data)
         d["train_history"] = [tuple(x) for x in d.get("train_history", [])]
         d["val_history"] = [tuple(x) for x in d.get("val_history", [])]
+        d["lr_history"] = [tuple(x) for x in d.get("lr_history", [])]
         return cls(**d)
 
 
@@ -64,6 +67,7 @@ class Checkpoint:
     rng: dict[str, Any]
     state: TrainState
     config: dict[str, Any]
+    scheduler: dict[str, Any] | None = None
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -99,7 +103,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | Path, *, lora: LoRAFile, optimizer: torch.optim.Optimizer,
-                    rng: dict[str, Any], state: TrainState, config: dict[str, Any], keep: int = 2) -> Path:
+                    rng: dict[str, Any], state: TrainState, config: dict[str, Any], keep: int = 2,
+                    scheduler: dict[str, Any] | None = None) -> Path:
     """Write ``step-<N>`` atomically, then prune to the newest ``keep`` checkpoints."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -109,6 +114,8 @@ def save_checkpoint(output_dir: str | Path, *, lora: LoRAFile, optimizer: torch.
         write_lora(lora, tmp / "lora.safetensors", dtype=torch.float32)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
+        if scheduler is not None:
+            torch.save(scheduler, tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"state": state.to_dict(), "config": config}, indent=1))
         for f in tmp.iterdir():
             with f.open("rb") as fh:
@@ -132,7 +139,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         lora = read_lora(path / "lora.safetensors")
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        scheduler = (torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+                     if (path / "scheduler.pt").is_file() else None)
     except (OSError, json.JSONDecodeError, RuntimeError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: unreadable training checkpoint ({first})") from None
-    return Checkpoint(path, lora, optimizer, rng, TrainState.from_dict(meta["state"]), meta.get("config", {}))
+    return Checkpoint(path, lora, optimizer, rng, TrainState.from_dict(meta["state"]), meta.get("config", {}),
+                      scheduler)
