@@ -74,6 +74,11 @@ class TrainingError(LBMError):
     """Training cannot start or continue (nothing to train, non-finite loss, no checkpoint to resume)."""
 
 
+class RangeError(LBMError):
+    """A number is outside its range, not finite, or not a number (scale, steps, seed, merge
+    weights, sizes: see :mod:`lbm_registry.ranges`). HTTP 400."""
+
+
 class ImageTooLargeError(DataError):
     """An image has more pixels than the limit (``lbm-reg serve --max-pixels``)."""
 

@@ -487,8 +487,11 @@ def synth_data(output: str | Path, n: int, *, resolution: int = 128, seed: int =
                prefix: str = "synth") -> dict[str, Any]:
     """Write synthetic relighting shards; returns their paths and a brace pattern for configs."""
     from lbm_registry.errors import DataError
+    from lbm_registry.ranges import check_resolution, check_seed
     from lbm_registry.train.synth import shard_pattern, write_synth_shards
 
+    check_resolution(resolution)  # before the output folder exists: a refusal creates nothing
+    check_seed(seed)
     try:
         paths = write_synth_shards(output, n, resolution=resolution, seed=seed, shard_size=shard_size, prefix=prefix)
     except ValueError as exc:

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from lbm_registry.errors import ConfigError
+from lbm_registry.ranges import MAX_RESOLUTION, MAX_SEED, MIN_RESOLUTION
 
 
 class _Strict(BaseModel):
@@ -80,7 +81,7 @@ class TrainConfig(_Strict):
     validation_shards: list[str] = Field(default_factory=list)
     source_key: str = "source.jpg"
     target_key: str = "target.jpg"
-    resolution: int = Field(256, ge=8)
+    resolution: int = Field(256, ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
     on_bad_sample: Literal["error", "skip"] = "error"
     shuffle_buffer: int = Field(64, ge=1)
 
@@ -94,7 +95,7 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_steps: int | None = Field(1000, ge=1)
     epochs: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)   # the ranges every command takes (lbm_registry.ranges)
 
     # -- objective ---------------------------------------------------------------------------
     timesteps: list[int] | None = None
