@@ -349,8 +349,12 @@ def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps
             written.append(str(dest))
         if task is not None:
             progress.advance(task)
-    if not written and skipped:
-        raise DataError(f"no readable images in {source} ({len(skipped)} skipped)")
+    if not written and skipped:  # each passed the header check and failed to decode: say why
+        if not source.is_dir():
+            raise DataError(f"{source}: {skipped[-1]['reason']}")
+        first = skipped[0]
+        raise DataError(f"no readable images in {source} ({len(skipped)} skipped; first: {first['path']}: "
+                        f"{first['reason']})")
     result = {"outputs": written, "skipped": skipped, **(pipe.info or {}), "scale": scale,
               "steps": steps or pipe.model.config.inference.steps, "seed": seed}
     if log_run:

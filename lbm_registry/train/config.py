@@ -259,11 +259,11 @@ def load_train_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     from lbm_registry.lbm.config import resolve_config_path
 
     try:
-        p = resolve_config_path(path)
-    except ConfigError:
-        raise ConfigError(f"training config not found: {path}") from None
+        p = resolve_config_path(path, kind="training")
+    except ConfigError as exc:
+        raise ConfigError(f"training {exc}") from None
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text()) or {}   # an empty file: every setting from the overrides
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {p}: {str(exc).splitlines()[0]}") from None
     return train_config_from_dict(data, overrides, str(p))
