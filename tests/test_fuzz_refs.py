@@ -55,7 +55,7 @@ def _name_rules(name: str) -> None:
         check_refusal(why)
 
 
-@fuzz_settings(120)
+@fuzz_settings(50)
 @given(ref=references(NAMES, ALIASES))
 def test_any_reference_resolves_or_is_one_lbm_error(populated, ref):
     _resolve_any(populated, ref)
@@ -132,7 +132,7 @@ def _cli_refusal(cli, populated, tmp_path, args: list[str], ref: str) -> None:
     assert not (tmp_path / "out.safetensors").exists()
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(args=st.sampled_from(READ + CHANGE), ref=references(NAMES, ALIASES))
 def test_every_command_taking_a_reference_refuses_in_one_line(cli, populated, tmp_path, args, ref):
     _cli_refusal(cli, populated, tmp_path, args, ref)

@@ -49,6 +49,7 @@ def _readme_registry(home: Path, base_path: Path, config: dict) -> None:
     set_alias("relight@3", "prod", s)
 
 
+@pytest.mark.slow   # a real `lbm-reg serve` process: ~20 s; the body rule itself is tested by default in test_serve.py
 @pytest.mark.skipif(not all(shutil.which(t) for t in ("curl", "jq", "base64", "bash")),
                     reason="the README's serve example needs curl, jq, base64 and bash")
 def test_readme_serve_example_runs_as_written(tmp_path, tiny_base_path, tiny_config, mlflow_template):
