@@ -488,6 +488,9 @@ def test_http_edges_huge_versions_stacks_and_long_refs(server, images, http_serv
         assert status == 404 and "characters)" in answer["error"] and len(answer["error"]) < 400, answer
     status, answer = srv.request("POST", "/v1/images", {"image": img, long_ref: 1})
     assert status == 400 and len(answer["error"]) < 400, answer
+    for field, value in (("steps", True), ("scale", "1.5"), ("seed", "3")):   # numbers as JSON has them
+        status, answer = srv.request("POST", "/v1/images", {"image": img, field: value})
+        assert status == 400 and answer["error"].startswith(f"{field}: must be a JSON number"), answer
     assert srv.request("POST", "/v1/images", {"image": img, "lora": "sv-a@1"})[0] == 200   # still serving
 
 

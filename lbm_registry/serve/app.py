@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from lbm_registry.errors import (
     LONGEST_WORD,
@@ -42,10 +42,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: A JSON number, as JSON has it (true and "1.5" are not numbers here: the Python API refuses
+#: them too); its range is checked by the engine (lbm_registry.ranges), the same for every surface.
+Number = StrictInt | StrictFloat
+
+
 class LoRASpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ref: str
-    scale: float = 1.0
+    scale: Number = 1.0
 
 
 class ImageRequest(BaseModel):
@@ -54,16 +59,16 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str = Field(description="base64 bytes of any PIL-readable image (a data: URL is accepted too)")
     lora: str | None = Field(None, description="LoRA reference, e.g. relight@prod")
-    scale: float = 1.0
+    scale: Number = Field(1.0, description="0.0-2.0")
     loras: list[LoRASpec] = Field(default_factory=list, description="stacked LoRAs, each with its own scale")
-    steps: int = 1
-    seed: int = 0
+    steps: Number = Field(1, description="1 to the server's --max-steps (an integer)")
+    seed: Number = Field(0, description="0 to 2**63-1 (an integer)")
 
 
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ref: str
-    pin: bool | None = Field(None, description="true pins, false unpins, absent leaves it as it is")
+    pin: StrictBool | None = Field(None, description="true pins, false unpins, absent leaves it as it is")
 
 
 #: HTTP status of each error class, most specific first (subclasses before their bases).
@@ -182,9 +187,14 @@ def create_app(engine: Engine, *, token: str | None = None, max_body_bytes: int 
                 why = (e.get("ctx") or {}).get("error")
                 return error(400, "body: not valid JSON" + (f" ({why})" if why else "")
                              + ': send one JSON object, e.g. {"image": "<base64>", "lora": "NAME@VERSION"}')
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            # union members (a Number is int | float) add their tag to the location: not a field
+            where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "int", "float")) or "body"
             if where == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
                 return error(400, 'body: expected a JSON object, e.g. {"image": "<base64>", "lora": "NAME@VERSION"}')
+            if e.get("type") in ("int_type", "float_type"):
+                got = {bool: "true/false", str: "a string", type(None): "null", dict: "an object",
+                       list: "an array"}.get(type(e.get("input")), type(e.get("input")).__name__)
+                return error(400, f"{where}: must be a JSON number, got {got}")
             return error(400, f"{where}: {e.get('msg', 'invalid')}")
         return error(400, "invalid request")
 
