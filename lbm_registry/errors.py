@@ -8,6 +8,21 @@ worded for Python callers (``force=True``), ``exc.cli_message`` for the command 
 
 from __future__ import annotations
 
+#: Words longer than this are shortened in every message (a 5000-character reference is
+#: echoed as its start, its end and its length): a message stays one readable line.
+LONGEST_WORD = 200
+
+
+def abbreviate(text: str, limit: int = 60) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start and end with its length:
+    ``'aaaa...aaaa' (5000 characters)`` (what messages show of a user's overlong input)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = max(1, limit * 2 // 3)
+    tail = max(1, limit - head - 3)
+    return f"{text[:head]}...{text[-tail:]} ({len(text)} characters)"
+
 
 class LBMError(Exception):
     """Base class for expected, user-facing errors (bad input, unknown reference...)."""
@@ -18,13 +33,13 @@ class LBMError(Exception):
         super().__init__(*args)
         self.cli = cli
 
-    def __str__(self) -> str:  # one line, always
-        return " ".join(super().__str__().split())
+    def __str__(self) -> str:  # one line, always, and no word longer than LONGEST_WORD
+        return " ".join(abbreviate(w, LONGEST_WORD) for w in super().__str__().split())
 
     @property
     def cli_message(self) -> str:
         """The message as the CLI shows it (its own wording where the fix is a flag)."""
-        return " ".join(self.cli.split()) if self.cli else str(self)
+        return " ".join(abbreviate(w, LONGEST_WORD) for w in self.cli.split()) if self.cli else str(self)
 
 
 class ConfigError(LBMError):
@@ -57,6 +72,11 @@ class DataError(LBMError):
 
 class TrainingError(LBMError):
     """Training cannot start or continue (nothing to train, non-finite loss, no checkpoint to resume)."""
+
+
+class RangeError(LBMError):
+    """A number is outside its range, not finite, or not a number (scale, steps, seed, merge
+    weights, sizes: see :mod:`lbm_registry.ranges`). HTTP 400."""
 
 
 class ImageTooLargeError(DataError):

@@ -505,3 +505,128 @@ def test_only_set_up_commands_undo_a_new_home():
     assert not _sets_up_a_workspace(["--home", "h", "train", "--config", "c.yaml", "--register", "relight"])
     assert not _sets_up_a_workspace(["demo", "--home", "d"])
     assert not _sets_up_a_workspace(["extract", "--base", "b", "--tuned", "t", "-o", "x.safetensors"])
+
+
+# -- issue 22: refusals that said the wrong thing, usage errors that exited 1, --json errors ---
+def test_json_errors_are_json_on_stdout_too(cli, tmp_path, populated):
+    """With --json an error was only a line on stderr: nothing on stdout was JSON."""
+    import json
+
+    home = ["--home", populated["settings"].home]
+    for args, code in ((["show", "nope-asset", "--json"], 2), (["list", "--json", "--bogus"], 2),
+                       (["--home", tmp_path / "none", "list", "--json"], 2),
+                       (["alias", "set", "relight@9", "x", "--json"], 2)):
+        rc, out, err = cli(*(home if args[0] != "--home" else []), *args)
+        assert rc == code, err
+        answer = json.loads(out)
+        assert set(answer) == {"error", "code"} and answer["code"] == code and answer["error"], answer
+        assert answer["error"] in " ".join(err.split()), (answer, err)   # the line on stderr, as JSON
+    rc, out, err = cli(*home, "alias", "set", "relight@2", "json-test", "--json")   # alias set --json exists
+    assert rc == 0 and json.loads(out)["version"] == 2, err
+    rc, out, err = cli(*home, "alias", "rm", "relight", "json-test", "--json")
+    assert rc == 0 and json.loads(out)["alias"] == "json-test", err
+    rc, out, err = cli(*home, "show", "nope-asset")       # without --json: stdout stays empty
+    assert rc == 2 and out == ""
+
+
+def test_a_file_where_a_folder_goes_is_a_usage_error(cli, tmp_path):
+    """``--home <a file> init`` and ``compare --report <a file>`` exited 1 (a refusal of the
+    machine) with "File exists"; they are usage errors: exit 2, one line naming the path."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for args in (["--home", a_file, "init"], ["--home", a_file, "list"],
+                 ["--home", tmp_path / "h", "compare", "a.safetensors", "b.safetensors", "--report", a_file]):
+        rc, _, err = cli(*args)
+        assert rc == 2 and f"{a_file} is a file" in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert a_file.read_text() == "x" and not (tmp_path / "h").exists()
+
+
+def test_refusals_say_what_is_wrong(cli, tmp_path):
+    """An empty/device config said "not found"; a missing --catalog-url file said "no registry at
+    <home>"; base create --config offered lora-finetune (a training config) as a model config."""
+    rc, _, err = cli("--home", tmp_path / "h", "train", "--config", "/dev/null")
+    assert rc == 2 and "/dev/null is not a regular file" in err and "not found" not in err, err
+    url = f"sqlite:///{tmp_path}/elsewhere/catalog.db"
+    rc, _, err = cli("--home", tmp_path / "h", "--catalog-url", url, "list")
+    assert rc == 2 and f"no catalog at {tmp_path}/elsewhere/catalog.db" in err and "--catalog-url" in err, err
+    rc, _, err = cli("--home", tmp_path / "h", "base", "create", "--config", "nope", "--output", tmp_path / "b.st")
+    assert rc == 2 and "lbm-tiny" in err and "lora-finetune" not in err, err
+    rc, _, err = cli("--home", tmp_path / "h", "train", "--config", "nope")
+    assert rc == 2 and "training config not found: nope (built-in: lora-finetune)" in err, err
+    rc, _, err = cli("--home", "~no-such-user-here", "list")
+    assert rc == 2 and "no such user" in err and "Traceback" not in err, err
+
+
+def test_unreadable_images_say_why(cli, tmp_path, tiny_base_path):
+    """``infer --source trunc.jpg`` and ``compare --source bomb.png`` said "no readable images"
+    without the reason."""
+    import io
+    import struct
+    import zlib
+
+    from fixtures.serve import write_random_lora
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, format="JPEG")
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])   # a valid header, half the data
+    rc, _, err = cli("--home", tmp_path / "h", "infer", tiny_base_path, "--source", trunc, "--output",
+                     tmp_path / "o.png", "--device", "cpu")
+    assert rc == 2 and f"{trunc}: " in err and "truncated" in err.lower(), err
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", 30000, 30000) + png[24:29]              # the header claims 900 M pixels
+    png[16:29] = ihdr
+    png[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bytes(png))
+    a = write_random_lora(tiny_base_path, tmp_path / "a.safetensors", seed=1)
+    b = write_random_lora(tiny_base_path, tmp_path / "b.safetensors", seed=2)
+    rc, _, err = cli("--home", tmp_path / "h", "compare", a, b, "--source", bomb, "--device", "cpu")
+    assert rc == 2 and f"{bomb}: too large" in err and "900000000 pixels" in err, err
+
+
+def test_validation_shards_empty_list_means_no_validation(cli, tmp_path, tiny_base_path):
+    """The config documents ``validation_shards: []`` as no validation; ``--validation-shards '[]'``
+    was taken as a file named '[]'."""
+    from lbm_registry.train.synth import write_synth_shards
+
+    shard = write_synth_shards(tmp_path / "d", 2, resolution=32)[0]
+    args = ["--home", tmp_path / "h", "train", "--config", "lora-finetune", "--base", tiny_base_path,
+            "--model-config", "lbm-tiny", "--train-shards", shard, "--lora", "no-such-lora-here"]
+    rc, _, err = cli(*args, "--validation-shards", "[]")
+    assert rc == 2 and "no-such-lora-here" in err and "[]" not in err, err   # got past the shards
+    rc, _, err = cli(*args, "--validation-shards", "[]", "--validation-shards", shard)
+    assert rc == 2 and "cannot be given with shard paths" in err, err
+
+
+def _all_commands():
+    import typer.main
+
+    from lbm_registry.cli.main import app
+
+    root = typer.main.get_command(app)
+    todo = [("lbm-reg", root)]
+    while todo:
+        path, cmd = todo.pop()
+        yield path, cmd
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            todo.append((f"{path} {name}", sub))
+
+
+def test_help_reads_like_the_readme():
+    """Usage lines said ``{ref}``, repeatable options ``<list[str]>``; --seed had no help text."""
+    import click
+
+    checked = 0
+    for path, cmd in _all_commands():
+        ctx = click.Context(cmd, info_name=path)
+        text = cmd.get_help(ctx) if hasattr(cmd, "get_help") else ""
+        assert "{" not in text.splitlines()[0] and "list[" not in text, (path, text)
+        for p in cmd.params:
+            if getattr(p, "param_type_name", "") == "option" and not getattr(p, "hidden", False):
+                assert (getattr(p, "help", None) or "").strip(), (path, p.opts)
+        checked += 1
+    assert checked > 25

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 
 def test_demo_runs_the_whole_loop(tmp_path, monkeypatch):
+    import os
+    import shutil
+    import sys
+
     from typer.testing import CliRunner
 
     from lbm_registry.api.registry import list_assets, resolve, show
@@ -18,10 +23,24 @@ def test_demo_runs_the_whole_loop(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"  # run from another folder: nothing may land there
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    venv_bin = str(Path(sys.executable).parent)  # as `make demo` runs it: the venv not activated
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                               if p != venv_bin))
     home = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--home", str(home), "--train-steps", "4", "--finetune-steps", "8"])
     assert res.exit_code == 0, res.output
     assert "demo complete" in res.output
+    # every step says its command, then shows progress (issue 22, item 23: the longest step printed nothing)
+    blocks = res.output.split("==> ")[1:]
+    assert len(blocks) >= 18
+    for block in blocks:
+        lines = block.splitlines()
+        assert lines[1].startswith("$ "), block[:300]
+        assert re.search(r"done in \d|full fine-tune: step|-> \d+x\d+ PNG", block), block[-400:]
+    assert "full fine-tune: step 8/8, loss" in res.output
+    hint = re.search(r"^\$ (\S+) --home (.+) ui$", res.output, re.M)
+    assert hint, res.output[-500:]
+    assert shutil.which(hint.group(1)) or Path(hint.group(1)).is_file(), hint.group(1)   # runnable as printed
     served = re.findall(r"^ *(\S.*?) +-> (\d+)x(\d+) PNG, batch of (\d+)", res.output, re.M)
     assert [r[0] for r in served] == ["relight@1", "relight@2", "relight@candidate", "(no LoRA)"], res.output
     assert max(int(r[3]) for r in served) >= 2, served   # requests for different LoRAs shared a pass

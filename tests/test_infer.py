@@ -81,8 +81,9 @@ def test_lora_for_another_base_is_refused_unless_forced(lora_pair, make_tuned, i
 
 def test_scale_out_of_range(lora_pair, tiny_base_path, workspace):
     from lbm_registry.api.infer import load
+    from lbm_registry.errors import RangeError
 
-    with pytest.raises(LoRAError, match="outside"):
+    with pytest.raises(RangeError, match="outside"):
         load(str(lora_pair[2]), base=str(tiny_base_path), scale=2.5, device="cpu", settings=workspace)
 
 
@@ -292,13 +293,69 @@ def test_same_stem_inputs_do_not_overwrite_each_other(tmp_path):
 
 def test_bad_lora_scale_suffix_is_named(no_model, tmp_path, workspace, one_image, tiny_base_path):
     from lbm_registry.api.infer import parse_lora_spec, run_infer
+    from lbm_registry.errors import RangeError
 
     with pytest.raises(LoRAError, match="bad LoRA spec 'relight@1:abc'.*scale 'abc'"):
         parse_lora_spec("relight@1:abc")
     assert parse_lora_spec("relight@1:0.5") == ("relight@1", 0.5)
-    with pytest.raises(LoRAError, match=r"bad LoRA spec 'relight@1:9': its scale 9 is outside 0.0-2.0"):
+    with pytest.raises(RangeError, match=r"bad LoRA spec 'relight@1:9': its scale 9 is outside 0.0-2.0"):
         parse_lora_spec("relight@1:9")
     assert parse_lora_spec("sha256:abcdef12") == ("sha256:abcdef12", 1.0)
     with pytest.raises(LoRAError, match="bad LoRA spec"):
         run_infer(str(tiny_base_path), source=one_image, output=tmp_path / "o.png", loras=["relight@1:abc"],
                   settings=workspace)
+
+
+# -- one set of range rules for every surface (issue 22, items 8 and 13) -----------------------
+@pytest.mark.parametrize("kw", [{"scale": float("nan")}, {"scale": 1e6}, {"scale": -0.5}, {"steps": 0},
+                                {"steps": -3}, {"steps": 100_000}, {"steps": 1.5}, {"seed": -1}, {"seed": 10**23},
+                                {"seed": "3"}, {"scale": "1"}, {"steps": True}],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_a_pipeline_call_checks_the_shared_ranges(kw, base_pipe, image):
+    """``load(ref)(img, scale=nan)`` acted as 1.0, ``scale=1e6`` and ``steps=0`` gave black images,
+    ``steps=-3`` a bare ValueError: now one RangeError (an LBMError) before any pixel is drawn."""
+    from lbm_registry.errors import LBMError, RangeError
+
+    with pytest.raises(RangeError) as exc:
+        base_pipe(image, **kw)
+    assert isinstance(exc.value, LBMError) and "\n" not in str(exc.value)
+    assert next(iter(kw)) in str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def base_pipe(tiny_base_path, tmp_path_factory):
+    from lbm_registry.api.infer import load
+    from lbm_registry.registry.settings import WorkspaceSettings
+
+    return load(str(tiny_base_path), device="cpu", dtype="fp32",
+                settings=WorkspaceSettings.resolve(home=tmp_path_factory.mktemp("ranges") / "home"))
+
+
+def test_the_edges_themselves_pass():
+    import numpy as np
+
+    from lbm_registry import ranges
+
+    assert ranges.check_scale(2.0) == 2.0 and ranges.check_scale(np.float32(0.0)) == 0.0
+    assert ranges.check_steps(1000) == 1000 and ranges.check_steps(np.int64(1)) == 1 and ranges.check_steps(2.0) == 2
+    assert ranges.check_seed(2**63 - 1) == 2**63 - 1 and ranges.check_seed(0) == 0
+    assert ranges.check_weight(-100) == -100.0 and ranges.check_resolution(4096) == 4096
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--seed", "-1"], "seed must be from 0 to 2**63-1, got -1"),
+    (["--seed", str(10**23)], "seed must be from 0 to 2**63-1"),
+    (["--steps", "100000"], "steps must be from 1 to 1000, got 100000"),
+    (["--scale", "nan"], "scale must be a finite number"),
+    (["--scale", "1e308"], "outside 0.0-2.0"),
+    (["--lora", "x@1:inf"], "bad LoRA spec 'x@1:inf'"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_cli_infer_refuses_what_the_server_refuses(cli, no_model, one_image, tiny_base_path, tmp_path, args, needle):
+    """``infer --seed -1`` and ``--steps 100000`` passed the CLI while the server refused them;
+    ``--seed 1e23`` (as an integer) was a traceback. One line, exit 2, nothing written."""
+    out = tmp_path / "out.png"
+    rc, stdout, err = cli("--home", tmp_path / "h", "infer", tiny_base_path, "--source", one_image, "--output", out,
+                          *args)
+    assert rc == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "h").exists()

@@ -171,3 +171,17 @@ def test_cli_merge_and_resize_register_parents(cli, tmp_path, tiny_base_path, ma
     rc, out, err = cli(*home, "resize", "alg-avg", "--output", str(tmp_path / "r.safetensors"))
     assert rc != 0 and "needs a target" in err and "Traceback" not in err
     assert not (tmp_path / "r.safetensors").exists()
+
+
+@pytest.mark.parametrize(("specs", "needle"), [
+    (["lo@1:1e308", "lo@2:1e308"], "bad merge input 'lo@1:1e308': weight 1e+308 is outside -100 to 100"),
+    (["lo@1:nan", "lo@2"], "bad merge input 'lo@1:nan': weight must be a finite number"),
+    (["lo@1:abc", "lo@2"], "bad merge input 'lo@1:abc': write REF or REF:WEIGHT (a number), got weight 'abc'"),
+])
+def test_cli_merge_weights_are_checked_before_anything(cli, tmp_path, specs, needle):
+    """``merge A:1e308 B:1e308`` was a traceback (inf factors); ``lo@1:abc`` said "no alias '1:abc'"
+    although the weight is what is wrong. One line, exit 2, nothing created."""
+    out = tmp_path / "m.safetensors"
+    rc, _, err = cli("--home", tmp_path / "h", "merge", *specs, "--output", out)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "h").exists()

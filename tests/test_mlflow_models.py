@@ -100,6 +100,13 @@ def test_pyfunc_by_version_and_alias_equals_infer(mlflow_env, source_image, tmp_
     assert np.abs(_decode(out["image"][0]) - half).max() <= 1
     plain = _infer(mlflow_env, "relight@1", source_image, tmp_path / "plain.png")
     assert np.abs(_decode(out["image"][1]) - plain).max() <= 1
+    # the ranges of every surface (issue 22, item 8): steps=0 was accepted (a black image)
+    from lbm_registry.errors import RangeError
+
+    for row, needle in (({"steps": [0]}, "row 0: steps must be from 1 to 1000"), ({"scale": [float("inf")]}, "scale"),
+                        ({"seed": [-1]}, "row 0: seed")):
+        with pytest.raises(RangeError, match=needle):
+            by_alias.predict(pd.DataFrame({"image": [_b64(source_image)], **row}))
 
 
 def test_pyfunc_of_base_and_model_versions(mlflow_env, source_image, tmp_path):

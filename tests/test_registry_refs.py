@@ -263,3 +263,37 @@ def test_list_and_show(populated):
     assert info["tags"] == {"team": "vision"}
     assert R.show("relight@1", s)["descendants"][0]["ref"] == "relight@2"
     assert len(info["layers"]) == 2 and info["lora"]["rank"] == 8
+
+
+# -- hostile references (issue 22, items 6 and 18) -------------------------------------------
+HUGE = "99999999999999999999999"   # > 2**63: an OverflowError in the catalog's driver
+
+
+@pytest.mark.parametrize("ref", [f"relight@{HUGE}", f"relight@v{HUGE}", f"relight@{'9' * 400}"])
+def test_versions_past_2_63_are_unknown_versions(populated, ref):
+    with pytest.raises(RefError, match="relight has no version 9+.* \\(versions: 1, 2\\)"):
+        R.resolve(ref, populated["settings"])
+    with pytest.raises(RefError, match="relight has no version"):
+        R.resolve(ref.split("@")[1], populated["settings"], relative_to=populated["l1"])   # compare A vN
+
+
+@pytest.mark.parametrize("args", [["show", f"relight@{HUGE}"], ["lineage", f"relight@{HUGE}"],
+                                  ["rm", f"relight@{HUGE}"], ["alias", "set", f"relight@{HUGE}", "x"],
+                                  ["infer", f"relight@{HUGE}", "--source", "nope.png", "--output", "o.png"],
+                                  ["show", "a" * 5000], ["show", "relight@" + "b" * 5000], ["rm", "a" * 5000],
+                                  ["infer", "a" * 5000, "--source", "nope.png", "--output", "o.png"],
+                                  ["show", "~no-such-user-here/x.safetensors"], ["show", "a\x01b"]],
+                         ids=lambda a: " ".join(x[:20] for x in a))
+def test_hostile_references_are_one_short_line_exit_2(cli, populated, args):
+    """A version over 2**63 was a traceback; a 5000-character reference "File name too long"
+    with exit 1, echoed whole; an unknown ~user a RuntimeError."""
+    rc, out, err = cli("--home", populated["settings"].home, *args)
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 400 and "Traceback" not in err, err
+
+
+def test_long_names_are_abbreviated_in_name_errors():
+    from lbm_registry.registry.refs import name_problem
+
+    why = name_problem("a" * 5000 + "!")
+    assert "'!' not allowed" in why and "(5001 characters)" in why and len(why) < 300

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lbm_registry.errors import BaseMismatchError, DataError, ImageTooLargeError, OverloadedError, RefError
+from lbm_registry.errors import (
+    BaseMismatchError,
+    DataError,
+    ImageTooLargeError,
+    OverloadedError,
+    RangeError,
+    RefError,
+)
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -240,9 +248,9 @@ def test_request_errors_in_process(server, images):
         server.run(images["wide"], lora="sv-base@1")
     with pytest.raises(DataError, match="unreadable image"):
         server.run(b"not an image", lora="sv-a@1")
-    with pytest.raises(DataError, match="outside"):
+    with pytest.raises(RangeError, match="outside"):
         server.run(images["wide"], lora="sv-a@1", scale=3.0)
-    with pytest.raises(DataError, match="steps"):
+    with pytest.raises(RangeError, match="steps"):
         server.run(images["wide"], steps=0)
     old = server.options.max_pixels
     server.options.max_pixels = 99
@@ -437,3 +445,112 @@ def test_cli_serve_usage_errors(cli, serve_registry, monkeypatch):
     assert rc != 0 and "NO_SUCH_TOKEN_VAR" in err and "Traceback" not in err
     rc, _, err = cli("--home", serve_registry.home, "serve", "--base", "sv-nope", "--port", "0")
     assert rc != 0 and "unknown" in err and len(err.strip().splitlines()) == 1
+
+
+# -- edges (issue 22) ------------------------------------------------------------------------
+HUGE = "99999999999999999999999"   # > 2**63: the catalog driver overflowed on it
+
+
+def test_in_process_ranges_stack_cap_and_huge_versions(server, images):
+    for kw, needle in (({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"steps": 51}, "server's limit"),
+                       ({"scale": float("nan")}, "finite"), ({"loras": [("sv-a@1", float("inf"))]}, "scale of sv-a@1")):
+        with pytest.raises(RangeError, match=needle):
+            server.run(images["wide"], **kw)
+    with pytest.raises(RangeError, match="5 LoRAs in one request: at most 4"):
+        server.run(images["wide"], lora="sv-a@1", loras=[("sv-b@1", 0.1)] * 4)
+    for kw in ({"lora": f"sv-a@{HUGE}"}, {"loras": [(f"sv-a@v{HUGE}", 1.0)]}):
+        with pytest.raises(RefError, match=f"sv-a has no version {HUGE}"):
+            server.run(images["wide"], **kw)
+    with pytest.raises(RefError, match=f"sv-a has no version {HUGE}"):
+        server.load_lora(f"sv-a@{HUGE}")
+
+
+def test_http_edges_huge_versions_stacks_and_long_refs(server, images, http_server):
+    """Versions over 2**63 were HTTP 500; 20,000 stacked entries held the batch worker; a
+    5000-character reference was echoed whole."""
+    from lbm_registry.serve.app import create_app
+
+    srv = http_server(create_app(server, close_engine=False))
+    img = _b64(images["wide"])
+    for body in ({"image": img, "lora": f"sv-a@{HUGE}"}, {"image": img, "loras": [{"ref": f"sv-a@{HUGE}"}]}):
+        status, answer = srv.request("POST", "/v1/images", body)
+        assert status == 404 and f"no version {HUGE}" in answer["error"], answer
+    status, answer = srv.request("POST", "/v1/loras", {"ref": f"sv-a@{HUGE}"})
+    assert status == 404 and f"no version {HUGE}" in answer["error"], answer
+    assert srv.request("DELETE", f"/v1/loras/sv-a@{HUGE}")[0] == 404
+    passes = server.multi.forward_passes
+    status, answer = srv.request("POST", "/v1/images", {"image": img, "loras": [{"ref": "sv-a@1"}] * 20_000})
+    assert status == 400 and "20000 LoRAs in one request: at most 4" in answer["error"], answer
+    assert server.multi.forward_passes == passes
+    long_ref = "a" * 5000
+    for body in ({"image": img, "lora": long_ref}, {"image": img, "lora": "sv-a@" + long_ref}):
+        status, answer = srv.request("POST", "/v1/images", body)
+        assert status == 404 and "characters)" in answer["error"] and len(answer["error"]) < 400, answer
+    status, answer = srv.request("POST", "/v1/images", {"image": img, long_ref: 1})
+    assert status == 400 and len(answer["error"]) < 400, answer
+    for field, value in (("steps", True), ("scale", "1.5"), ("seed", "3")):   # numbers as JSON has them
+        status, answer = srv.request("POST", "/v1/images", {"image": img, field: value})
+        assert status == 400 and answer["error"].startswith(f"{field}: must be a JSON number"), answer
+    assert srv.request("POST", "/v1/images", {"image": img, "lora": "sv-a@1"})[0] == 200   # still serving
+
+
+def test_http_body_limits_hold_while_reading(server, http_server):
+    """413 was decided from Content-Length alone: a chunked body was read (and decoded) whole.
+    A client sending a byte a second held its connection for ever: 408 after the body timeout."""
+    from fixtures.serve import raw_exchange
+
+    from lbm_registry.serve.app import create_app
+
+    srv = http_server(create_app(server, close_engine=False, max_body_bytes=200_000, body_timeout_s=1.0))
+    head = b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    chunk = b"1000\r\n" + b" " * 0x1000 + b"\r\n"   # 4 KiB chunks of JSON whitespace, endlessly
+    status, answer, sent = raw_exchange(srv.port, head + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n",
+                                        (chunk for _ in range(100_000)))
+    assert status == 413 and "over the limit of 200000 bytes" in answer["error"], answer
+    assert sent < 100_000_000        # refused while it arrived (a few MB sit in socket buffers), not after 400 MB
+    status, answer, _ = raw_exchange(srv.port, head + b"Content-Length: 100000\r\n\r\n{",
+                                     (b" " for _ in range(100_000)), pause=0.25)
+    assert status == 408 and "did not arrive within 1 s" in answer["error"], answer
+    for path in ("/v1/loras", "/v1/images", "/nope"):   # every route
+        status, answer, _ = raw_exchange(srv.port, head.replace(b"/v1/images", path.encode())
+                                         + b"Content-Length: 300000\r\n\r\n")
+        assert status == 413, (path, answer)
+    assert srv.request("GET", "/healthz")[0] == 200
+
+
+def test_http_takes_json_whatever_the_declared_type(server, images, http_server):
+    """``curl -d '{...}'`` declares application/x-www-form-urlencoded: that was a 400."""
+    from fixtures.serve import raw_exchange
+
+    from lbm_registry.serve.app import create_app
+
+    srv = http_server(create_app(server, close_engine=False))
+    body = json.dumps({"image": _b64(images["wide"]), "seed": 1}).encode()
+    for ctype in (b"application/x-www-form-urlencoded", b"text/plain", None):
+        head = b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
+        head += (b"Content-Type: " + ctype + b"\r\n" if ctype else b"") + b"\r\n"
+        status, answer, _ = raw_exchange(srv.port, head, [body])
+        assert status == 200 and answer["width"] == 90, (ctype, answer)
+    head = b"POST /v1/loras HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\nContent-Type: multipart/form-data\r\n\r\n"
+    status, answer, _ = raw_exchange(srv.port, head, [b"ref=sv-a1"])
+    assert status == 400 and answer["error"].startswith("body: not valid JSON") and "JSON object" in answer["error"]
+
+
+def test_docs_are_served_offline(server, http_server):
+    """/docs loaded Swagger UI from a CDN: a blank page offline. Every asset is served here."""
+    import re
+
+    from lbm_registry.serve.app import create_app
+
+    srv = http_server(create_app(server, close_engine=False, token="tok"))
+    for page in ("/docs", "/redoc"):
+        status, html = srv.request("GET", page, token="tok")
+        assert status == 200 and isinstance(html, str), html
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
+        assert urls and not [u for u in urls if "//" in u], urls       # nothing from another host
+        for url in urls:
+            if url.startswith("/docs/assets/"):
+                status, _ = srv.request("GET", url)                   # the browser sends no token
+                assert status == 200, url
+    status, schema = srv.request("GET", "/openapi.json", token="tok")
+    assert status == 200 and "/v1/images" in schema["paths"]

@@ -60,6 +60,18 @@ def test_data_synth_cli(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val-000.tar", "val-001.tar"]
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--resolution", "100000"], "resolution must be from 8 to 4096 pixels, got 100000"),
+    (["--resolution", "4"], "resolution must be from 8 to 4096"),
+    (["--seed", "-1"], "seed must be from 0 to 2**63-1"),
+])
+def test_data_synth_refuses_out_of_range_numbers_creating_nothing(cli, tmp_path, args, needle):
+    """``--resolution 100000`` tried a 74.5 GiB allocation and left an empty output folder."""
+    rc, _, err = cli("data", "synth", "--output", tmp_path / "out", "--n", "1", *args)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_shards_brace_expansion_and_missing(tmp_path):
     from lbm_registry.train.data import expand_shards
 

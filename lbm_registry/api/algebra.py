@@ -8,7 +8,6 @@ weight). Returns dataclasses with ``to_dict()``; the CLI renders them.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.api._report import WrittenLoRAReport
-from lbm_registry.errors import LoRAError
+from lbm_registry.errors import LoRAError, RangeError, abbreviate
 from lbm_registry.registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,16 +42,26 @@ class AlgebraReport(WrittenLoRAReport):
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
-    """``REF[:W]``: a trailing ``:<number>`` is the weight (``sha256:PREFIX`` alone is not)."""
+    """``REF[:W]``: a trailing ``:<number>`` is the weight (``sha256:PREFIX`` alone is not).
+
+    Anything else after a ``:`` is a bad weight (``relight@1:abc``; names and aliases never hold
+    a ``:``), unless the whole spec is an existing file. Weights: :func:`lbm_registry.ranges.check_weight`."""
+    from lbm_registry.ranges import check_weight
+    from lbm_registry.registry.refs import is_file
+
     head, sep, tail = spec.rpartition(":")
     if sep and head and head.lower() != "sha256":
         try:
             w = float(tail)
         except ValueError:
-            return spec, 1.0
-        if not math.isfinite(w):
-            raise LoRAError(f"{spec}: the weight must be a finite number")
-        return head, w
+            if is_file(spec):
+                return spec, 1.0
+            raise RangeError(f"bad merge input {abbreviate(spec)!r}: write REF or REF:WEIGHT (a number), "
+                             f"got weight {abbreviate(tail, 20)!r}") from None
+        try:
+            return head, check_weight(w)
+        except RangeError as exc:
+            raise RangeError(f"bad merge input {abbreviate(spec)!r}: {exc}") from None
     return spec, 1.0
 
 

@@ -71,6 +71,9 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
     """
     import tempfile
 
+    from lbm_registry.ranges import check_seed
+
+    check_seed(seed)
     cfg = _preflight(config, sdxl_unet=sdxl_unet, vae=vae, dtype=dtype, output=output, register=register,
                      settings=settings)
 

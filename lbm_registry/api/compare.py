@@ -164,6 +164,12 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
         from lbm_registry.lbm.device import check_device
 
         check_device(device)  # one line for a typo or a missing GPU, before any work
+    if report is not None:  # a file where the report folder goes is a usage error, found before any work
+        from lbm_registry.errors import ConfigError
+        from lbm_registry.fileio import folder_problem
+
+        if (why := folder_problem(report)) is not None:
+            raise ConfigError(f"cannot write the report: {why}", cli=f"--report: {why}")
     a, b = resolve_pair(a_ref, b_ref, settings)   # a wrong reference is refused before torch loads
     for x in (a, b):
         if x.kind not in ("lora", "file"):
@@ -189,14 +195,18 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
     }
     if outputs:
         if source is not None:
-            images = []
+            images, skipped = [], []
             for p in collect_images(Path(source)):
                 try:
                     images.append(open_image(p))
-                except DataError:
-                    continue
-            if not images:
-                raise DataError(f"no readable images in {source}")
+                except DataError as exc:
+                    skipped.append((p, getattr(exc, "reason", str(exc))))
+            if not images:  # say why: a truncated file, a decompression bomb, not an image...
+                if not Path(source).is_dir():
+                    raise DataError(f"{source}: {skipped[0][1]}")
+                raise DataError(f"no readable images in {source}" + (
+                    f" ({len(skipped)} skipped; first: {skipped[0][0]}: {skipped[0][1]})" if skipped
+                    else ": the folder is empty"))
         else:
             images = [synthetic_source(seed=seed)]
         tuned_sha = fa.get("tuned_sha256") or (a.facts or {}).get("tuned_sha256")

@@ -51,6 +51,7 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
             if exc.code not in (0, None):
                 raise LBMError(f"demo step failed: lbm-reg {shlex.join(args)} (exit {exc.code})") from None
         timings[title] = time.perf_counter() - t0
+        say(f"[dim]  ({title}: done in {timings[title]:.1f} s)[/]")
 
     step("create the workspace", ["init"])
     step("create a seeded exact base (tiny twin)", ["base", "create", "--config", "lbm-tiny", "--seed", "0",
@@ -62,14 +63,28 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
     train_shards = sorted(str(p) for p in (data / "train").glob("*.tar"))
     val_shards = sorted(str(p) for p in (data / "val").glob("*.tar"))
 
-    say("\n[bold cyan]==> fine-tune the whole tiny model briefly (the 'real fine-tune' users bring)[/]")
+    # No CLI verb makes a full fine-tune (users bring theirs): the Python call, with a line of
+    # progress every tenth of the way, so this longest step never looks hung.
+    tuned_out = home / "tiny-relight-full.safetensors"
+    say("\n[bold cyan]==> fine-tune the whole tiny model briefly (the 'real fine-tune' users bring)[/]\n"
+        f"$ python -c 'from lbm_registry.api.train import finetune_full; finetune_full(\"<tiny-base blob>\", "
+        f"train_shards={[Path(p).name for p in train_shards]}, steps={finetune_steps}, output=\"{tuned_out.name}\")'")
     t0 = time.perf_counter()
     from lbm_registry.api.registry import resolve
     from lbm_registry.registry.settings import WorkspaceSettings
 
+    every = max(1, finetune_steps // 10)
+
+    def progress(done: int, total: int, loss: float) -> None:
+        if done == 1 or done % every == 0 or done == total:
+            spent = time.perf_counter() - t0
+            left = spent / done * (total - done)
+            say(f"  full fine-tune: step {done}/{total}, loss {loss:.4f}, {spent / done:.2f} s/step, "
+                f"about {left:.0f} s left")
+
     base = resolve("tiny-base", WorkspaceSettings.resolve(home))
-    tuned_path = finetune_full(base.path, train_shards=train_shards, steps=finetune_steps,
-                               output=home / "tiny-relight-full.safetensors", seed=0)
+    tuned_path = finetune_full(base.path, train_shards=train_shards, steps=finetune_steps, output=tuned_out, seed=0,
+                               progress=progress)
     timings["full fine-tune"] = time.perf_counter() - t0
     step("register the fine-tuned model", ["import", str(tuned_path), "--name", "tiny-relight-full", "--kind", "model",
                                            *WAIT])
@@ -115,8 +130,24 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
     width = max(len(k) for k in timings)
     say("\n[bold]step times[/]\n" + "\n".join(f"  {k:<{width}}  {v:6.1f} s" for k, v in timings.items()))
     say(f"\n[bold green]demo complete[/] in {sum(timings.values()):.0f} s. Browse it in MLflow:\n"
-        f"$ lbm-reg --home {shlex.quote(str(home))} ui")
+        f"$ {lbm_reg_command()} --home {shlex.quote(str(home))} ui")
     return timings
+
+
+def lbm_reg_command() -> str:
+    """How to run ``lbm-reg`` from here: its name when that is on PATH, else its path
+    (``make demo`` runs ``.venv/bin/lbm-reg`` without activating the venv)."""
+    import os
+    import sys
+
+    ours = Path(sys.executable).with_name("lbm-reg")
+    on_path = shutil.which("lbm-reg")
+    if on_path and (not ours.is_file() or Path(on_path).resolve() == ours.resolve()):
+        return "lbm-reg"
+    if ours.is_file():
+        rel = os.path.relpath(ours, Path.cwd())
+        return shlex.quote(rel if not rel.startswith("..") else str(ours))
+    return f"{shlex.quote(sys.executable)} -m lbm_registry.cli.main"
 
 
 def serve_requests(home: Path, image: Path, refs: list[str | None]) -> list[str]:

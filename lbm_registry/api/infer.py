@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbm_registry.errors import BaseMismatchError, ConfigError, LoRAError, RefError
+from lbm_registry.errors import BaseMismatchError, ConfigError, LoRAError, RangeError, RefError, abbreviate
 from lbm_registry.lbm.header import CKPT_SUFFIXES, SafetensorsHeader, config_from_metadata
+from lbm_registry.ranges import MAX_SCALE, check_scale, check_seed, check_steps
 from lbm_registry.registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_SCALE = 2.0
 INFER_DTYPES = ("auto", "fp32", "bf16", "fp16")   # what lbm.model.pick_dtype takes (without torch)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # What an output file name may end in, and the format written (the extension decides).
@@ -39,12 +39,6 @@ class LoadPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_scale(scale: float) -> float:
-    if not (0.0 <= scale <= MAX_SCALE):
-        raise LoRAError(f"scale {scale} is outside 0.0-{MAX_SCALE}")
-    return float(scale)
-
-
 def parse_lora_spec(spec: str) -> tuple[str, float]:
     """``REF[:SCALE]``: a trailing ``:<number>`` is the scale (``sha256:PREFIX`` alone is not).
 
@@ -55,14 +49,17 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
         try:
             value = float(tail)
         except ValueError:
-            if Path(spec).expanduser().exists():
+            from lbm_registry.registry.refs import is_dir, is_file
+
+            if is_file(spec) or is_dir(spec):
                 return spec, 1.0
-            raise LoRAError(f"bad LoRA spec {spec!r}: write REF or REF:SCALE (a number), "
-                            f"got scale {tail!r}") from None
+            raise LoRAError(f"bad LoRA spec {abbreviate(spec)!r}: write REF or REF:SCALE (a number), "
+                            f"got scale {abbreviate(tail, 20)!r}") from None
         try:
             return head, check_scale(value)
-        except LoRAError:
-            raise LoRAError(f"bad LoRA spec {spec!r}: its scale {value:g} is outside 0.0-{MAX_SCALE}") from None
+        except RangeError:
+            raise RangeError(f"bad LoRA spec {abbreviate(spec)!r}: its scale {value:g} is outside "
+                             f"0.0-{MAX_SCALE}") from None
     return spec, 1.0
 
 
@@ -325,6 +322,9 @@ def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps
     from lbm_registry.lbm.imaging import open_image
 
     check_scale(scale)
+    if steps is not None:
+        check_steps(steps)
+    check_seed(seed)
     for spec in loras:
         parse_lora_spec(spec)
     check_dtype(dtype)
@@ -349,8 +349,12 @@ def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps
             written.append(str(dest))
         if task is not None:
             progress.advance(task)
-    if not written and skipped:
-        raise DataError(f"no readable images in {source} ({len(skipped)} skipped)")
+    if not written and skipped:  # each passed the header check and failed to decode: say why
+        if not source.is_dir():
+            raise DataError(f"{source}: {skipped[-1]['reason']}")
+        first = skipped[0]
+        raise DataError(f"no readable images in {source} ({len(skipped)} skipped; first: {first['path']}: "
+                        f"{first['reason']})")
     result = {"outputs": written, "skipped": skipped, **(pipe.info or {}), "scale": scale,
               "steps": steps or pipe.model.config.inference.steps, "seed": seed}
     if log_run:

@@ -224,23 +224,25 @@ class LBMPyfuncModel(PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001  (no hints: see load_context)
         import pandas as pd
 
-        from lbm_registry.api.infer import check_scale
+        from lbm_registry.ranges import check_scale, check_seed, check_steps
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         if "image" not in model_input.columns:
             raise DataError("the input needs a column 'image' (base64 of an image)")
-        out = []
+        jobs = []  # every row checked (the ranges of every surface: lbm_registry.ranges) before any runs
         for i, (_, row) in enumerate(model_input.iterrows()):
-            img = _b64_image(row["image"], i)
-            scale = _opt(row, "scale")
-            steps = _opt(row, "steps")
-            seed = _opt(row, "seed")
-            scale = check_scale(float(scale)) if scale is not None else 1.0
+            scale, steps, seed = _opt(row, "scale"), _opt(row, "steps"), _opt(row, "seed")
+            jobs.append((i, row["image"],
+                         check_scale(scale, f"row {i}: scale") if scale is not None else 1.0,
+                         check_steps(steps, f"row {i}: steps") if steps is not None else None,
+                         check_seed(seed, f"row {i}: seed") if seed is not None else 0))
+        out = []
+        for i, image, scale, steps, seed in jobs:
+            img = _b64_image(image, i)
             rescale = None if scale == self.scale else scale  # re-merging costs a pass over the weights
             self.scale = scale
-            result = self.pipe(img, steps=int(steps) if steps is not None else None,
-                               seed=int(seed) if seed is not None else 0, scale=rescale)
+            result = self.pipe(img, steps=steps, seed=seed, scale=rescale)
             buf = io.BytesIO()
             result.save(buf, format="PNG")
             out.append(base64.b64encode(buf.getvalue()).decode("ascii"))

@@ -79,11 +79,22 @@ def open_existing(settings: WorkspaceSettings | None) -> Any:
 
     Only ``init`` and registering calls create a workspace: a typo in a home must not make a
     new, empty registry that then reports "no problems"."""
+    from lbm_registry.fileio import folder_problem
+    from lbm_registry.registry.db import mask_url, sqlite_path
     from lbm_registry.registry.workspace import Workspace
 
     s = _settings(settings)
     ws = Workspace.open_existing(s)
     if ws is None:
+        if s.catalog_url:  # the catalog named by a URL is what is missing, not the home
+            where = sqlite_path(s.catalog_url) or mask_url(s.catalog_url)
+            raise RegistryError(f"no catalog at {where} (catalog_url): nothing was initialised there",
+                                cli=f"no catalog at {where}: check --catalog-url / $LBM_REG_CATALOG_URL, "
+                                    "or create one with 'lbm-reg init'")
+        why = folder_problem(s.home)
+        if why:
+            raise RegistryError(f"no registry at {s.home}: {why}",
+                                cli=f"no registry at {s.home}: {why}; check --home / $LBM_REG_HOME")
         raise RegistryError(f"no registry at {s.home}: nothing was initialised or registered there",
                             cli=f"no registry at {s.home}: check --home / $LBM_REG_HOME, "
                                 "or create one with 'lbm-reg init'")

@@ -40,6 +40,7 @@ class RegistryResolver:
     def __call__(self, ref: str) -> LoRASource:
         from lbm_registry.api.infer import base_mismatch
         from lbm_registry.api.registry import resolve
+        from lbm_registry.registry.refs import shown
 
         ref = str(ref).strip()
         if not SERVABLE_REF_RE.fullmatch(ref):  # never a path: a client names registered LoRAs only
@@ -48,10 +49,10 @@ class RegistryResolver:
                 from lbm_registry.registry.refs import nothing_after_at
 
                 raise nothing_after_at(ref, name)
-            raise RefError(f"{ref!r} is not a registered reference (NAME, NAME@VERSION|ALIAS or sha256:PREFIX)")
+            raise RefError(f"{shown(ref)} is not a registered reference (NAME, NAME@VERSION|ALIAS or sha256:PREFIX)")
         asset = resolve(ref, self.settings, layers=False)
         if asset.kind == "file":
-            raise RefError(f"unknown reference {ref!r}: not a registered LoRA")
+            raise RefError(f"unknown reference {shown(ref)}: not a registered LoRA")
         if asset.kind != "lora":
             raise DataError(f"{ref} is a {asset.kind} ({asset.ref}), not a LoRA")
         msg = base_mismatch(asset, self.base)

@@ -8,7 +8,7 @@ about the registry, the CLI knows nothing about torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -453,12 +453,13 @@ def finetune_full(base_path: str | Path, config: LBMConfig | str | Path | None =
                   shards: str | Iterable[str] | None = None, steps: int = 20, lr: float = 1e-4,
                   output: str | Path | None = None, seed: int = 0, *, train_shards: str | Iterable[str] | None = None,
                   batch_size: int = 2, resolution: int = 64, device: str = "auto", source_key: str = "source.jpg",
-                  target_key: str = "target.jpg") -> Path:
+                  target_key: str = "target.jpg", progress: Callable[[int, int, float], None] | None = None) -> Path:
     """Fine-tune ALL denoiser weights briefly (bridge matching, AdamW) and save a full LBM checkpoint.
 
     Why: the demo needs a genuine full fine-tune to extract a LoRA from. The VAE stays frozen.
     ``config`` may be None when the base checkpoint carries its config; ``train_shards`` is an
-    alias of ``shards``. Deterministic for a seed on a given machine.
+    alias of ``shards``. Deterministic for a seed on a given machine. ``progress(step, steps,
+    loss)`` is called after every step (the demo prints a line now and then from it).
     """
     import torch
 
@@ -512,6 +513,8 @@ def finetune_full(base_path: str | Path, config: LBMConfig | str | Path | None =
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if progress is not None:
+                progress(step, steps, float(loss.detach()))
             if step >= steps:
                 break
         if not got:
@@ -528,8 +531,11 @@ def synth_data(output: str | Path, n: int, *, resolution: int = 128, seed: int =
                prefix: str = "synth") -> dict[str, Any]:
     """Write synthetic relighting shards; returns their paths and a brace pattern for configs."""
     from lbm_registry.errors import DataError
+    from lbm_registry.ranges import check_resolution, check_seed
     from lbm_registry.train.synth import shard_pattern, write_synth_shards
 
+    check_resolution(resolution)  # before the output folder exists: a refusal creates nothing
+    check_seed(seed)
     try:
         paths = write_synth_shards(output, n, resolution=resolution, seed=seed, shard_size=shard_size, prefix=prefix)
     except ValueError as exc:

@@ -61,11 +61,13 @@ def print_json(data: Any) -> None:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """One clear line on stderr, non-zero exit."""
-    from rich.markup import escape
+    """One clear line on stderr, non-zero exit (``main`` prints it, and with ``--json`` also a
+    JSON object on stdout, like every other error)."""
+    from lbm_registry.errors import LBMError
 
-    console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
+    exc = LBMError(message)
+    exc.exit_code = code
+    raise exc
 
 
 class LazyProgress:

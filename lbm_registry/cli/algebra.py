@@ -49,7 +49,7 @@ def resize(
 
 def merge(
     ctx: typer.Context,
-    refs: list[str] = typer.Argument(..., help="LoRA REF[:WEIGHT] ... (weights default to 1)."),
+    refs: list[str] = typer.Argument(..., metavar="REF[:WEIGHT]...", help="LoRA REF[:WEIGHT] ... (weights default to 1)."),
     rank: int | None = RANK_OPTION,
     conv_rank: int | None = CONV_RANK_OPTION,
     energy: float | None = ENERGY_OPTION,

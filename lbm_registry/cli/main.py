@@ -43,6 +43,45 @@ def _root(
     ctx.obj = WorkspaceSettings.resolve(home, catalog_url, tracking_uri)
 
 
+def _plain_usage_command_class() -> type:
+    """typer's command class, with usage lines as users write them: ``show [OPTIONS] REF``
+    (typer writes ``{ref}``) and arguments named in capitals in the help."""
+    from typer.core import TyperArgument, TyperCommand
+
+    class PlainUsageCommand(TyperCommand):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            for p in self.params:
+                if isinstance(p, TyperArgument) and p.metavar is None and p.name:
+                    p.metavar = p.name.upper() + ("..." if p.nargs != 1 else "")
+                if isinstance(p, TyperArgument) and p.nargs != 1:  # typer shows '<list[str]>': the metavar says it
+                    p.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+        def collect_usage_pieces(self, ctx: Any) -> list[str]:
+            pieces = [self.options_metavar] if self.options_metavar else []
+            for p in self.get_params(ctx):
+                if isinstance(p, TyperArgument):
+                    pieces.append(p.metavar if p.required else f"[{p.metavar}]")
+                else:
+                    pieces.extend(p.get_usage_pieces(ctx))
+            return pieces
+
+    return PlainUsageCommand
+
+
+def _use_plain_usage(typer_app: typer.Typer) -> None:
+    """Every command of ``typer_app`` (and of its sub-apps) uses :func:`_plain_usage_command_class`."""
+    from typer.core import TyperCommand
+
+    cls = _plain_usage_command_class()
+    for info in typer_app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = cls
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _use_plain_usage(group.typer_instance)
+
+
 base.register(app)
 lora.register(app)
 algebra.register(app)
@@ -53,6 +92,7 @@ train.register(app)
 compare.register(app)
 demo.register(app)
 serve.register(app)
+_use_plain_usage(app)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -139,6 +179,26 @@ def _may_register(argv: list[str]) -> bool:
         a in ("import", "train") for a in argv[:4])
 
 
+def wants_json(argv: list[str]) -> bool:
+    """Does the command line ask for JSON (``--json`` before any ``--``)?"""
+    for a in argv:
+        if a == "--":
+            return False
+        if a == "--json":
+            return True
+    return False
+
+
+def _json_error(argv: list[str], message: str, code: int) -> None:
+    """With ``--json``, an error is also a JSON object on stdout, so a script reading stdout
+    always gets JSON: ``{"error": "<the line on stderr>", "code": <exit code>}``."""
+    if wants_json(argv):
+        import json
+
+        sys.stdout.write(json.dumps({"error": " ".join(message.split()), "code": code}) + "\n")
+        sys.stdout.flush()
+
+
 def _interrupt_line(argv: list[str], started: float, settings: WorkspaceSettings | None) -> str:
     """What a Ctrl-C leaves: the versions this process registered, if any, in one line."""
     refs: list[str] = []
@@ -210,18 +270,21 @@ def main(argv: list[str] | None = None) -> None:
         from lbm_registry.cli._common import console
 
         console(stderr=True).print(f"[bold red]error:[/] {escape(exc.cli_message)}", soft_wrap=True)
+        _json_error(args, exc.cli_message, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         exit_interrupted()
     except OSError as exc:  # the machine refused (disk full, permissions...): one line, not a traceback
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        _json_error(args, f"{exc.strerror or exc}{where}", 1)
         sys.exit(1)
     except Exception as exc:  # click's usage errors: typer's vendored click and/or the real one
         click_errors, click_aborts = _click_exception_types()
         if isinstance(exc, click_errors):
             _attach_usage_context(exc, args)
             exc.show()  # type: ignore[attr-defined]
+            _json_error(args, exc.format_message(), getattr(exc, "exit_code", 2))  # type: ignore[attr-defined]
             sys.exit(getattr(exc, "exit_code", 2))
         if isinstance(exc, click_aborts):
             if interrupted:

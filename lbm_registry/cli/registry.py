@@ -278,21 +278,30 @@ def lineage(ctx: typer.Context, ref: str = typer.Argument(...), as_json: bool = 
 
 
 @alias_app.command("set")
-def alias_set(ctx: typer.Context, ref: str = typer.Argument(...), alias: str = typer.Argument(...)) -> None:
+def alias_set(ctx: typer.Context, ref: str = typer.Argument(..., help="The version: NAME@N, NAME@ALIAS, ..."),
+              alias: str = typer.Argument(..., help="The alias to point at it, e.g. prod."),
+              as_json: bool = JSON_OPTION) -> None:
     """Point ALIAS at the version REF resolves to."""
     from lbm_registry.api.registry import set_alias
 
     r = set_alias(ref, alias, settings(ctx))
+    if as_json:
+        print_json(r)
+        return
     moved = f" (was {r['name']}@{r['previous']})" if r["previous"] not in (None, r["version"]) else ""
     console().print(f"{r['name']}@{r['alias']} → {r['name']}@{r['version']}{moved}")
 
 
 @alias_app.command("rm")
-def alias_rm(ctx: typer.Context, name: str = typer.Argument(...), alias: str = typer.Argument(...)) -> None:
+def alias_rm(ctx: typer.Context, name: str = typer.Argument(..., help="The asset name."),
+             alias: str = typer.Argument(..., help="The alias to remove."), as_json: bool = JSON_OPTION) -> None:
     """Remove an alias."""
     from lbm_registry.api.registry import remove_alias
 
     r = remove_alias(name, alias, settings(ctx))
+    if as_json:
+        print_json(r)
+        return
     console().print(f"removed {r['name']}@{r['alias']} (pointed at {r['name']}@{r['version']})")
 
 
@@ -370,8 +379,8 @@ def pull(ctx: typer.Context, ref: str = typer.Argument(..., help="A registered v
         con.print(f"{b['ref']} ({b['role']}, {format_size(b['size'])}, sha256 {_short(b['sha256'])}): {how}")
 
 
-def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host"),
-       port: int = typer.Option(5000, "--port", min=1, max=65535)) -> None:
+def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind."),
+       port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port to listen on.")) -> None:
     """Start the MLflow UI on this workspace."""
     import os
     import sys

@@ -13,13 +13,18 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port; 0 picks a free one (printed)"),
     base: str | None = typer.Option(None, "--base", help="The base REF this server holds [default: the base of "
                                     "the first --preload, else the registry's only base]."),
-    preload: list[str] = typer.Option([], "--preload", help="LoRA REF to load at start; repeatable."),
+    preload: list[str] = typer.Option([], "--preload", metavar="REF", help="LoRA REF to load at start; repeatable."),
     pin: bool = typer.Option(False, "--pin", help="Pin the preloaded LoRAs (never evicted)."),
     max_loras: int = typer.Option(8, "--max-loras", min=1, help="LoRAs kept on the device (LRU)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Samples per forward pass."),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="How long a batch waits to fill."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting before 503."),
     max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", min=1, help="Larger input images get 413."),
+    max_stack: int = typer.Option(4, "--max-stack", min=1, max=64,
+                                  help="LoRAs one request may stack (lora plus loras); more get 400."),
+    max_steps: int = typer.Option(50, "--max-steps", min=1, max=1000, help="Sampling steps a request may ask for."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.1,
+                                       help="Seconds a client has to send a request body; slower gets 408."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     token_env: str | None = typer.Option(None, "--token-env", help="Environment variable holding a bearer "
@@ -53,8 +58,8 @@ def serve(
     with err.status("loading the base model"):
         server = Server(base, preload=preload, pin_preload=pin, device=device, dtype=dtype, settings=settings(ctx),
                         max_loras=max_loras, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                        max_pixels=max_pixels)
-    app = create_app(server, token=token)
+                        max_pixels=max_pixels, max_stack=max_stack, max_steps=max_steps)
+    app = create_app(server, token=token, body_timeout_s=body_timeout)
     h = server.health()
     shown = f"[{host}]" if ":" in host else host
     err.print(f"serving base {h['base']} on {h['device']}/{h['dtype']} at http://{shown}:{port} "

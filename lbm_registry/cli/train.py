@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from lbm_registry.cli._common import JSON_OPTION, console, fail, print_json, settings
+from lbm_registry.errors import ConfigError
 
 data_app = typer.Typer(help="Datasets (webdataset shards).", no_args_is_help=True)
 
@@ -22,14 +23,16 @@ def train(
     base: str | None = typer.Option(None, "--base", help="Base model REF."),
     lora: str | None = typer.Option(None, "--lora", help="LoRA REF to start from."),
     model_config: str | None = typer.Option(None, "--model-config", help="LBM config (when the base has none)."),
-    train_shards: list[str] | None = typer.Option(None, "--train-shards", help="Shard path or brace pattern (repeatable)."),
-    validation_shards: list[str] | None = typer.Option(None, "--validation-shards", help="Validation shards (repeatable)."),
+    train_shards: list[str] | None = typer.Option(None, "--train-shards", metavar="PATH", help="Shard path or brace pattern (repeatable)."),
+    validation_shards: list[str] | None = typer.Option(
+        None, "--validation-shards", metavar="PATH",
+        help="Validation shards (repeatable); '[]' = no validation (as in the config)."),
     trainable_lora_modules: list[str] | None = typer.Option(
-        None, "--trainable-lora-modules",
+        None, "--trainable-lora-modules", metavar="PATTERN",
         help="Modules to train (repeatable): a plain name selects every module containing it (attn1, up_blocks); "
              "globs (*, ?, [) and re:REGEX match whole names."),
-    max_steps: int | None = typer.Option(None, "--max-steps"),
-    epochs: int | None = typer.Option(None, "--epochs"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    epochs: int | None = typer.Option(None, "--epochs", help="... or after this many passes over the shards."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per process per micro-step."),
     gradient_accumulation_steps: int | None = typer.Option(
         None, "--gradient-accumulation-steps", help="Micro-steps per optimizer step."),
@@ -43,18 +46,20 @@ def train(
         None, "--num-processes", help="Local data-parallel workers (gloo on CPU, NCCL on GPU)."),
     resolution: str | None = typer.Option(
         None, "--resolution", help="Training image side in pixels, or HEIGHTxWIDTH (480x640)."),
-    learning_rate: float | None = typer.Option(None, "--learning-rate"),
+    learning_rate: float | None = typer.Option(None, "--learning-rate", help="Optimizer learning rate."),
     optimizer: str | None = typer.Option(None, "--optimizer", help="adamw, adamw8bit (GPU + bitsandbytes) or sgd."),
-    seed: int | None = typer.Option(None, "--seed"),
-    validation_interval: int | None = typer.Option(None, "--validation-interval"),
-    checkpoint_interval: int | None = typer.Option(None, "--checkpoint-interval"),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the data order, timesteps and noise (0 to 2**63-1)."),
+    validation_interval: int | None = typer.Option(None, "--validation-interval",
+                                                   help="Validation loss and samples every N steps."),
+    checkpoint_interval: int | None = typer.Option(None, "--checkpoint-interval",
+                                                   help="A checkpoint (for --resume) every N steps."),
     on_bad_sample: str | None = typer.Option(None, "--on-bad-sample", help="error or skip."),
     output_dir: str | None = typer.Option(None, "--output-dir", help="Where checkpoints, samples and the LoRA go."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     mlflow: bool | None = typer.Option(None, "--mlflow/--no-mlflow", help="Log the run to the workspace's MLflow."),
     register: str | None = typer.Option(None, "--register", help="Register the trained LoRA under this name."),
     resume: bool = typer.Option(False, "--resume", help="Resume from the last checkpoint in the output dir."),
-    set_: list[str] | None = typer.Option(None, "--set", help="Any other config key: KEY=VALUE (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE", help="Any other config key: KEY=VALUE (repeatable)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Fine-tune an existing LoRA (or a new one) on webdataset shards; optionally register it."""
@@ -64,7 +69,7 @@ def train(
     overrides: dict[str, Any] = parse_set_option(set_)
     options = {
         "base": base, "lora": lora, "model_config": model_config, "train_shards": train_shards or None,
-        "validation_shards": validation_shards or None, "trainable_lora_modules": trainable_lora_modules or None,
+        "validation_shards": _no_validation(validation_shards), "trainable_lora_modules": trainable_lora_modules or None,
         "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "resolution": resolution,
         "gradient_accumulation_steps": gradient_accumulation_steps, "gradient_checkpointing": gradient_checkpointing,
         "cache_latents": cache_latents, "mixed_precision": mixed_precision, "num_processes": num_processes,
@@ -100,6 +105,15 @@ def train(
     con.print(t)
     if result.get("ref"):
         con.print(f"[green]registered[/] {result['ref']}  (sha256 {result['sha256'][:12]})")
+
+
+def _no_validation(shards: list[str] | None) -> list[str] | None:
+    """``--validation-shards '[]'`` is the config's ``[]`` (no validation), not a file named '[]'."""
+    if shards and [s.strip() for s in shards] == ["[]"]:
+        return []
+    if shards and "[]" in (s.strip() for s in shards):
+        raise ConfigError("--validation-shards '[]' (no validation) cannot be given with shard paths")
+    return shards or None
 
 
 @data_app.command("synth")

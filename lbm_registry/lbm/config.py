@@ -174,17 +174,33 @@ def builtin_config_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "configs"
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """Accept a path, or the stem of a built-in config (``lbm-tiny``)."""
+def builtin_configs(kind: str = "model") -> list[str]:
+    """Names of the built-in configs of ``kind``: ``model`` (an LBM architecture: a top-level
+    ``denoiser``) or ``training`` (the rest, e.g. ``lora-finetune``)."""
+    out = []
+    for c in sorted(builtin_config_dir().glob("*.yaml")):
+        is_model = any(line.startswith("denoiser:") for line in c.read_text().splitlines())
+        if is_model == (kind == "model"):
+            out.append(c.stem)
+    return out
+
+
+def resolve_config_path(path: str | Path, kind: str = "model") -> Path:
+    """Accept a path, or the name of a built-in config (``lbm-tiny``); a name not found gets
+    suggestions among the built-ins of ``kind`` (see :func:`builtin_configs`). A path that is
+    not a regular file (``/dev/null``, a FIFO, a folder) is refused as such, not reported missing."""
     p = Path(path)
     if p.is_file():
         return p
+    if p.exists():
+        what = "a folder" if p.is_dir() else "not a regular file (a device or a pipe)"
+        raise ConfigError(f"config {path} is {what}: give a YAML file")
     for cand in (builtin_config_dir() / p.name, builtin_config_dir() / f"{p.name}.yaml"):
-        if cand.is_file():
+        if cand.is_file():  # any built-in by its exact name: the caller says if it is the wrong kind
             return cand
+    builtins = builtin_configs(kind)   # suggestions: only configs of the kind asked for
     import difflib
 
-    builtins = sorted(c.stem for c in builtin_config_dir().glob("*.yaml"))
     close = difflib.get_close_matches(p.stem, builtins, n=3, cutoff=0.6)
     hint = (f"; did you mean {', '.join(close)}?" if close else
             f" (built-in: {', '.join(builtins)})" if builtins and not p.parent.parts else "")
@@ -200,4 +216,6 @@ def load_config(path: str | Path) -> LBMConfig:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {p}: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        raise ConfigError(f"config {p} is empty")
     return config_from_dict(data, str(p))

@@ -89,7 +89,9 @@ def open_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> 
                                          f"pixels, over the limit of {max_pixels}")
             img.load()
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image {name} is too large: {exc}") from None
+        err = ImageTooLargeError(f"image {name} is too large: {exc}")
+        err.reason = f"too large: {exc}"  # type: ignore[attr-defined]
+        raise err from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = _image_reason(exc)
         err = DataError(f"image not found: {name}" if isinstance(exc, FileNotFoundError)

@@ -75,6 +75,13 @@ class LBMPipeline:
     @torch.no_grad()
     def __call__(self, image: Image.Image | str | Path | bytes, *, steps: int | None = None,
                  seed: int = 0, scale: float | None = None, sample_latent: bool = False) -> Image.Image:
+        """``steps`` 1-1000 (default: the config's), ``seed`` 0 to 2**63-1, ``scale`` 0-2: the
+        ranges every surface checks (:mod:`lbm_registry.ranges`); outside them, RangeError."""
+        from lbm_registry.ranges import check_scale, check_seed, check_steps
+
+        steps = None if steps is None else check_steps(steps)
+        seed = check_seed(seed)
+        scale = None if scale is None else check_scale(scale)
         if scale is not None and self.loras is not None:
             self.loras.set_scale(scale)
         x, size = prepare_image(image, self.model.config)

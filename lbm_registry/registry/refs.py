@@ -14,14 +14,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lbm_registry.errors import RefError, RegistryError
+from lbm_registry.errors import RefError, RegistryError, abbreviate
 from lbm_registry.registry import catalog
 from lbm_registry.registry.blobs import sha256_file
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.workspace import Workspace
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-VERSION_RE = re.compile(r"[vV]?(\d+)")
+VERSION_RE = re.compile(r"[vV]?([0-9]+)")  # ASCII digits only (\d would take '١' as 1)
+#: The largest version number a catalog can hold (a signed 64-bit integer column): a larger
+#: one names no version, whatever the catalog (never an overflow in the database driver).
+MAX_VERSION = 2**63 - 1
 HASH_RE = re.compile(r"[0-9a-f]{8,64}")
 RESERVED_ALIAS_RE = re.compile(r"latest|[vV]?\d+")
 
@@ -39,12 +42,13 @@ def name_problem(name: str, what: str = "name") -> str | None:
         return f"invalid {what}: it is empty"
     bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
     if bad:
-        return (f"invalid {what} {name!r}: {', '.join(map(repr, bad))} not allowed "
+        listed = ", ".join(map(repr, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        return (f"invalid {what} {shown(name)}: {listed} not allowed "
                 "(use letters, digits, '.', '_' and '-')")
     if not name[0].isalnum():
-        return f"invalid {what} {name!r}: it must start with a letter or a digit"
+        return f"invalid {what} {shown(name)}: it must start with a letter or a digit"
     if len(name) > 128:
-        return f"invalid {what} {name[:20]!r}...: longer than 128 characters"
+        return f"invalid {what} {name[:20]!r}...: longer than 128 characters ({len(name)})"
     if name.lower() in RESERVED_WORDS:
         return f"invalid {what} {name!r}: it is reserved (NAME@latest and sha256:HASH are references)"
     if VERSION_RE.fullmatch(name):
@@ -58,8 +62,41 @@ def is_reserved_alias(alias: str) -> bool:
 
 
 def parse_version(text: str) -> int | None:
+    """``N`` or ``vN`` -> N (any size: :data:`MAX_VERSION` bounds what can exist), else None."""
     m = VERSION_RE.fullmatch(text)
     return int(m.group(1)) if m else None
+
+
+def shown(ref: str) -> str:
+    """A reference as messages quote it: overlong input abbreviated, never echoed whole."""
+    return repr(abbreviate(ref, 80))
+
+
+def _path(ref: str) -> Path | None:
+    """``ref`` as a path (``~`` expanded), or None when it cannot be one (an unknown ``~user``)."""
+    try:
+        return Path(ref).expanduser()
+    except (RuntimeError, ValueError):
+        return None
+
+
+def is_file(ref: str | Path) -> bool:
+    """Does ``ref`` name an existing file? False, not an error, for what cannot be a path at
+    all: a name too long for the file system, an unknown ``~user``, a NUL byte."""
+    path = _path(str(ref))
+    try:
+        return path is not None and path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(ref: str | Path) -> bool:
+    """Like :func:`is_file`, for a folder."""
+    path = _path(str(ref))
+    try:
+        return path is not None and path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass
@@ -79,7 +116,7 @@ def _suggest(word: str, candidates: list[str], n: int = 3) -> str:
 
 def nothing_after_at(ref: str, name: str) -> RefError:
     """The refusal of ``NAME@`` (never read as latest), worded the same wherever it is met."""
-    return RefError(f"nothing after '@' in {ref!r}: write {name} or {name}@latest, {name}@N, {name}@ALIAS")
+    return RefError(f"nothing after '@' in {shown(ref)}: write {name} or {name}@latest, {name}@N, {name}@ALIAS")
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -101,37 +138,37 @@ def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None,
         return Resolution(ref, record=_by_hash(ws, ref, empty))
 
     name, sep, selector = ref.partition("@")
-    if sep and not selector and NAME_RE.fullmatch(name) and not Path(ref).expanduser().is_file():
+    if sep and not selector and NAME_RE.fullmatch(name) and not is_file(ref):
         raise nothing_after_at(ref, name)
+    if ws is not None and not sep and parse_version(ref) is not None:  # a bare vN / N (names never look so)
+        if relative_to:
+            return Resolution(ref, record=_by_name(ws, relative_to, ref))
+        if not is_file(ref):
+            loras = [r["name"] for r in catalog.list_latest(ws.db, "lora")]
+            if len(loras) == 1:
+                return Resolution(ref, record=_by_name(ws, loras[0], ref))
+            raise RefError(f"bare version {shown(ref)} is ambiguous: write NAME@{abbreviate(ref, 40)}"
+                           + (f" (LoRAs: {', '.join(loras[:5])})" if loras else " (no LoRA is registered)"))
     if NAME_RE.fullmatch(name) and ws is not None:
         if sep:
             return Resolution(ref, record=_by_name(ws, name, selector))
-        bare = parse_version(ref)
-        if bare is not None and relative_to:
-            return Resolution(ref, record=_by_name(ws, relative_to, str(bare)))
         if catalog.asset(ws.db, name) is not None:
             return Resolution(ref, record=_by_name(ws, name, "latest"))
-        if bare is not None and not Path(ref).is_file():
-            loras = [r["name"] for r in catalog.list_latest(ws.db, "lora")]
-            if len(loras) == 1:
-                return Resolution(ref, record=_by_name(ws, loras[0], str(bare)))
-            raise RefError(f"bare version {ref!r} is ambiguous: write NAME@{ref}"
-                           + (f" (LoRAs: {', '.join(loras[:5])})" if loras else " (no LoRA is registered)"))
 
-    path = Path(ref).expanduser()
-    if path.is_file():
+    if is_file(ref):
+        path = Path(ref).expanduser()
         return Resolution(ref, path=path.absolute(), sha256=file_sha256(ws, path))
-    if path.is_dir():
-        raise RefError(f"{ref} is a directory, expected a weight file or a registered name")
+    if is_dir(ref):
+        raise RefError(f"{abbreviate(ref, 80)} is a directory, expected a weight file or a registered name")
     if sep and NAME_RE.fullmatch(name):  # NAME@... with no registry at all
         raise RefError(f"unknown asset {name!r} ({empty if ws is None else f'the registry at {ws.home} is empty'})")
     names = catalog.asset_names(ws.db) if ws is not None else []
     hint = _suggest(name, names) if NAME_RE.fullmatch(name) else ""
     if not hint and (_looks_like_path(ref) or not NAME_RE.fullmatch(name)):
-        raise RefError(f"file not found: {ref}")
+        raise RefError(f"file not found: {abbreviate(ref, 80)}")
     if not names:
-        raise RefError(f"unknown reference {ref!r}: no such file, and no asset of that name ({empty})")
-    raise RefError(f"unknown reference {ref!r}: no such asset or file{hint}")
+        raise RefError(f"unknown reference {shown(ref)}: no such file, and no asset of that name ({empty})")
+    raise RefError(f"unknown reference {shown(ref)}: no such asset or file{hint}")
 
 
 def _by_name(ws: Workspace, name: str, selector: str) -> VersionRecord:
@@ -144,27 +181,27 @@ def _by_name(ws: Workspace, name: str, selector: str) -> VersionRecord:
     if selector.lower() == "latest":
         rec = catalog.version(ws.db, name, numbers[-1])
     elif (n := parse_version(selector)) is not None:
-        rec = catalog.version(ws.db, name, n)
+        rec = catalog.version(ws.db, name, n) if n <= MAX_VERSION else None
         if rec is None:
-            shown = ", ".join(str(x) for x in numbers[-8:])
-            raise RefError(f"{name} has no version {n} (versions: {shown})")
+            listed = ", ".join(str(x) for x in numbers[-8:])
+            raise RefError(f"{name} has no version {abbreviate(str(n), 40)} (versions: {listed})")
     else:
         target = catalog.alias_target(ws.db, name, selector)
         if target is None:
             aliases = list(catalog.aliases_of_asset(ws.db, name))
             hint = _suggest(selector, aliases) or (f" (aliases: {', '.join(aliases)})" if aliases else
                                                    " (it has no aliases)")
-            raise RefError(f"{name} has no alias {selector!r}{hint}")
+            raise RefError(f"{name} has no alias {shown(selector)}{hint}")
         rec = catalog.version(ws.db, name, target)
     if rec is None:  # raced with doctor/gc
-        raise RefError(f"{name}@{selector} is not available")
+        raise RefError(f"{name}@{abbreviate(selector, 40)} is not available")
     return rec
 
 
 def _by_hash(ws: Workspace | None, ref: str, empty: str = "the registry is empty") -> VersionRecord:
     prefix = ref.split(":", 1)[1].strip().lower()
     if not HASH_RE.fullmatch(prefix):
-        raise RefError(f"bad hash reference {ref!r}: give sha256: and at least 8 hex digits")
+        raise RefError(f"bad hash reference {shown(ref)}: give sha256: and at least 8 hex digits")
     if ws is None:
         raise RefError(f"no registered version has sha256 {prefix} ({empty})")
     recs = catalog.versions_by_sha_prefix(ws.db, prefix)

@@ -18,7 +18,13 @@ class WorkspaceSettings:
     @classmethod
     def resolve(cls, home: str | Path | None = None, catalog_url: str | None = None,
                 tracking_uri: str | None = None) -> WorkspaceSettings:
-        h = Path(home or os.environ.get("LBM_REG_HOME") or "mlruns").expanduser().absolute()
+        raw = Path(home or os.environ.get("LBM_REG_HOME") or "mlruns")
+        try:
+            h = raw.expanduser().absolute()
+        except RuntimeError:  # ~user of no known user
+            from lbm_registry.errors import RegistryError
+
+            raise RegistryError(f"home {str(raw)[:80]!r}: no such user's home folder to expand") from None
         return cls(
             home=h,
             catalog_url=catalog_url or os.environ.get("LBM_REG_CATALOG_URL") or None,

@@ -39,6 +39,10 @@ class Workspace:
     @classmethod
     def open(cls, settings: WorkspaceSettings) -> Workspace:
         """Open for writing: create the folders and migrate the catalog to head if needed."""
+        from lbm_registry.fileio import folder_problem
+
+        if (why := folder_problem(settings.home)) is not None:  # a usage error, not a refusal of the machine
+            raise RegistryError(f"cannot make a registry at {settings.home}: {why}")
         ws = cls(settings)
         try:
             ws.home.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lbm_registry.errors import DataError, LoRAError, RefError
+from lbm_registry.errors import LoRAError, RangeError, RefError, abbreviate
+from lbm_registry.ranges import check_scale, check_seed, check_steps
 from lbm_registry.serve.batcher import Batcher
 from lbm_registry.serve.cache import LoRACache
 from lbm_registry.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, Metrics
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
     from lbm_registry.lora.format import LoRAFile
 
 log = logging.getLogger(__name__)
-
-MAX_SCALE = 2.0
 
 
 @dataclass
@@ -63,6 +62,7 @@ class ServeOptions:
     max_queue: int = 64
     max_pixels: int = 4096 * 4096
     max_steps: int = 50
+    max_stack: int = 4     # LoRAs one request may apply (``lora`` plus ``loras``)
 
 
 @dataclass
@@ -83,16 +83,6 @@ class _Item:
     seed: int
     loras: list[tuple[LoRAFactors, float, LoRASource]]
     t0: float = field(default_factory=time.perf_counter)
-
-
-def check_scale(scale: float, what: str = "scale") -> float:
-    try:
-        s = float(scale)
-    except (TypeError, ValueError):
-        raise DataError(f"{what} must be a number, got {scale!r}") from None
-    if not (0.0 <= s <= MAX_SCALE):
-        raise DataError(f"{what} {s:g} is outside 0.0-{MAX_SCALE}")
-    return s
 
 
 class Engine:
@@ -201,11 +191,14 @@ class Engine:
 
         t0 = time.perf_counter()
         scale = check_scale(scale)
-        if not isinstance(steps, int) or not (1 <= steps <= self.options.max_steps):
-            raise DataError(f"steps must be an integer from 1 to {self.options.max_steps}, got {steps!r}")
-        if not isinstance(seed, int) or not (0 <= seed < 2**63):
-            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
-        specs = ([(lora, 1.0)] if lora else []) + [(r, check_scale(s, f"scale of {r}")) for r, s in loras]
+        steps = check_steps(steps, limit=self.options.max_steps)
+        seed = check_seed(seed)
+        stacked = (1 if lora else 0) + len(loras)
+        if stacked > self.options.max_stack:  # each one is a low-rank pass per layer for the whole batch
+            raise RangeError(f"{stacked} LoRAs in one request: at most {self.options.max_stack} may be stacked "
+                             f"(the server's max_stack)")
+        specs = ([(lora, 1.0)] if lora else []) + [(r, check_scale(s, f"scale of {abbreviate(str(r))}"))
+                                                   for r, s in loras]
         if isinstance(image, bytes | bytearray):
             img = open_image(bytes(image), max_pixels=self.options.max_pixels)
         else:

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from lbm_registry.errors import ConfigError
+from lbm_registry.ranges import MAX_RESOLUTION, MAX_SEED, MIN_RESOLUTION
 
 
 class _Strict(BaseModel):
@@ -110,7 +111,7 @@ class TrainConfig(_Strict):
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (diffusers schedules).")
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                 description="Extra arguments of the schedule.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)   # the ranges every command takes (lbm_registry.ranges)
 
     # -- objective ---------------------------------------------------------------------------
     timesteps: list[int] | None = None
@@ -173,8 +174,9 @@ class TrainConfig(_Strict):
     @field_validator("resolution")
     @classmethod
     def _size_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        if min((v, v) if isinstance(v, int) else v) < 8:
-            raise ValueError("image sides must be at least 8 pixels")
+        sides = (v, v) if isinstance(v, int) else v
+        if not all(MIN_RESOLUTION <= side <= MAX_RESOLUTION for side in sides):
+            raise ValueError(f"image sides must be from {MIN_RESOLUTION} to {MAX_RESOLUTION} pixels")
         return v
 
     @field_validator("source_key", "target_key")
@@ -327,11 +329,11 @@ def load_train_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     from lbm_registry.lbm.config import resolve_config_path
 
     try:
-        p = resolve_config_path(path)
-    except ConfigError:
-        raise ConfigError(f"training config not found: {path}") from None
+        p = resolve_config_path(path, kind="training")
+    except ConfigError as exc:
+        raise ConfigError(f"training {exc}") from None
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text()) or {}   # an empty file: every setting from the overrides
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {p}: {str(exc).splitlines()[0]}") from None
     return train_config_from_dict(data, overrides, str(p))
