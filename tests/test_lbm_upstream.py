@@ -234,3 +234,12 @@ def test_pipeline_encodes_a_seeded_posterior_sample_by_default(tiny_pipe):
         hook.remove()
     assert torch.equal(seen[0], z)
 
+
+def test_help_says_which_latent_and_decode(cli):
+    for command in ("infer", "serve"):
+        rc, out, _ = cli(command, "--help")
+        assert rc == 0
+        text = " ".join(out.split())
+        for flag in ("--sample-latent", "--mean-latent", "--tiled-decode", "--whole-decode"):
+            assert flag in text, (command, flag)
+        assert "upstream" in text
