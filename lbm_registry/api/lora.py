@@ -52,14 +52,24 @@ def _asset_dict(asset: ResolvedAsset) -> dict[str, Any]:
 # -- base identity ----------------------------------------------------------------------------
 def tensor_sha_of(asset: ResolvedAsset) -> str | None:
     """The sha256 of a base's tensor bytes: recorded for registered versions, else computed
-    (safetensors files only). Identifies a base whatever metadata a re-save gave it."""
+    (for a pickle checkpoint: those of its conversion to safetensors, which ``import`` registers).
+    Identifies a base whatever metadata a re-save gave it."""
     recorded = (asset.facts or {}).get("tensor_sha256")
     if recorded:
         return str(recorded)
     from lbm_registry.lbm.checkpoint import CKPT_SUFFIXES
 
-    if asset.kind != "file" or asset.path.suffix in CKPT_SUFFIXES:
+    if asset.kind != "file":
         return None
+    if asset.path.suffix in CKPT_SUFFIXES:
+        from lbm_registry.errors import LBMError
+        from lbm_registry.lbm.checkpoint import CheckpointReader
+
+        try:
+            with CheckpointReader(asset.path) as reader:
+                return reader.tensor_sha256()
+        except LBMError:
+            return None
     from lbm_registry.safetensors_layout import tensor_sha256
 
     try:

@@ -53,7 +53,8 @@ def import_(
     file: Path = typer.Argument(..., help="Weight file (or a PEFT/diffusers LoRA folder) to register."),
     name: str = typer.Option(..., "--name", help="Asset name."),
     kind: str = typer.Option(..., "--kind", help="base, model or lora."),
-    config: Path | None = typer.Option(None, "--config", help="LBM config YAML (default: from the file metadata)."),
+    config: Path | None = typer.Option(None, "--config", help="LBM config YAML, ours or upstream LBM's model config "
+                                       "(default: from the file's metadata, or the upstream config a .ckpt records)."),
     base: str | None = typer.Option(None, "--base", help="lora: the base REF it applies to."),
     rank: int | None = typer.Option(None, "--rank", help="lora, LoHa/LoKr/DoRA/diff layers: rank [32]."),
     conv_rank: int | None = typer.Option(None, "--conv-rank", help="... conv-layer rank [16]."),
@@ -84,6 +85,10 @@ def import_(
         return
     console().print(f"[green]registered[/] {asset.ref} ({asset.kind}, {format_size(asset.facts.get('size', 0))}, "
                     f"{asset.facts.get('dtype') or '?'}, sha256 {_short(asset.sha256)})")
+    from rich.markup import escape
+
+    for note in asset.facts.get("notes") or []:
+        console(stderr=True).print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
     probe_note(mode, ctx, as_json)
 
 
