@@ -317,3 +317,123 @@ def test_a_large_ckpt_is_not_copied_into_memory(tmp_path):
 
     assert grew("torch.load") > 0.9 * size      # the probe sees a copy when there is one
     assert grew("reader") < 0.2 * size
+
+
+# -- item 11: the original extractor's alpha -----------------------------------------------------
+def write_original_lora(base_path: Path, tuned_path: Path, dest: Path, rank: int = 32, conv_rank: int = 16) -> Path:
+    """A LoRA as ``extract_lora_native.py`` writes it: SVD of each changed layer's delta, the
+    rank clipped to the layer's smallest side, ``alpha`` = the rank asked for, bf16 everything,
+    3x3 convs as (r, in, 3, 3) down / (out, r, 1, 1) up, its own metadata (no lbm_registry entry)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+
+    out = {}
+    with CheckpointReader(base_path) as base, CheckpointReader(tuned_path) as tuned:
+        for key in base.keys():
+            w = base.get(key)
+            if not (key.startswith("denoiser.") and key.endswith(".weight") and w.ndim >= 2):
+                continue
+            diff = tuned.get(key).float() - w.float()
+            if diff.abs().max() < 0.001:
+                continue
+            conv = diff.ndim == 4
+            asked = conv_rank if conv else rank
+            u, s, vh = torch.linalg.svd(diff.flatten(1), full_matrices=False)   # the same leading factors
+            r = min(asked, *diff.flatten(1).shape, len(s))
+            root = s[:r].clamp(min=0).sqrt()
+            up, down = u[:, :r] * root[None], vh[:r] * root[:, None]
+            if conv:
+                up, down = up[..., None, None], down.reshape(r, *diff.shape[1:])
+            name = key[: -len(".weight")]
+            out[f"{name}.lora_up.weight"] = up.to(torch.bfloat16).contiguous()
+            out[f"{name}.lora_down.weight"] = down.to(torch.bfloat16).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(asked, dtype=torch.bfloat16)
+    save_file(out, str(dest), metadata={
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+        "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)}),
+        "ss_base_model_version": "sdxl_v10", "lbm_extraction_method": "all_layers_analysis",
+        "lbm_native_naming": "true", "ss_creation_time": "1758739667"})
+    return dest
+
+
+#: the layers the tuned twin changes (the original skips unchanged ones): conv_in/out, the first block
+ORIGINAL_LAYERS = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
+                   "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2", "down_blocks.0.resnets.0.time_emb_proj",
+                   "mid_block.attentions.0.transformer_blocks.0.attn1.to_q")
+
+
+@pytest.fixture(scope="module")
+def original_lora(tiny_base_path, make_tuned, tmp_path_factory):
+    tuned = make_tuned(rank=4, seed=7, scale=0.3, layers=ORIGINAL_LAYERS)
+    return tuned, write_original_lora(tiny_base_path, tuned, tmp_path_factory.mktemp("orig-lora") / "my_lora.safetensors")
+
+
+def test_clipped_alpha_is_found_where_the_original_extractor_leaves_it(original_lora, tiny_base_path, tmp_path):
+    from lbm_registry.lora.alpha import clipped_alpha_of
+    from lbm_registry.lora.format import read_lora
+
+    tuned, path = original_lora
+    assert set(read_lora(path).layers) == set(ORIGINAL_LAYERS)
+    found = clipped_alpha_of(read_lora(path))   # rank 32/16: only conv_out (4 outputs) is clipped below its alpha
+    assert set(found.layers) == {"conv_out"} and found.layers["conv_out"] == (4, 16.0) and found.max_scale == 4
+    assert "1 layer (largest scale 4x" in found.line()
+    full = write_original_lora(tiny_base_path, tuned, tmp_path / "full.safetensors", rank=9999, conv_rank=9999)
+    found = clipped_alpha_of(read_lora(full))   # "full rank": every layer, 9999 stored in bf16 as 9984
+    assert set(found.layers) == set(ORIGINAL_LAYERS)
+    assert found.max_scale == pytest.approx(9984 / 4) and found.layers["down_blocks.0.resnets.0.conv1"] == (32, 9984)
+    assert found.layers["time_embedding.linear_2"] == (128, 9984)   # 9984 / 32 = 312 on the 32-wide layers
+    ours = read_lora(full)
+    ours.info = {"format_version": 1}               # a file we wrote is never flagged
+    assert not clipped_alpha_of(ours)
+
+
+def test_import_layers_and_validate_name_the_alpha_and_fix_alpha_registers_alpha_rank(
+        original_lora, tiny_base_path, cli, fresh_settings):
+    from mlflow.tracking import MlflowClient
+
+    from lbm_registry.api.lora import validate
+    from lbm_registry.api.registry import resolve
+    from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.registry.blobs import sha256_file
+
+    tuned, path = original_lora
+    s = fresh_settings()
+    home = ["--home", str(s.home)]
+    assert cli(*home, "import", tiny_base_path, "--kind", "base", "--name", "b", "--probe", "off")[0] == 0
+    rc, out, err = cli(*home, "import", path, "--kind", "lora", "--name", "orig", "--base", "b", "--probe", "off")
+    assert rc == 0, err
+    text = " ".join(out.split())
+    assert "alpha above a clipped rank on 1 layer (largest scale 4x, e.g. conv_out: rank 4, alpha 16)" in text
+    assert "--fix-alpha" in text
+    as_is = resolve("orig", s)
+    assert as_is.sha256 == sha256_file(path) and as_is.facts["alpha_clipped"]["layers"] == 1   # byte for byte
+
+    rc, out, err = cli(*home, "layers", "orig")
+    assert rc == 0 and "alpha above a clipped rank on 1 layer" in " ".join(err.split())
+    report = validate("orig", tuned=str(tuned), functional=False, settings=s)
+    row = next(r for r in report.layers if r["module"] == "conv_out")
+    assert row["rel_error"] == pytest.approx(3.0, abs=0.05)            # scaled 4x: 4D - D
+    assert row["rel_error_alpha_at_rank"] < 0.05 and "alpha 16 > its clipped rank 4" in row["cause"]
+    assert any("Their error is alpha's" in n for n in report.notes)
+    assert report.summary["worst"][0]["module"] == "conv_out" and "cause" in report.summary["worst"][0]
+
+    rc, out, err = cli(*home, "import", path, "--kind", "lora", "--name", "orig-fixed", "--base", "b",
+                       "--fix-alpha", "--allow-duplicate", "--probe", "off")
+    assert rc == 0, err
+    fixed = resolve("orig-fixed", s)
+    assert fixed.facts["alpha_fixed"]["modules"] == {"conv_out": [4, 16.0]}
+    assert fixed.facts["source_sha256"] == sha256_file(path)
+    assert "alpha = rank on 1 layer (was up to 4x)" in fixed.facts["policy"]
+    with CheckpointReader(fixed.path) as new, CheckpointReader(path) as old:
+        assert float(new.get("denoiser.conv_out.alpha")) == 4.0
+        assert float(new.get("denoiser.conv_in.alpha")) == float(old.get("denoiser.conv_in.alpha")) == 16.0
+        assert torch.equal(new.get("denoiser.conv_out.lora_up.weight"), old.get("denoiser.conv_out.lora_up.weight"))
+    client = MlflowClient(s.effective_tracking_uri)
+    run = client.get_run(client.get_model_version("orig-fixed", str(fixed.version)).run_id)
+    assert run.data.params["alpha_fix"] == "alpha = rank on 1 layer (was up to 4x)"
+    row = next(r for r in validate("orig-fixed", tuned=str(tuned), functional=False, settings=s).layers
+               if r["module"] == "conv_out")
+    assert row["rel_error"] < 0.05 and "cause" not in row

@@ -15,6 +15,7 @@ from lbm_registry.cli._common import (
     PROBE_OPTION,
     LazyProgress,
     console,
+    fail,
     print_json,
     probe_mode,
     probe_note,
@@ -63,6 +64,9 @@ def import_(
     max_rank: int | None = typer.Option(None, "--max-rank", help="... cap on any layer's rank."),
     allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
                                          help="Register bytes that are already registered as a new version."),
+    fix_alpha: bool = typer.Option(False, "--fix-alpha", help="lora: where alpha exceeds a rank clipped to the "
+                                   "layer's smallest side (the original extract_lora_native.py's bug), register "
+                                   "alpha = rank (recorded on the version)."),
     probe: str | None = PROBE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -72,8 +76,11 @@ def import_(
         from lbm_registry.cli.algebra import import_lora
 
         import_lora(ctx, file, name=name, base=base, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
-                    max_rank=max_rank, allow_duplicate=allow_duplicate, as_json=as_json, probe=mode)
+                    max_rank=max_rank, allow_duplicate=allow_duplicate, as_json=as_json, probe=mode,
+                    fix_alpha=fix_alpha)
         return
+    if fix_alpha:
+        fail("--fix-alpha is for --kind lora")
     from lbm_registry.api.registry import import_model
 
     with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):
