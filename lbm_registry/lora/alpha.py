@@ -4,8 +4,8 @@
 convs), clips it to the layer's smallest side, but writes ``alpha`` = the rank it asked for. A
 layer's delta is ``(alpha / rank) * up @ down``, so every layer with a clipped rank is scaled by
 ``alpha / rank`` > 1: ``conv_out`` (4 output channels) by 4 in every rank-32/16 file, and every
-layer of a "full rank" (9999) file by 9999 / its smallest side (about 312 on the tiny twin whose
-smallest side is 32, 7.8 to 31 on the full model's 320-1280-wide layers).
+layer of a "full rank" (9999, stored in bf16 as 9984) file by 9984 / its smallest side (on the full
+model 7.8 to 31 on the 1280- to 320-wide layers, 277 on ``conv_in``, 2,496 on ``conv_out``).
 
 Detection (:func:`clipped_alpha`): a layer whose rank equals its smallest side and whose alpha is
 above that rank. Our own files are never flagged (our writer scales the factors for the alpha it
