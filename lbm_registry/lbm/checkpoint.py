@@ -181,7 +181,7 @@ class CheckpointReader:
         from lbm_registry.lbm.header import CONFIG_METADATA_KEY, verify_shapes
 
         try:
-            cfg = upstream_config(dict(upstream), f"{self.path.name}'s recorded config", name=self.path.stem)
+            cfg = upstream_config(dict(upstream), f"{self.path.name}'s recorded config")
             verify_shapes(self.shapes(), cfg, self.path)
         except (ConfigError, ArchitectureError) as exc:
             self.notes.append(f"the upstream LBM config {self.path.name} records is not used: {exc}")

@@ -222,5 +222,5 @@ def load_config(path: str | Path) -> LBMConfig:
     from lbm_registry.lbm.upstream_config import looks_upstream
 
     if looks_upstream(data):
-        return upstream_config(data, str(p), name=p.stem)
+        return upstream_config(data, str(p))
     return config_from_dict(data, str(p))

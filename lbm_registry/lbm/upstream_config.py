@@ -80,7 +80,9 @@ def looks_upstream(data: Any) -> bool:
 def translate_upstream(data: Mapping[str, Any], source: str = "<config>", *,
                        name: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Our config dict (see :class:`~lbm_registry.lbm.config.LBMConfig`) for upstream's model
-    config ``data``, and the notes saying what was mapped and what was ignored.
+    config ``data``, and the notes saying what was mapped and what was ignored. Its ``name`` is
+    ``lbm-upstream`` unless given (upstream's config names no task: relighting, depth and normals
+    models share it; the name shows in LoRAs' ``modelspec.architecture``).
 
     Raises :class:`ConfigError` (one line) for a training config, for keys that are neither ours
     nor upstream's, and for what this cannot build (concatenated masks)."""
