@@ -1,8 +1,12 @@
 """Inference benchmark: merging a rank-32/16 LoRA into the FULL-SIZE denoiser on CPU, and
-per-image latency on the tiny twin with and without a merged LoRA (side by side, one run).
+per-image latency on the tiny twin with and without a merged LoRA (side by side, one run);
+``--decode``: peak memory and time of a ~1 MP decode by the FULL-SIZE SDXL VAE (84 M
+parameters, seeded random weights, fp32 CPU), whole vs in upstream's tiles, each in its own
+process (peak RSS is per process).
 
     .venv/bin/python benchmarks/infer.py            # uses benchmarks/.cache from extract.py if present
     .venv/bin/python benchmarks/infer.py --tiny-only
+    flock /tmp/lbm-heavy.lock .venv/bin/python benchmarks/infer.py --tiny-only --decode
 
 The full-size part needs the synthetic full-size base that ``benchmarks/extract.py`` caches
 (``benchmarks/.cache/lbm-relighting-v1-base.safetensors``, bf16). The LoRA is random
@@ -130,12 +134,60 @@ def tiny_latency(repeats: int = 5) -> list[tuple[str, str]]:
             ("tiny: merge / re-scale the LoRA", f"{merge_s * 1000:.0f} ms / {rescale_s * 1000:.0f} ms")]
 
 
+_DECODE_CHILD = r"""
+import json, resource, sys, time
+import torch
+from lbm_registry.lbm.config import load_config
+from lbm_registry.lbm.model import VAEWrapper, build_vae
+h, w, tiled = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tiled"
+cfg = load_config("lbm-relighting")
+torch.manual_seed(0)
+vae = VAEWrapper(build_vae(cfg).eval().requires_grad_(False), cfg.vae.scaling_factor, cfg.vae.downsample_factor)
+z = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t0 = time.perf_counter()
+with torch.no_grad():
+    out = vae.decode(z, tiled=tiled)
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak, "seconds": seconds, "shape": list(out.shape)}))
+"""
+
+
+def decode_memory(buckets: tuple[tuple[int, int], ...] = ((1152, 896), (512, 2048))) -> list[tuple[str, str]]:
+    """Peak RSS and time of one full-size VAE decode per bucket, whole vs tiled (a process each)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    rows = []
+    for h, w in buckets:
+        got = {}
+        for mode in ("whole", "tiled"):
+            out = subprocess.run([sys.executable, "-c", _DECODE_CHILD, str(h), str(w), mode], env=env,
+                                 capture_output=True, text=True, check=True)
+            got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        a, b = got["whole"], got["tiled"]
+        gib = 1024**3
+        rows.append((f"full-size VAE decode {h}x{w} (latent {h // 8}x{w // 8}): peak RSS whole / tiled",
+                     f"{a['peak'] / gib:.2f} / {b['peak'] / gib:.2f} GiB ({b['peak'] / a['peak']:.2f}x; "
+                     f"the decode itself +{(a['peak'] - a['before']) / gib:.2f} / +{(b['peak'] - b['before']) / gib:.2f} GiB)"))
+        rows.append((f"full-size VAE decode {h}x{w}: time whole / tiled",
+                     f"{a['seconds']:.1f} / {b['seconds']:.1f} s ({b['seconds'] / a['seconds']:.2f}x)"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny-only", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="full-size VAE decode, whole vs tiled (heavy: use the lock)")
     ap.add_argument("--base", type=Path, default=CACHE / "lbm-relighting-v1-base.safetensors")
     args = ap.parse_args()
     rows = tiny_latency()
+    if args.decode:
+        rows += decode_memory()
     if not args.tiny_only:
         if args.base.is_file():
             rows += full_size_merge(args.base)

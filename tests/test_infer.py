@@ -150,6 +150,7 @@ def test_cli_infer_single_file(tmp_path, lora_pair, image, tiny_base_path, works
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["scale"] == "0.7" and run.data.params["base_sha256"]
     assert run.data.params["loras"].endswith(":0.7") and run.info.status == "FINISHED"
+    assert (run.data.params["latent"], run.data.params["decode"]) == ("sample", "tiled")   # upstream's defaults
     logged = {a.path for d in ("inputs", "outputs") for a in client.list_artifacts(run.info.run_id, d)}
     assert logged == {"inputs/x.png", "outputs/y.png"}
     res = CliRunner().invoke(app, ["--home", str(workspace.home), "infer", str(lora_pair[2]), "--source", str(src),

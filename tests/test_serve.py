@@ -306,6 +306,7 @@ def test_http_concurrent_requests_equal_infer_and_metrics(server, images, infer_
         im, lora, stack, s, seed, steps = r
         assert (body["width"], body["height"]) == Image.open(io.BytesIO(images[im])).size
         assert body["lora"] == (lora or (stack[0][0] if stack else None))
+        assert (body["latent"], body["decode"]) == ("sample", "tiled")
         assert np.abs(_decode(body["image"]) - infer_ref(images[im], lora, stack, s, steps, seed)).max() <= 1
     status, listing = srv.request("GET", "/v1/loras")
     assert status == 200 and {"sv-a@1", "sv-b@1", "sv-c@1"} <= {e["ref"] for e in listing["loras"]}

@@ -67,7 +67,8 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
     """Build the exact base and write it to ``output`` and/or register it as ``register``.
 
     Without ``sdxl_unet`` the denoiser is a seeded random init (tests, demo). Without ``vae`` the
-    VAE is a seeded random init too. Returns counts of copied/sliced/padded/dropped tensors.
+    VAE is a seeded random init too. ``config`` is ours or upstream LBM's model config (translated;
+    ``notes`` in the result say how). Returns counts of copied/sliced/padded/dropped tensors.
     """
     import tempfile
 
@@ -128,7 +129,8 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
         "initialised": report.initialised[:3],
     }
     result: dict[str, Any] = {"path": str(out_path), "size": out_path.stat().st_size,
-                              "counts": report.summary(), "examples": examples, "config": cfg.name}
+                              "counts": report.summary(), "examples": examples, "config": cfg.name,
+                              "notes": list(cfg.notes)}
     if register:
         from lbm_registry.api.probe import probe_artifacts
         from lbm_registry.api.registry import register_asset

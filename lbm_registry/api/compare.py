@@ -221,6 +221,9 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
         out = run_outputs(a, b, images, tuned=tuned_ref, settings=settings, device=device, seed=seed,
                           lora_b=lora_b)
         result["output_metrics"] = out["metrics"]
+        from lbm_registry.lbm.pipeline import sampling_params
+
+        result["sampling"] = sampling_params()   # the pipelines' defaults: upstream's sample and tiles
         result["lpips"] = out["lpips"]
         result["output_columns"] = list(out["images"])
         columns = [("source", images)] + [(k, v) for k, v in out["images"].items()]

@@ -310,10 +310,14 @@ def check_inputs(source: Path, inputs: list[Path]) -> tuple[list[Path], list[dic
 
 def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps: int | None = None,
               seed: int = 0, base: str | None = None, loras: list[str] | tuple[str, ...] = (),
-              device: str = "auto", dtype: str = "auto", force: bool = False, sample_latent: bool = False,
-              log_run: bool = False, settings: WorkspaceSettings | None = None,
+              device: str = "auto", dtype: str = "auto", force: bool = False, sample_latent: bool = True,
+              tiled_decode: bool = True, log_run: bool = False, settings: WorkspaceSettings | None = None,
               progress: Any = None) -> dict[str, Any]:
     """Run a file or a folder. Unreadable files are reported and skipped; the rest still run.
+
+    ``sample_latent`` / ``tiled_decode``: upstream LBM's seeded posterior sample and tiled VAE
+    decode (the defaults), or the posterior's mean / a whole-image decode; the result (and the
+    MLflow run) records which as ``latent`` and ``decode``.
 
     Everything that can be checked cheaply (scale, device, dtype, the inputs, where outputs
     go) is checked before the model loads."""
@@ -343,7 +347,7 @@ def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps
         except DataError as exc:  # passed the header check, failed to decode (truncated...)
             skipped.append({"path": str(path), "reason": getattr(exc, "reason", str(exc))})
         else:
-            out_img = pipe(img, steps=steps, seed=seed, sample_latent=sample_latent)
+            out_img = pipe(img, steps=steps, seed=seed, sample_latent=sample_latent, tiled_decode=tiled_decode)
             dest = destinations[path]
             _save_image(out_img, dest)
             written.append(str(dest))
@@ -355,8 +359,11 @@ def run_infer(ref: str, *, source: Path, output: Path, scale: float = 1.0, steps
         first = skipped[0]
         raise DataError(f"no readable images in {source} ({len(skipped)} skipped; first: {first['path']}: "
                         f"{first['reason']})")
+    from lbm_registry.lbm.pipeline import sampling_params
+
     result = {"outputs": written, "skipped": skipped, **(pipe.info or {}), "scale": scale,
-              "steps": steps or pipe.model.config.inference.steps, "seed": seed}
+              "steps": steps or pipe.model.config.inference.steps, "seed": seed,
+              **sampling_params(sample_latent, tiled_decode)}
     if log_run:
         result["mlflow_run_id"] = _log_to_mlflow(result, inputs, settings)
     return result
@@ -378,7 +385,8 @@ def _log_to_mlflow(result: dict[str, Any], inputs: list[Path], settings: Workspa
                             run_name=f"infer {result['base']}", warn=log.warning)
     tracker.log_params({"base": result["base"], "base_sha256": result["base_sha256"],
                         "loras": ",".join(f"{x['ref']}:{x['scale']:g}" for x in result["loras"]) or "-",
-                        "steps": result["steps"], "seed": result["seed"], "scale": result["scale"]})
+                        "steps": result["steps"], "seed": result["seed"], "scale": result["scale"],
+                        "latent": result["latent"], "decode": result["decode"]})
     for p in inputs:
         if p.is_file():
             tracker.log_artifact(p, "inputs")

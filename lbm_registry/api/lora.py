@@ -52,14 +52,24 @@ def _asset_dict(asset: ResolvedAsset) -> dict[str, Any]:
 # -- base identity ----------------------------------------------------------------------------
 def tensor_sha_of(asset: ResolvedAsset) -> str | None:
     """The sha256 of a base's tensor bytes: recorded for registered versions, else computed
-    (safetensors files only). Identifies a base whatever metadata a re-save gave it."""
+    (for a pickle checkpoint: those of its conversion to safetensors, which ``import`` registers).
+    Identifies a base whatever metadata a re-save gave it."""
     recorded = (asset.facts or {}).get("tensor_sha256")
     if recorded:
         return str(recorded)
     from lbm_registry.lbm.checkpoint import CKPT_SUFFIXES
 
-    if asset.kind != "file" or asset.path.suffix in CKPT_SUFFIXES:
+    if asset.kind != "file":
         return None
+    if asset.path.suffix in CKPT_SUFFIXES:
+        from lbm_registry.errors import LBMError
+        from lbm_registry.lbm.checkpoint import CheckpointReader
+
+        try:
+            with CheckpointReader(asset.path) as reader:
+                return reader.tensor_sha256()
+        except LBMError:
+            return None
     from lbm_registry.safetensors_layout import tensor_sha256
 
     try:
@@ -421,12 +431,16 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
             notes.append(f"comparing with {tuned_asset.label}, not the model the LoRA was extracted from")
     modules, _ = denoiser_layers(base_reader)
     check_lora_targets(lora, modules)
+    from lbm_registry.lora.alpha import clipped_alpha_of
+
+    clipped = clipped_alpha_of(lora)
 
     checks = None
     summary: dict[str, Any] = {}
     func = None
     if tuned_asset is not None:
-        checks = layer_checks(base_reader, tuned_reader, lora, modules, prefix=PREFIX, progress=progress)
+        checks = layer_checks(base_reader, tuned_reader, lora, modules, prefix=PREFIX, progress=progress,
+                              alpha_at_rank=clipped.layers)
         # Every layer the fine-tune changed counts, also those the LoRA leaves out (rel. error 1.0);
         # unchanged layers have no relative error (0/0) and are counted apart.
         counted = [c for c in checks if c.delta_norm > 0]
@@ -439,7 +453,8 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
             "total_energy": _total_energy(checks),
             "layers_counted": len(counted),
             "layers_unchanged": len(checks) - len(counted),
-            "worst": [{"module": c.module, "rel_error": c.rel_error} for c in sorted(counted, key=lambda c: -c.rel_error)[:5]],
+            "worst": [{"module": c.module, "rel_error": c.rel_error, **_alpha_cause(c, clipped)}
+                      for c in sorted(counted, key=lambda c: -c.rel_error)[:5]],
         }
         if functional and config is not None:
             if progress:
@@ -453,6 +468,8 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
                          "lbm_config metadata)")
     else:
         notes.append("no tuned model known: per-layer and functional errors need --tuned")
+    if clipped:
+        notes.append(_alpha_note(clipped, checks))
     cov = asdict(coverage(lora, checks, modules))
 
     written = None
@@ -467,13 +484,34 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
         lora=_asset_dict(lora_asset), base=_asset_dict(base_asset),
         tuned=_asset_dict(tuned_asset) if tuned_asset is not None else None,
         coverage=cov,  # complete lists: JSON readers get every module
-        layers=[c.to_dict() for c in checks] if checks is not None else [],
+        layers=[{**c.to_dict(), **_alpha_cause(c, clipped)} for c in checks] if checks is not None else [],
         summary=summary, functional=func, notes=notes, layers_file=written,
     )
     if lora_asset.kind == "lora" and lora_asset.version is not None:
         _record_validation(lora_asset, report, settings)
         report.recorded = True
     return report
+
+
+def _alpha_cause(check: Any, clipped: Any) -> dict[str, str]:
+    """``{"cause": ...}`` for a layer whose alpha exceeds its clipped rank, else nothing."""
+    if check.module not in clipped.layers:
+        return {}
+    r, a = clipped.layers[check.module]
+    at_rank = check.rel_error_alpha_at_rank
+    tail = f"; with alpha = rank its error is {at_rank:.4g}" if at_rank is not None else ""
+    return {"cause": f"alpha {a:g} > its clipped rank {r}: the layer is scaled {a / r:.4g}x{tail}"}
+
+
+def _alpha_note(clipped: Any, checks: list[Any] | None) -> str:
+    """The note naming alpha as the cause of the clipped layers' error."""
+    line = clipped.line("re-import with --fix-alpha to use alpha = rank")
+    rows = [c for c in checks or [] if c.module in clipped.layers and c.rel_error_alpha_at_rank is not None]
+    if not rows:
+        return line
+    now = sum(c.rel_error for c in rows) / len(rows)
+    fixed = sum(c.rel_error_alpha_at_rank for c in rows) / len(rows)
+    return f"{line}. Their error is alpha's: mean {now:.4g} as stored, {fixed:.4g} with alpha = rank"
 
 
 def _total_energy(checks: list[Any]) -> float:
@@ -524,6 +562,7 @@ class LayersReport:
     lora: dict[str, Any]
     layers: list[dict[str, Any]]
     info: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -537,10 +576,15 @@ def layers(ref: str, *, settings: WorkspaceSettings | None = None) -> LayersRepo
     from lbm_registry.lora.format import read_lora
 
     lora = read_lora(asset.path)
+    from lbm_registry.lora.alpha import clipped_alpha_of
+
+    clipped = clipped_alpha_of(lora)
     rows = [{"module": m, "kind": la.kind, "rank": la.rank, "alpha": la.alpha, "shape": list(la.weight_shape),
-             "params": la.num_params()} for m, la in lora.layers.items()]
+             "params": la.num_params(), **({"alpha_above_clipped_rank": True} if m in clipped.layers else {})}
+            for m, la in lora.layers.items()]
     info = {k: v for k, v in lora.info.items() if k not in ("layers", "skipped")}
-    return LayersReport(lora=_asset_dict(asset), layers=rows, info=info)
+    notes = [clipped.line("re-import it with --fix-alpha to use alpha = rank")] if clipped else []
+    return LayersReport(lora=_asset_dict(asset), layers=rows, info=info, notes=notes)
 
 
 EXPORT_FORMATS = ("peft", "kohya")   # lora.export.FORMATS, named without importing torch

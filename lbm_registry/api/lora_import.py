@@ -72,9 +72,14 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                 conv_rank: int | None = None, energy: float | None = None, budget: str | int | None = None,
                 max_rank: int | None = None, allow_duplicate: bool = False,
                 settings: WorkspaceSettings | None = None, progress: ProgressFn | None = None,
-                probe: str | None = None) -> ImportReport:
+                probe: str | None = None, fix_alpha: bool = False) -> ImportReport:
     """Register a LoRA from any supported format (see :mod:`lbm_registry.lora.convert`).
-    ``probe``: the version's probe picture, wait|auto|off (see api/probe.py)."""
+    ``probe``: the version's probe picture, wait|auto|off (see api/probe.py).
+
+    Layers whose alpha exceeds their rank clipped to the layer's smallest side (the original
+    ``extract_lora_native.py``'s bug, see :mod:`lbm_registry.lora.alpha`) are named in one note;
+    ``fix_alpha`` registers the file with alpha = rank on those layers (a new file; the fix and
+    the source's sha256 are recorded on the version)."""
     from lbm_registry.api.probe import probe_mode
     from lbm_registry.api.registry import check_name_free, resolve
     from lbm_registry.lora.ranks import RankPolicy
@@ -135,6 +140,20 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                    "source_file": foreign.weights_path.name, "source_metadata": meta_keep, "notes": foreign.notes,
                    "layer_formats": foreign.formats()}
 
+    clipped = None
+    if lora is not None:
+        from lbm_registry.lora.alpha import clipped_alpha_of
+
+        clipped = clipped_alpha_of(lora)
+        if clipped:
+            foreign.notes.append(clipped.line(None if fix_alpha else "import it with --fix-alpha to use alpha = rank"))
+        elif fix_alpha:
+            foreign.notes.append("--fix-alpha: no layer has alpha above a clipped rank; registered as it is")
+    if lora is not None and clipped:
+        facts_extra["alpha_fixed" if fix_alpha else "alpha_clipped"] = clipped.to_dict()
+    if lora is not None and clipped and fix_alpha:
+        return _register_alpha_fixed(lora, clipped, foreign, base_asset, base_tensor, cfg, source_sha, facts_extra,
+                                     name, settings, allow_duplicate, mode, timings, t0)
     if lora is not None:  # our own format: register the bytes as they are
         rows = _native_rows(lora)
         errs = [r["rel_error"] for r in rows]
@@ -166,20 +185,28 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
         info = {"base_sha256": base_asset.sha256, "base_tensor_sha256": base_tensor, "base_ref": base_asset.label,
                 "base_config": cfg, "source_format": foreign.source_format, "source_sha256": source_sha,
                 "title": name}
-        rows, dtype_name = write_native(foreign, modules, base_reader, dest, policy, info, progress)
+        rows, dtype_name, clipped = write_native(foreign, modules, base_reader, dest, policy, info, progress,
+                                                 fix_alpha=fix_alpha)
+        if clipped:
+            foreign.notes.append(clipped.line(None if fix_alpha else "import it with --fix-alpha to use alpha = rank"))
+            facts_extra["alpha_fixed" if fix_alpha else "alpha_clipped"] = clipped.to_dict()
+        elif fix_alpha:
+            foreign.notes.append("--fix-alpha: no layer has alpha above a clipped rank; nothing changed")
         timings["convert_s"] = time.perf_counter() - t2
         dense = [r for r in rows if r["converted"]]
         errs = [r["rel_error"] for r in rows]
         facts = {"rank": max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
                  "conv_rank": max((r["rank"] for r in rows if r["kind"] != "linear"), default=0),
-                 "policy": f"import {foreign.source_format}" + (f"; dense layers {policy.describe()}" if dense else ""),
+                 "policy": f"import {foreign.source_format}" + (f"; dense layers {policy.describe()}" if dense else "")
+                 + (f"; {_fix_text(clipped)}" if clipped and fix_alpha else ""),
                  "alpha": None, "dtype": dtype_name, "mean_error": sum(errs) / len(errs), "max_error": max(errs),
                  "layers": [{k: r[k] for k in ("module", "kind", "shape", "rank", "rel_error", "energy")} for r in rows],
                  "skipped": [], **facts_extra}
         t3 = time.perf_counter()
         asset = register_asset(dest, name=name, kind="lora", settings=settings, facts=facts, link=True,
                                lineage={"base": base_asset},
-                               params={"source_format": foreign.source_format, "policy": policy.describe()},
+                               params={"source_format": foreign.source_format, "policy": policy.describe(),
+                                       **({"alpha_fix": _fix_text(clipped)} if clipped and fix_alpha else {})},
                                metrics={"mean_error": facts["mean_error"], "max_error": facts["max_error"],
                                         "converted_layers": len(dense)},
                                refuse_duplicate=not allow_duplicate,
@@ -245,15 +272,19 @@ def _dtype_of(foreign: Any) -> torch.dtype:
 
 
 def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader: Any, dest: Path, policy: Any,
-                 info: dict[str, Any], progress: ProgressFn | None = None) -> tuple[list[dict[str, Any]], str]:
-    """Write ``foreign`` as a native LoRA at ``dest``; returns per-layer rows and the dtype name.
+                 info: dict[str, Any], progress: ProgressFn | None = None,
+                 fix_alpha: bool = False) -> tuple[list[dict[str, Any]], str, Any]:
+    """Write ``foreign`` as a native LoRA at ``dest``; returns per-layer rows, the dtype name and
+    the plain layers whose alpha exceeds their clipped rank (:class:`~lbm_registry.lora.alpha.ClippedAlpha`).
 
-    Plain layers: factors as they are (error = storage rounding only). Dense layers: factored
-    under ``policy``; under ``--budget`` the budget left after the plain layers is allocated over
-    the dense layers' spectra (the same greedy knapsack as extraction).
+    Plain layers: factors as they are (error = storage rounding only; with ``fix_alpha``, alpha =
+    rank where it exceeds a clipped rank). Dense layers: factored under ``policy``; under
+    ``--budget`` the budget left after the plain layers is allocated over the dense layers'
+    spectra (the same greedy knapsack as extraction).
     """
     import torch
 
+    from lbm_registry.lora.alpha import ClippedAlpha, clipped_alpha
     from lbm_registry.lora.convert import dense_delta, plain_factors
     from lbm_registry.lora.extract import choose_energy_rank, factorize
     from lbm_registry.lora.format import LoRALayer, LoRAWriter, layer_kind
@@ -289,12 +320,17 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
                                        complete or len(vals) >= policy.limit(modules[m]))
         planned = allocate_budget(spectra, left // DTYPE_BYTES[dtype_name]).ranks
     rows: list[dict[str, Any]] = []
+    clipped = ClippedAlpha()
     total = len(foreign.layers)
     with LoRAWriter(dest, dtype) as writer:
         for i, (m, la) in enumerate(foreign.layers.items(), 1):
             shape = tuple(modules[m])
             if not la.dense:
                 down, up, alpha = plain_factors(la, shape, src)
+                found = clipped_alpha([(m, int(down.shape[0]), alpha, shape)])
+                if found:
+                    clipped.layers.update(found.layers)
+                    alpha = float(down.shape[0]) if fix_alpha else alpha
                 stored = LoRALayer(m, down.to(dtype), up.to(dtype), alpha)
                 err = _rounding_error(down, up, stored)
                 writer.add(stored, reference=True)   # views of the mapped source file, or small copies
@@ -334,8 +370,58 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
                      "conv_rank": max((r["rank"] for r in rows if r["kind"] != "linear"), default=0)})
         if any(r["converted"] for r in rows):
             meta["policy"] = policy.to_dict()
+        if clipped and fix_alpha:
+            meta["alpha_fixed"] = clipped.to_dict()
         writer.finish(meta)
-    return rows, dtype_name
+    return rows, dtype_name, clipped
+
+
+def _fix_text(clipped: Any) -> str:
+    n = len(clipped.layers)
+    return f"alpha = rank on {n} layer{'s' if n != 1 else ''} (was up to {clipped.max_scale:.4g}x)"
+
+
+def _register_alpha_fixed(lora: Any, clipped: Any, foreign: Any, base_asset: Any, base_tensor: str | None,
+                          cfg: str | None, source_sha: str, facts_extra: dict[str, Any], name: str,
+                          settings: WorkspaceSettings, allow_duplicate: bool, mode: str,
+                          timings: dict[str, float], t0: float) -> ImportReport:
+    """``import --fix-alpha`` of a native file: the same factors with alpha = rank on the
+    clipped layers, written as our file and registered (the fix recorded in the version's
+    facts, its policy tag and its MLflow params; the source file's sha256 as ``source_sha256``)."""
+    from lbm_registry.api.probe import lora_probe
+    from lbm_registry.api.registry import after_registration, register_asset
+    from lbm_registry.lora.alpha import with_alpha_at_rank
+    from lbm_registry.lora.format import SHORT_DTYPE_NAMES, write_lora
+
+    fixed = with_alpha_at_rank(lora, clipped.layers)
+    first = next(iter(fixed.layers.values()))
+    dtype = first.down.dtype
+    rows = _native_rows(fixed)
+    fixed.info = {"base_sha256": base_asset.sha256, "base_tensor_sha256": base_tensor, "base_ref": base_asset.label,
+                  "base_config": cfg, "source_format": foreign.source_format, "source_sha256": source_sha,
+                  "title": name, "alpha_fixed": clipped.to_dict(),
+                  "rank": max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
+                  "conv_rank": max((r["rank"] for r in rows if r["kind"] != "linear"), default=0)}
+    staging = Path(tempfile.mkdtemp(prefix="lbm-import-"))
+    try:
+        dest = write_lora(fixed, staging / f"{name}.safetensors", dtype=dtype)
+        facts = {"rank": fixed.info["rank"], "conv_rank": fixed.info["conv_rank"],
+                 "policy": f"import {foreign.source_format}; {_fix_text(clipped)}", "alpha": None,
+                 "dtype": SHORT_DTYPE_NAMES.get(dtype, "fp32"), "mean_error": 0.0, "max_error": 0.0, "layers": rows,
+                 "skipped": [], **facts_extra}
+        asset = register_asset(dest, name=name, kind="lora", settings=settings, facts=facts, link=True,
+                               lineage={"base": base_asset},
+                               params={"source_format": foreign.source_format, "alpha_fix": _fix_text(clipped)},
+                               refuse_duplicate=not allow_duplicate,
+                               artifacts=lora_probe(staging / "probe", dest, base_asset, settings,
+                                                    draw=mode == "wait"))
+        after_registration(asset, settings, mode)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - t0
+    return ImportReport(ref=asset.ref, path=str(asset.path), sha256=asset.sha256, source_format=foreign.source_format,
+                        source_sha256=source_sha, layers=len(rows), converted=0, mean_error=0.0, max_error=0.0,
+                        policy=None, notes=foreign.notes, seconds=timings)
 
 
 def _rounding_error(down: torch.Tensor, up: torch.Tensor, stored: Any) -> float:

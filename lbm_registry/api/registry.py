@@ -365,8 +365,10 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
 
     The file must match the architecture of its config (``config`` or the ``lbm_config``
     metadata that ``save_lbm`` embeds) key for key and shape for shape, with finite weights.
-    Lightning ``.ckpt`` files are converted to safetensors first (blobs have no suffix and
-    must be safetensors to be readable).
+    Pickle checkpoints (the original scripts' ``exact_base.ckpt``, Lightning ``.ckpt``; read
+    with ``weights_only`` and memory-mapped) are converted to safetensors first (blobs have no
+    suffix and must be safetensors to be readable); the pickle's own sha256 is recorded as
+    ``source_sha256``. ``config`` may be upstream LBM's model config (translated, ``notes``).
 
     ``probe`` (see api/probe.py): ``wait`` draws the probe picture before registering (the
     default here, else ``$LBM_REG_PROBE``), ``auto`` draws it in a background process once the
@@ -415,6 +417,9 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
             dtypes[dname] = dtypes.get(dname, 0) + 1
     facts = {"source": str(path.absolute()), "config_name": cfg.name, "tensors": len(reader),
              "dtypes": dtypes}
+    notes = list(cfg.notes) if config is not None else list(getattr(reader, "notes", []))
+    if notes:   # an upstream LBM config, translated (the CLI prints these)
+        facts["notes"] = notes
     if path.suffix in CKPT_SUFFIXES:
         import json
         import shutil
@@ -431,6 +436,9 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
                                          {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"})
             reader.close()
             facts["converted_from"] = path.name
+            from lbm_registry.registry.blobs import sha256_file
+
+            facts["source_sha256"] = sha256_file(path)
             return after_registration(register_asset(
                 converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
                 refuse_duplicate=not allow_duplicate, link=True,

@@ -173,7 +173,10 @@ def _log(out_dir: Path, result: dict[str, Any], settings: WorkspaceSettings) -> 
             "lbm.b_sha256": sha_b, "lbm.compared": f"{sha_a},{sha_b}", "mlflow.note.content": "\n".join(lines)}
     tracker = MLflowTracker(settings.effective_tracking_uri, COMPARE_EXPERIMENT, home=settings.home,
                             run_name=f"compare {a['ref']} vs {b['ref']}", tags=tags)
-    tracker.log_params({"a": a["ref"], "b": b["ref"], "same_base": result["same_base"]})
+    params = {"a": a["ref"], "b": b["ref"], "same_base": result["same_base"]}
+    if result.get("sampling"):   # the output images were made: how (posterior sample, tiled decode)
+        params.update(result["sampling"])
+    tracker.log_params(params)
     tracker.log_metrics({"mean_cosine": result["mean_cosine"]}, step=0)
     for f in sorted(out_dir.iterdir()):
         if f.is_file():

@@ -105,7 +105,7 @@ def _render(d: dict[str, Any], as_json: bool) -> None:
 
 def import_lora(ctx: typer.Context, file: Path, *, name: str, base: str | None, rank: int | None,
                 conv_rank: int | None, energy: float | None, budget: str | None, max_rank: int | None,
-                allow_duplicate: bool, as_json: bool, probe: str = "auto") -> None:
+                allow_duplicate: bool, as_json: bool, probe: str = "auto", fix_alpha: bool = False) -> None:
     """``import --kind lora`` (called by the import command)."""
     from lbm_registry.api.lora_import import import_lora as api_import
     from lbm_registry.cli.lora import _ProgressBar
@@ -113,7 +113,7 @@ def import_lora(ctx: typer.Context, file: Path, *, name: str, base: str | None, 
     with _ProgressBar() as bar:
         report = api_import(file, name=name, base=base, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
                             max_rank=max_rank, allow_duplicate=allow_duplicate, settings=settings(ctx), progress=bar,
-                            probe=probe)
+                            probe=probe, fix_alpha=fix_alpha)
     d = report.to_dict()
     if as_json:
         print_json(d)

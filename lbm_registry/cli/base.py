@@ -15,7 +15,9 @@ base_app = typer.Typer(help="Exact base models.", no_args_is_help=True)
 @base_app.command("create")
 def create(
     ctx: typer.Context,
-    config: Path = typer.Option(..., "--config", help="LBM config YAML (or a built-in name: lbm-tiny, lbm-relighting)."),
+    config: Path = typer.Option(..., "--config", help="LBM config YAML, ours or upstream LBM's model config "
+                                "(backbone_signature, unet_input_channels, ...; translated, notes on stderr), "
+                                "or a built-in name: lbm-tiny, lbm-relighting."),
     sdxl_unet: Path | None = typer.Option(None, "--sdxl-unet", help="SDXL UNet: diffusers folder or one .safetensors file."),
     vae: Path | None = typer.Option(None, "--vae", help="VAE weights (.safetensors, diffusers AutoencoderKL keys)."),
     seed: int = typer.Option(0, "--seed", help="Seed for any randomly initialised part."),
@@ -31,6 +33,11 @@ def create(
 
     result = create_base(config, sdxl_unet=sdxl_unet, vae=vae, seed=seed, dtype=dtype, output=output,
                          register=register, settings=settings(ctx))
+    from rich.markup import escape
+
+    err = console(stderr=True)
+    for note in result.get("notes") or []:
+        err.print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
     if as_json:
         print_json(result)
         return

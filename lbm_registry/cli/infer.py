@@ -22,7 +22,10 @@ def infer(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16, fp16."),
     force: bool = typer.Option(False, "--force", help="Run even if the LoRA was made for another base."),
-    sample_latent: bool = typer.Option(False, "--sample-latent", help="Sample the VAE posterior instead of its mean."),
+    sample_latent: bool = typer.Option(True, "--sample-latent/--mean-latent", help="Encode with a seeded sample "
+                                       "of the VAE posterior, as upstream LBM (default), or with its mean."),
+    tiled_decode: bool = typer.Option(True, "--tiled-decode/--whole-decode", help="Decode latents over 128 on a "
+                                      "side in upstream's overlapping tiles (default), or whole."),
     log: bool = typer.Option(False, "--log", help="Log this run (inputs, outputs, refs) to MLflow."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -36,6 +39,7 @@ def infer(
                       TimeRemainingColumn(), transient=True, disable=as_json) as progress:
         result = run_infer(ref, source=source, output=output, scale=scale, steps=steps, seed=seed, base=base,
                            loras=lora, device=device, dtype=dtype, force=force, sample_latent=sample_latent,
+                           tiled_decode=tiled_decode,
                            log_run=log, settings=settings(ctx), progress=progress)
     if as_json:
         print_json(result)
@@ -48,7 +52,8 @@ def infer(
     for s in result["skipped"]:
         err.print(f"[yellow]skipped[/] {escape(s['path'])}: {escape(s['reason'])}")
     loras = ", ".join(f"{x['ref']} x{x['scale']:g}" for x in result["loras"]) or "none"
-    con.print(f"base {result['base']}  lora {loras}  steps {result['steps']}  {result['device']}/{result['dtype']}")
+    con.print(f"base {result['base']}  lora {loras}  steps {result['steps']}  {result['device']}/{result['dtype']}  "
+              f"latent {result['latent']}  decode {result['decode']}")
     for o in result["outputs"]:
         con.print(f"[green]wrote[/] {o}")
     if result.get("mlflow_run_id"):

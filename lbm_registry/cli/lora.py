@@ -177,7 +177,8 @@ def _render_validate(d: dict[str, Any]) -> None:
         t.add_row("energy kept", f"mean {s['mean_energy']:.4f}  whole model {s['total_energy']:.4f}")
         t.add_row("mean|err|/mean|dW|", f"{s['mean_abs_ratio']:.4f}  (the original scripts' metric)")
         for i, w in enumerate(s["worst"][:3]):
-            t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  {w['module']}")
+            t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  {w['module']}"
+                      + (f"  ({w['cause']})" if w.get("cause") else ""))
     f = d["functional"]
     if f:
         t.add_row("functional error", f"{f['functional_error']:.5f}  (||v_lora - v_tuned|| / ||v_tuned||; "
@@ -208,8 +209,14 @@ def layers(ctx: typer.Context, ref: str = typer.Argument(..., help="LoRA REF."),
                          ("shape", "left")):
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in report.layers:
-        t.add_row(r["module"], r["kind"], str(r["rank"]), f"{r['alpha']:g}", "x".join(map(str, r["shape"])))
+        t.add_row(r["module"], r["kind"], str(r["rank"]), f"{r['alpha']:g}" + (" !" if r.get("alpha_above_clipped_rank")
+                                                                            else ""), "x".join(map(str, r["shape"])))
     console().print(t)
+    if report.notes:
+        from rich.markup import escape
+
+        for note in report.notes:
+            console(stderr=True).print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
 
 
 def export(

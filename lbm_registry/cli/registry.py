@@ -15,6 +15,7 @@ from lbm_registry.cli._common import (
     PROBE_OPTION,
     LazyProgress,
     console,
+    fail,
     print_json,
     probe_mode,
     probe_note,
@@ -53,7 +54,8 @@ def import_(
     file: Path = typer.Argument(..., help="Weight file (or a PEFT/diffusers LoRA folder) to register."),
     name: str = typer.Option(..., "--name", help="Asset name."),
     kind: str = typer.Option(..., "--kind", help="base, model or lora."),
-    config: Path | None = typer.Option(None, "--config", help="LBM config YAML (default: from the file metadata)."),
+    config: Path | None = typer.Option(None, "--config", help="LBM config YAML, ours or upstream LBM's model config "
+                                       "(default: from the file's metadata, or the upstream config a .ckpt records)."),
     base: str | None = typer.Option(None, "--base", help="lora: the base REF it applies to."),
     rank: int | None = typer.Option(None, "--rank", help="lora, LoHa/LoKr/DoRA/diff layers: rank [32]."),
     conv_rank: int | None = typer.Option(None, "--conv-rank", help="... conv-layer rank [16]."),
@@ -62,6 +64,9 @@ def import_(
     max_rank: int | None = typer.Option(None, "--max-rank", help="... cap on any layer's rank."),
     allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
                                          help="Register bytes that are already registered as a new version."),
+    fix_alpha: bool = typer.Option(False, "--fix-alpha", help="lora: where alpha exceeds a rank clipped to the "
+                                   "layer's smallest side (the original extract_lora_native.py's bug), register "
+                                   "alpha = rank (recorded on the version)."),
     probe: str | None = PROBE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -71,8 +76,11 @@ def import_(
         from lbm_registry.cli.algebra import import_lora
 
         import_lora(ctx, file, name=name, base=base, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
-                    max_rank=max_rank, allow_duplicate=allow_duplicate, as_json=as_json, probe=mode)
+                    max_rank=max_rank, allow_duplicate=allow_duplicate, as_json=as_json, probe=mode,
+                    fix_alpha=fix_alpha)
         return
+    if fix_alpha:
+        fail("--fix-alpha is for --kind lora")
     from lbm_registry.api.registry import import_model
 
     with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):
@@ -84,6 +92,10 @@ def import_(
         return
     console().print(f"[green]registered[/] {asset.ref} ({asset.kind}, {format_size(asset.facts.get('size', 0))}, "
                     f"{asset.facts.get('dtype') or '?'}, sha256 {_short(asset.sha256)})")
+    from rich.markup import escape
+
+    for note in asset.facts.get("notes") or []:
+        console(stderr=True).print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
     probe_note(mode, ctx, as_json)
 
 

@@ -27,6 +27,10 @@ def serve(
                                        help="Seconds a client has to send a request body; slower gets 408."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    sample_latent: bool = typer.Option(True, "--sample-latent/--mean-latent", help="Encode with a seeded sample "
+                                       "of the VAE posterior, as upstream LBM (default), or with its mean."),
+    tiled_decode: bool = typer.Option(True, "--tiled-decode/--whole-decode", help="Decode latents over 128 on a "
+                                      "side in upstream's overlapping tiles (default), or whole."),
     token_env: str | None = typer.Option(None, "--token-env", help="Environment variable holding a bearer "
                                          "token every route but /healthz requires."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
@@ -58,7 +62,8 @@ def serve(
     with err.status("loading the base model"):
         server = Server(base, preload=preload, pin_preload=pin, device=device, dtype=dtype, settings=settings(ctx),
                         max_loras=max_loras, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                        max_pixels=max_pixels, max_stack=max_stack, max_steps=max_steps)
+                        max_pixels=max_pixels, max_stack=max_stack, max_steps=max_steps,
+                        sample_latent=sample_latent, tiled_decode=tiled_decode)
     app = create_app(server, token=token, body_timeout_s=body_timeout)
     h = server.health()
     shown = f"[{host}]" if ":" in host else host

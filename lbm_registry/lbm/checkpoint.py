@@ -44,12 +44,93 @@ def _check_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+#: Globals a pickle checkpoint may name that are read as inert stand-ins (never imported, never
+#: run): upstream LBM's config dataclasses that Lightning pickles into ``hyper_parameters``, and
+#: Lightning's / OmegaConf's own containers. Any other global is refused as code.
+STANDIN_PREFIXES = ("lbm.", "pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.")
+
+
+class _Inert:
+    """What an allowed global becomes: it accepts any arguments and state and does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def load_pickle_checkpoint(path: Path) -> Any:
+    """``torch.load(weights_only=True, mmap=True)``: no pickled code runs, and the tensors stay
+    in the file (memory-mapped; a 5 GB checkpoint does not take 5 GB of RAM, let alone 10).
+
+    A pickle naming a global that is neither a tensor type nor in :data:`STANDIN_PREFIXES`
+    (e.g. ``builtins.print``, ``os.system``) is refused with a :class:`CheckpointError`, before
+    anything is unpickled."""
+    import pickle
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since 1.6; anything else is a legacy pickle
+        # stream or not a checkpoint at all (torch's own error here is about mmap).
+        raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (corrupt, truncated or a legacy "
+                              "pickle); convert it to .safetensors")
+    code_refusal = (f"{path}: refusing a pickle checkpoint that needs arbitrary code "
+                    "(only weights_only loading is allowed; convert it to .safetensors)")
+    from torch import serialization
+
+    try:
+        unsafe = serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+        unsafe = []   # torch.load below says what is wrong with the file
+    code = [g for g in unsafe if not g.startswith(STANDIN_PREFIXES)]
+    if code:
+        raise CheckpointError(code_refusal.replace("arbitrary code", f"arbitrary code ({code[0]})"))
+    standins = [(type(g.rsplit(".", 1)[-1], (_Inert,), {}), g) for g in unsafe]
+    try:
+        with serialization.safe_globals(standins):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported" in str(exc) or isinstance(exc, pickle.UnpicklingError):
+            raise CheckpointError(code_refusal) from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first})") from None
+    except EOFError:
+        raise CheckpointError(f"{path}: truncated checkpoint") from None
+
+
+def checkpoint_contents(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], Mapping[str, Any] | None]:
+    """The tensors of an unpickled checkpoint, and the upstream LBM model config it records.
+
+    Layouts: the original scripts' ``{"model_state_dict": ..., "source_config": <the model
+    YAML>, "config": <LBMConfig.to_dict()>, ...}``; Lightning's ``{"state_dict": {"model.*"},
+    "hyper_parameters": {"model_config": ...}, ...}``; or a bare state dict."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    config = None
+    if isinstance(obj.get("model_state_dict"), dict):
+        sd = obj["model_state_dict"]
+        config = next((c for c in (obj.get("source_config"), obj.get("config")) if isinstance(c, dict)), None)
+    elif isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+        hp = obj.get("hyper_parameters")
+        config = hp.get("model_config") if isinstance(hp, dict) and isinstance(hp.get("model_config"), dict) else None
+    else:
+        sd = obj
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return sd, config
+
+
 class CheckpointReader:
     """Read-only, tensor-by-tensor view of a checkpoint.
 
-    safetensors files are memory-mapped (nothing is loaded until ``get``). Lightning ``.ckpt``
-    files are opened with ``torch.load(weights_only=True, mmap=True)``: a pickle that needs
+    safetensors files are memory-mapped (nothing is loaded until ``get``). Pickle checkpoints
+    (``.ckpt``/``.pt``: the original scripts' ``exact_base.ckpt``, Lightning's) are opened with
+    :func:`load_pickle_checkpoint` (``weights_only``, memory-mapped): a pickle that needs
     arbitrary code is refused. ``model.`` prefixes are stripped and ``lpips_loss.*`` dropped.
+    When such a file records upstream LBM's model config and its tensors fit it, that config
+    (translated; :attr:`notes` say how) is offered as the ``lbm_config`` metadata.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -62,6 +143,7 @@ class CheckpointReader:
         self._fh = None
         self._sd: dict[str, torch.Tensor] | None = None
         self._rename: dict[str, str] = {}
+        self.notes: list[str] = []
         if self.path.suffix in CKPT_SUFFIXES:
             self._open_ckpt()
         else:
@@ -83,32 +165,30 @@ class CheckpointReader:
         self._rename = self._normalise(self._st.keys())
 
     def _open_ckpt(self) -> None:
-        import pickle
-        import zipfile
-
-        if not zipfile.is_zipfile(self.path):
-            # torch.save has written zip archives since 1.6; anything else is a legacy pickle
-            # stream or not a checkpoint at all (torch's own error here is about mmap).
-            raise CheckpointError(f"{self.path}: not a PyTorch zip checkpoint (corrupt, truncated or a legacy "
-                                  "pickle); convert it to .safetensors")
-
-        try:
-            obj = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "weights_only" in str(exc) or "Unsupported" in str(exc) or isinstance(exc, pickle.UnpicklingError):
-                raise CheckpointError(
-                    f"{self.path}: refusing a pickle checkpoint that needs arbitrary code "
-                    "(only weights_only loading is allowed; convert it to .safetensors)"
-                ) from None
-            raise CheckpointError(f"{self.path}: unreadable checkpoint ({first})") from None
-        except EOFError:
-            raise CheckpointError(f"{self.path}: truncated checkpoint") from None
-        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{self.path}: not a state dict of tensors")
+        sd, upstream = checkpoint_contents(load_pickle_checkpoint(self.path), self.path)
         self._sd = sd
         self._rename = self._normalise(sd.keys())
+        if upstream is not None:
+            self._adopt_upstream_config(upstream)
+
+    def _adopt_upstream_config(self, upstream: Mapping[str, Any]) -> None:
+        """Offer the upstream config the file records as our ``lbm_config`` metadata, when its
+        architecture is the file's (else say it is ignored)."""
+        import json
+
+        from lbm_registry.errors import ArchitectureError, ConfigError
+        from lbm_registry.lbm.config import upstream_config
+        from lbm_registry.lbm.header import CONFIG_METADATA_KEY, verify_shapes
+
+        try:
+            cfg = upstream_config(dict(upstream), f"{self.path.name}'s recorded config")
+            verify_shapes(self.shapes(), cfg, self.path)
+        except (ConfigError, ArchitectureError) as exc:
+            self.notes.append(f"the upstream LBM config {self.path.name} records is not used: {exc}")
+            return
+        self.metadata[CONFIG_METADATA_KEY] = json.dumps(cfg.to_dict())
+        self.notes.append(f"config: the upstream LBM model config {self.path.name} records")
+        self.notes.extend(cfg.notes)
 
     @staticmethod
     def _normalise(keys: Iterable[str]) -> dict[str, str]:
@@ -179,6 +259,29 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
             done += got
         return buf.view(dtype).reshape(tuple(info["shape"]))
+
+    def tensor_sha256(self) -> str:
+        """sha256 of the tensor bytes (see :mod:`lbm_registry.safetensors_layout`): of the file's
+        for safetensors; for a pickle checkpoint, of the bytes its conversion to safetensors
+        (``import``, :func:`save_safetensors`) holds, so a LoRA made against the ``.ckpt`` fits
+        the base registered from it."""
+        from lbm_registry.safetensors_layout import CHUNK, Entry, layout_order, tensor_sha256
+
+        if self._st is not None:
+            return tensor_sha256(self.path)
+        import hashlib
+
+        names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        h = hashlib.sha256()
+        entries = []
+        for key in self._rename:
+            t = self.get(key)
+            entries.append(Entry(key, names.get(t.dtype, str(t.dtype)), list(t.shape), t.numel() * t.element_size()))
+        for e in layout_order(entries):
+            data = self.get(e.name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            for i in range(0, len(data), CHUNK):
+                h.update(memoryview(data[i:i + CHUNK]))
+        return h.hexdigest()
 
     def check_finite(self) -> None:
         """Refuse NaN/Inf anywhere, naming the first bad key. safetensors files are scanned with

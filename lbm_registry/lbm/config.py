@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lbm_registry.errors import ConfigError
 
@@ -117,7 +117,8 @@ class InferenceConfig(_Strict):
 
 
 class LBMConfig(_Strict):
-    """A whole LBM model. ``name`` is informational."""
+    """A whole LBM model. ``name`` is informational. ``notes``: what translating a config written
+    for upstream LBM did (see :mod:`lbm_registry.lbm.upstream_config`), empty for ours."""
 
     name: str = "lbm"
     denoiser: DenoiserConfig = DenoiserConfig()
@@ -125,6 +126,11 @@ class LBMConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     bridge: BridgeConfig = BridgeConfig()
     inference: InferenceConfig = InferenceConfig()
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @model_validator(mode="after")
     def _check(self) -> LBMConfig:
@@ -207,8 +213,21 @@ def resolve_config_path(path: str | Path, kind: str = "model") -> Path:
     raise ConfigError(f"config not found: {path}{hint}")
 
 
+def upstream_config(data: dict[str, Any], source: str, name: str | None = None) -> LBMConfig:
+    """Our config for upstream LBM's model config ``data``, its translation notes attached."""
+    from lbm_registry.lbm.upstream_config import translate_upstream
+
+    translated, notes = translate_upstream(data, source, name=name)
+    cfg = config_from_dict(translated, f"{source} (translated from upstream LBM)")
+    cfg._notes = notes
+    return cfg
+
+
 def load_config(path: str | Path) -> LBMConfig:
-    """Load and validate an LBM YAML config; errors name the file and the first bad field."""
+    """Load and validate an LBM YAML config; errors name the file and the first bad field.
+
+    Upstream LBM's flat model config (``backbone_signature``, ``unet_input_channels``, ...) is
+    accepted too, translated (the notes say how, see :attr:`LBMConfig.notes`)."""
     import yaml
 
     p = resolve_config_path(path)
@@ -218,4 +237,8 @@ def load_config(path: str | Path) -> LBMConfig:
         raise ConfigError(f"invalid YAML in {p}: {str(exc).splitlines()[0]}") from None
     if data is None:
         raise ConfigError(f"config {p} is empty")
+    from lbm_registry.lbm.upstream_config import looks_upstream
+
+    if looks_upstream(data):
+        return upstream_config(data, str(p))
     return config_from_dict(data, str(p))

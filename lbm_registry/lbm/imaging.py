@@ -120,7 +120,10 @@ def to_tensor(img: Image.Image, size: tuple[int, int] | None = None) -> torch.Te
 
 
 def to_pil(tensor: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
-    """(1|3, H, W) or (1, 3, H, W) in [-1, 1] -> PIL RGB, resized back to ``size`` = (h, w)."""
+    """(1|3, H, W) or (1, 3, H, W) in [-1, 1] -> PIL RGB, resized back to ``size`` = (h, w).
+
+    8 bits as upstream LBM makes them: clamp, ``(x + 1) / 2``, then torchvision's
+    ``mul(255).byte()``, which truncates (rounding would be up to one level brighter)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -128,7 +131,7 @@ def to_pil(tensor: torch.Tensor, size: tuple[int, int] | None = None) -> Image.I
     t = tensor.detach().float().cpu()
     if t.ndim == 4:
         t = t[0]
-    arr = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = ((t.clamp(-1, 1) + 1) / 2).mul(255).to(torch.uint8)
     img = Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).numpy()))
     if size is not None and (img.height, img.width) != tuple(size):
         img = img.resize((size[1], size[0]), Image.BICUBIC)

@@ -60,22 +60,46 @@ def build_scheduler(config: LBMConfig) -> FlowMatchEulerDiscreteScheduler:
 
 
 class VAEWrapper(nn.Module):
-    """Holds the ``AutoencoderKL`` under ``vae_model`` like upstream, and does the scaling."""
+    """Holds the ``AutoencoderKL`` under ``vae_model`` like upstream, and does the scaling.
 
-    def __init__(self, vae: AutoencoderKL, scaling_factor: float) -> None:
+    ``encode``/``decode`` are the one place latents are made and turned back into pixels
+    (inference, serving, probes, training previews): upstream's behaviour is ``sample=True`` and
+    ``tiled=True``; the mean and the whole-image decode stay options."""
+
+    def __init__(self, vae: AutoencoderKL, scaling_factor: float, downsample: int = 8, out_channels: int = 3) -> None:
         super().__init__()
         self.vae_model = vae
         self.scaling_factor = scaling_factor
+        self.downsample = downsample
+        self.out_channels = out_channels
 
     def encode(self, images: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the latent mean unless ``sample``)."""
+               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents: the posterior's mean, or with ``sample`` a draw
+        ``mean + std * eps`` (diffusers' formula; ``eps`` drawn in float32 from ``generator``, one
+        per sample if a list, and rounded to the VAE's dtype, so bf16 and fp32 runs of the same
+        seed draw the same sample)."""
         dist = self.vae_model.encode(images).latent_dist
-        z = dist.sample(generator) if sample else dist.mean
+        if sample:
+            from lbm_registry.lbm.sampler import standard_normal
+
+            eps = standard_normal(dist.mean.shape, generator, dist.mean.device).to(dist.mean.dtype)
+            z = dist.mean + dist.std * eps
+        else:
+            z = dist.mean
         return z * self.scaling_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae_model.decode(latents / self.scaling_factor).sample
+    def decode(self, latents: torch.Tensor, tiled: bool = True) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (unclamped). ``tiled``: a latent with a side over
+        128 is decoded in upstream's overlapping, Gaussian-blended tiles (float32 out, see
+        :mod:`lbm_registry.lbm.tiling`); otherwise, and for smaller latents, in one piece."""
+        from lbm_registry.lbm.tiling import needs_tiling, tiled_decode
+
+        z = latents / self.scaling_factor
+        if tiled and needs_tiling(*z.shape[-2:]):
+            return tiled_decode(lambda t: self.vae_model.decode(t).sample, z, scale=self.downsample,
+                                out_channels=self.out_channels)
+        return self.vae_model.decode(z).sample
 
 
 class LBMModel(nn.Module):
@@ -85,22 +109,26 @@ class LBMModel(nn.Module):
         super().__init__()
         self.config = config
         self.denoiser = denoiser
-        self.vae = VAEWrapper(vae, config.vae.scaling_factor)
+        self.vae = VAEWrapper(vae, config.vae.scaling_factor, config.vae.downsample_factor,
+                              config.vae.out_channels)
         self.register_buffer("num_iterations", torch.zeros((), dtype=torch.int64))
         self.scheduler = build_scheduler(config)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Bridge time ``sigma`` in [0, 1] -> the denoiser's timestep (sigma * T)."""
-        return sigma * self.config.scheduler.num_train_timesteps
+        """Bridge time ``sigma`` in [0, 1] -> the denoiser's timestep ``sigma * T``, in float32
+        whatever the network's dtype (bf16 would turn 750 into 752), as upstream passes it."""
+        return sigma.to(torch.float32) * self.config.scheduler.num_train_timesteps
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor,
                  conditioning: torch.Tensor | None = None) -> torch.Tensor:
-        """v = denoiser(x, t). No encoder_hidden_states: attn2 acts as a second self-attention."""
+        """v = denoiser(x, t). No encoder_hidden_states: attn2 acts as a second self-attention.
+
+        The timestep stays float32 (diffusers builds its sinusoidal embedding from it, then casts
+        the embedding to the network's dtype)."""
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         inp = x if conditioning is None else torch.cat([x, conditioning], dim=1)
-        t = self.timestep(sigma).to(x.dtype)
-        return self.denoiser(inp, t, encoder_hidden_states=None).sample
+        return self.denoiser(inp, self.timestep(sigma), encoder_hidden_states=None).sample
 
 
 def build_model(config: LBMConfig, *, device: str | torch.device = "cpu", meta: bool = False,

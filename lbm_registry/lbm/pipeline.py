@@ -38,24 +38,35 @@ def prepare_image(image: Image.Image | str | Path | bytes, config: LBMConfig) ->
 
 @torch.no_grad()
 def translate(model: LBMModel, x: torch.Tensor, *, steps: int | None = None,
-              generators: Sequence[torch.Generator], sample_latent: bool = False,
+              generators: Sequence[torch.Generator], sample_latent: bool = True, tiled_decode: bool = True,
               velocity: VelocityFn | None = None) -> torch.Tensor:
     """Images (B, 3, h, w) in [-1, 1] on the model's device/dtype -> translated images.
 
-    ``generators`` holds one generator per sample (a request's seed), so a sample's noise is
-    the same whether it runs alone or in a batch. ``velocity`` defaults to the model's.
+    As upstream LBM: the source is encoded with a seeded sample of the VAE posterior
+    (``sample_latent=False``: its mean), bridge-sampled with the float32 schedule, and decoded in
+    overlapping tiles when the latent has a side over 128 (``tiled_decode=False``: whole).
+    ``generators`` holds one generator per sample (a request's seed), so a sample's noise (the
+    posterior's, then the bridge's) is the same whether it runs alone or in a batch.
+    ``velocity`` defaults to the model's.
     """
     cfg = model.config
     gens = list(generators)
-    z_src = model.vae.encode(x, sample=sample_latent, generator=gens if len(gens) > 1 else gens[0])
+    gen = gens if len(gens) > 1 else gens[0]
+    z_src = model.vae.encode(x, sample=sample_latent, generator=gen)
     z = sample(velocity or model.velocity, z_src, steps=steps or cfg.inference.steps,
-               bridge_noise_sigma=cfg.bridge.bridge_noise_sigma, generator=gens if len(gens) > 1 else gens[0])
-    return model.vae.decode(z)
+               bridge_noise_sigma=cfg.bridge.bridge_noise_sigma, generator=gen, shift=cfg.scheduler.shift)
+    return model.vae.decode(z, tiled=tiled_decode)
 
 
 def finish_image(out: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     """One translated image (3, h, w) or (1, 3, h, w) -> PIL RGB at the input's (H, W)."""
     return to_pil(out, size)
+
+
+def sampling_params(sample_latent: bool = True, tiled_decode: bool = True) -> dict[str, str]:
+    """How the pixels were made, as recorded next to them (infer's MLflow run, the server's
+    answers): ``latent`` is ``sample`` (upstream's) or ``mean``; ``decode`` ``tiled`` or ``whole``."""
+    return {"latent": "sample" if sample_latent else "mean", "decode": "tiled" if tiled_decode else "whole"}
 
 
 @dataclass
@@ -64,6 +75,7 @@ class LBMPipeline:
 
     ``scale`` re-merges the LoRA(s) this pipeline was loaded with at another strength
     (see :class:`lbm_registry.lora.apply.MergedLoRAs`); it is ignored when there is none.
+    ``sample_latent`` / ``tiled_decode`` are the defaults of every call (upstream's: True, True).
     """
 
     model: LBMModel
@@ -71,12 +83,16 @@ class LBMPipeline:
     dtype: torch.dtype
     loras: object | None = None  # MergedLoRAs, set by api.infer.load
     info: dict | None = None
+    sample_latent: bool = True
+    tiled_decode: bool = True
 
     @torch.no_grad()
     def __call__(self, image: Image.Image | str | Path | bytes, *, steps: int | None = None,
-                 seed: int = 0, scale: float | None = None, sample_latent: bool = False) -> Image.Image:
+                 seed: int = 0, scale: float | None = None, sample_latent: bool | None = None,
+                 tiled_decode: bool | None = None) -> Image.Image:
         """``steps`` 1-1000 (default: the config's), ``seed`` 0 to 2**63-1, ``scale`` 0-2: the
-        ranges every surface checks (:mod:`lbm_registry.ranges`); outside them, RangeError."""
+        ranges every surface checks (:mod:`lbm_registry.ranges`); outside them, RangeError.
+        ``sample_latent``/``tiled_decode`` None: the pipeline's own (upstream's by default)."""
         from lbm_registry.ranges import check_scale, check_seed, check_steps
 
         steps = None if steps is None else check_steps(steps)
@@ -87,5 +103,6 @@ class LBMPipeline:
         x, size = prepare_image(image, self.model.config)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = translate(self.model, x.to(self.device, self.dtype), steps=steps, generators=[gen],
-                        sample_latent=sample_latent)
+                        sample_latent=self.sample_latent if sample_latent is None else sample_latent,
+                        tiled_decode=self.tiled_decode if tiled_decode is None else tiled_decode)
         return finish_image(out, size)

@@ -15,7 +15,7 @@ is the share of the fine-tune's effect on the output that the LoRA reproduces.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,13 @@ class LayerCheck:
     energy: float
     mean_abs_ratio: float
     delta_norm: float
+    rel_error_alpha_at_rank: float | None = None   # only for layers asked about (see layer_checks)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if d["rel_error_alpha_at_rank"] is None:
+            del d["rel_error_alpha_at_rank"]
         return d
 
 
@@ -73,8 +76,13 @@ class FunctionalCheck:
 
 def layer_checks(base: CheckpointReader, tuned: CheckpointReader, lora: LoRAFile,
                  modules: Mapping[str, tuple[int, ...]], *, prefix: str = "denoiser.",
-                 progress: Callable[[str, int, int], None] | None = None) -> list[LayerCheck]:
-    """Compare each layer's true delta with the LoRA's, streaming both checkpoints."""
+                 progress: Callable[[str, int, int], None] | None = None,
+                 alpha_at_rank: Iterable[str] = ()) -> list[LayerCheck]:
+    """Compare each layer's true delta with the LoRA's, streaming both checkpoints.
+
+    ``alpha_at_rank``: modules whose error is also measured with alpha = rank (scale 1), to
+    tell whether a wrong alpha is what makes them wrong (see :mod:`lbm_registry.lora.alpha`)."""
+    also = set(alpha_at_rank)
     out: list[LayerCheck] = []
     with DeltaStream(base, tuned, modules, prefix=prefix) as stream:
         for i, d in enumerate(stream, 1):
@@ -87,12 +95,18 @@ def layer_checks(base: CheckpointReader, tuned: CheckpointReader, lora: LoRAFile
                 mean_r = float(resid.abs().mean())
             an = math.sqrt(d.sq_norm)
             rel = rn / an if an > 0 else (0.0 if rn == 0 else math.inf)
+            rel_at_rank = None
+            if layer is not None and d.module in also:
+                with single_thread_below(a.numel(), SMALL_LAYER_NUMEL):
+                    unit = layer.delta(torch.float32).reshape(a.shape) / layer.scale
+                    r1 = float(torch.linalg.vector_norm(a - unit))
+                rel_at_rank = r1 / an if an > 0 else (0.0 if r1 == 0 else math.inf)
             out.append(LayerCheck(
                 module=d.module, kind=layer_kind(d.shape), shape=tuple(d.shape),
                 rank=layer.rank if layer is not None else 0, rel_error=rel,
                 energy=1.0 - rel * rel if math.isfinite(rel) else -math.inf,
                 mean_abs_ratio=mean_r / mean_a if mean_a > 0 else (0.0 if mean_r == 0 else math.inf),
-                delta_norm=an,
+                delta_norm=an, rel_error_alpha_at_rank=rel_at_rank,
             ))
             if progress:
                 progress("layers", i, len(modules))

@@ -115,7 +115,7 @@ async def answer_image(engine: Engine, req: ImageRequest, *, lora: str | None = 
     first = result.loras[0] if result.loras else None
     return {"image": png, "lora": first["ref"] if first else None, "sha256": first["sha256"] if first else None,
             "loras": result.loras, "width": result.width, "height": result.height,
-            "ms": round(result.ms, 1), "batch_size": result.batch_size}
+            "ms": round(result.ms, 1), "batch_size": result.batch_size, **engine.sampling()}
 
 
 #: Seconds a client has to send a request's whole body (``lbm-reg serve --body-timeout``).

@@ -63,6 +63,8 @@ class ServeOptions:
     max_pixels: int = 4096 * 4096
     max_steps: int = 50
     max_stack: int = 4     # LoRAs one request may apply (``lora`` plus ``loras``)
+    sample_latent: bool = True    # upstream's posterior sample (False: the posterior's mean)
+    tiled_decode: bool = True     # upstream's tiled VAE decode over 128 latents (False: whole)
 
 
 @dataclass
@@ -234,7 +236,8 @@ class Engine:
         plan = plan_batch([[(f, s) for f, s, _ in it.loras] for it in batch], device=self.device)
         passes = self.multi.forward_passes
         with self.multi.apply(plan):
-            out = translate(self.model, x, steps=batch[0].steps, generators=gens)
+            out = translate(self.model, x, steps=batch[0].steps, generators=gens,
+                            sample_latent=self.options.sample_latent, tiled_decode=self.options.tiled_decode)
         self.metrics.inc("forward_passes_total", self.multi.forward_passes - passes)
         results: list[ImageResult | None] = [None] * len(items)
         for k, i in enumerate(order):
@@ -247,9 +250,15 @@ class Engine:
         return results  # type: ignore[return-value]
 
     # -- lifecycle -----------------------------------------------------------------------
+    def sampling(self) -> dict[str, str]:
+        """How this server makes pixels (``latent``: sample|mean, ``decode``: tiled|whole)."""
+        from lbm_registry.lbm.pipeline import sampling_params
+
+        return sampling_params(self.options.sample_latent, self.options.tiled_decode)
+
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "base": self.base.get("ref"), "base_sha256": self.base.get("sha256"),
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), **self.sampling(),
                 "queue": self.batcher.depth, "loras": len(self.cache),
                 "uptime_s": round(time.time() - self.started, 1)}
 
