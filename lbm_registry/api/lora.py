@@ -395,7 +395,9 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     LoRA is a registered version, the results are recorded on it.
     """
     from lbm_registry.api.registry import resolve
+    from lbm_registry.fileio import check_output_file
 
+    check_output_file(layers_file, LoRAError, "--layers-file")
     settings = _settings(settings)
     lora_asset = resolve(ref, settings, ("lora",))   # an unknown reference fails before torch loads
 
@@ -563,6 +565,9 @@ def export(ref: str, *, fmt: str, output: str | Path, settings: WorkspaceSetting
 
     if fmt not in EXPORT_FORMATS:
         raise LoRAError(f"unknown export format {fmt!r}: use {' or '.join(EXPORT_FORMATS)}")
+    from lbm_registry.fileio import check_output_file, check_output_folder
+
+    (check_output_folder if fmt == "peft" else check_output_file)(output, LoRAError)
     asset = resolve(ref, _settings(settings), ("lora",))
     from lbm_registry.lora.export import export_lora
     from lbm_registry.lora.format import read_lora
