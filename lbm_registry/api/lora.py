@@ -473,8 +473,13 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
         summary=summary, functional=func, notes=notes, layers_file=written,
     )
     if lora_asset.kind == "lora" and lora_asset.version is not None:
-        _record_validation(lora_asset, report, settings)
-        report.recorded = True
+        from lbm_registry.registry.workspace import read_only_home
+
+        if read_only_home(settings.home):  # a shared, read-only registry: the check still runs
+            report.notes.append(f"not recorded on {lora_asset.label}: the registry at {settings.home} is read-only")
+        else:
+            _record_validation(lora_asset, report, settings)
+            report.recorded = True
     return report
 
 

@@ -194,10 +194,11 @@ class LoRAWriter:
             raise LoRAError(f"unsupported LoRA dtype {dtype}: use bf16, fp16 or fp32")
         self.dest = Path(dest)
         self.dtype = dtype
-        from lbm_registry.fileio import make_folder
+        from lbm_registry.fileio import make_folder, refusals_named
 
         make_folder(self.dest.parent, f"cannot write {self.dest}")
-        fd, body = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".body", dir=self.dest.parent)
+        with refusals_named(self.dest):
+            fd, body = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".body", dir=self.dest.parent)
         self._body_path = Path(body)
         self._body = os.fdopen(fd, "wb")
         self._offset = 0
@@ -215,7 +216,10 @@ class LoRAWriter:
         if reference:
             self._referenced[key] = data
         else:
-            self._body.write(memoryview(data))
+            from lbm_registry.fileio import refusals_named
+
+            with refusals_named(self.dest):  # a full disk names no file: this is the one
+                self._body.write(memoryview(data))
         begin, self._offset = self._offset, self._offset + data.nbytes
         self._entries.append((key, _ST_DTYPE_NAMES[self.dtype], list(t.shape), begin, self._offset))
 
@@ -259,8 +263,11 @@ class LoRAWriter:
         if not self._alphas:
             self.abort()
             raise LoRAError("refusing to write a LoRA with no layers")
-        self._body.flush()
-        self._body.close()
+        from lbm_registry.fileio import refusals_named
+
+        with refusals_named(self.dest):
+            self._body.flush()
+            self._body.close()
         meta_info = dict(info or {})
         meta_info["format_version"] = FORMAT_VERSION
         meta_info["dtype"] = SHORT_DTYPE_NAMES[self.dtype]
