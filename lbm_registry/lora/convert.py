@@ -260,7 +260,10 @@ def _check_parts(layer: ForeignLayer, source: Path) -> None:
             missing.append("lokr_w2")
     if missing:
         raise LoRAError(f"{source}: module {m!r} lacks {', '.join(missing)}")
+    from lbm_registry.lora.format import check_float_factor
+
     for name, t in p.items():
+        check_float_factor(t, source, m, name)
         if not all_finite(t):
             raise LoRAError(f"{source}: module {m!r} {name} contains NaN or Inf")
     if layer.alpha is not None and (not math.isfinite(layer.alpha)):

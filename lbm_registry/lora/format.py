@@ -380,6 +380,27 @@ def parse_lora_keys(keys: Iterable[str], source: str | Path) -> list[str]:
     return list(groups)
 
 
+def check_float_factor(t: torch.Tensor, source: str | Path, module: str, part: str) -> None:
+    """LoRA factors are floating point: integer (int8, uint8...) or bool factors are refused in
+    one line (nothing here dequantises them: used as numbers they would make a wrong delta)."""
+    if not t.is_floating_point():
+        raise LoRAError(f"{source}: module {module!r} {part} is {str(t.dtype).removeprefix('torch.')}: "
+                        "LoRA factors must be floating point (fp32, fp16 or bf16)")
+
+
+def factor_dtype(lora: LoRAFile) -> str | None:
+    """The storage dtype of a LoRA's factors as the catalog names it (``bf16``...), the most
+    common one by bytes: what the tensors are, whatever the metadata says."""
+    weight: dict[torch.dtype, int] = {}
+    for layer in lora.layers.values():
+        for t in (layer.down, layer.up):
+            weight[t.dtype] = weight.get(t.dtype, 0) + t.numel() * t.element_size()
+    if not weight:
+        return None
+    top = max(weight, key=lambda d: weight[d])
+    return SHORT_DTYPE_NAMES.get(top, str(top).removeprefix("torch."))
+
+
 def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
     """Read and validate a native LoRA file (keys complete, shapes consistent, rank > 0, finite)."""
     from lbm_registry.lbm.checkpoint import CheckpointReader, all_finite
@@ -399,6 +420,8 @@ def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
             raise LoRAError(f"{path}: module {m!r} conv lora_up must be (out, r, 1, 1), got {tuple(up.shape)}")
         if alpha.numel() != 1:
             raise LoRAError(f"{path}: module {m!r} alpha must be a scalar")
+        for t, part in ((down, "lora_down"), (up, "lora_up")):
+            check_float_factor(t, path, m, part)
         if check_finite:
             for t, part in ((down, "lora_down"), (up, "lora_up"), (alpha, "alpha")):
                 if not all_finite(t):
