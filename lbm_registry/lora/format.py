@@ -194,8 +194,12 @@ class LoRAWriter:
             raise LoRAError(f"unsupported LoRA dtype {dtype}: use bf16, fp16 or fp32")
         self.dest = Path(dest)
         self.dtype = dtype
-        from lbm_registry.fileio import make_folder, refusals_named
+        from lbm_registry.errors import ConfigError
+        from lbm_registry.fileio import make_folder, output_file_problem, refusals_named
 
+        # the body file goes next to dest before anything is checked at finish(): check first
+        if (problem := output_file_problem(self.dest, "output")) is not None:
+            raise ConfigError(problem)
         make_folder(self.dest.parent, f"cannot write {self.dest}")
         with refusals_named(self.dest):
             fd, body = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".body", dir=self.dest.parent)
