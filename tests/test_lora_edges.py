@@ -31,32 +31,21 @@ def _rewrite(src: Path, dest: Path, *, cast: str | None = None, metadata: dict[s
 
 
 @pytest.fixture(scope="module")
-def import_registry(tmp_path_factory, mlflow_template, tiny_base_path, tiny_config, make_tuned):
-    """A registry with two bases of the tiny architecture (``ib-base``, ``ib-other``) and a
-    native LoRA of ``ib-base`` (file only) and its kohya export (file only)."""
-    import shutil
-
+def import_registry(edge_registry, tmp_path_factory, tiny_base_path):
+    """The shared edge registry (bases ``st-base`` and ``st-other``), with a native LoRA of
+    ``st-base`` (file only) and its kohya export (file only)."""
     from fixtures.serve import write_random_lora
 
-    from lbm_registry.api.registry import init_workspace, register_asset
     from lbm_registry.lora.export import export_lora
     from lbm_registry.lora.format import read_lora
-    from lbm_registry.registry.settings import WorkspaceSettings
 
     folder = tmp_path_factory.mktemp("import-edges")
-    s = WorkspaceSettings(home=folder / "home")
-    s.home.mkdir()
-    shutil.copyfile(mlflow_template, s.home / "mlflow.db")
-    init_workspace(s)
-    cfg = tiny_config.to_dict()
-    register_asset(tiny_base_path, name="ib-base", kind="base", settings=s, config=cfg)
-    register_asset(make_tuned(rank=2, seed=7, scale=0.01), name="ib-other", kind="base", settings=s, config=cfg)
     native = write_random_lora(tiny_base_path, folder / "native.safetensors", seed=21, rank=2, conv_rank=2)
     [kohya] = export_lora(read_lora(native), "kohya", folder / "kohya.safetensors")
-    return {"settings": s, "home": s.home, "native": native, "kohya": kohya, "folder": folder}
+    return {**edge_registry, "native": native, "kohya": kohya, "folder": folder}
 
 
-def _import(cli, reg, path: Path, name: str, base: str = "ib-base", *extra: str) -> tuple[int, str, str]:
+def _import(cli, reg, path: Path, name: str, base: str = "st-base", *extra: str) -> tuple[int, str, str]:
     return cli("--home", reg["home"], "import", path, "--kind", "lora", "--name", name, "--base", base,
                "--probe", "off", *extra)
 
@@ -105,9 +94,9 @@ def test_a_file_that_records_its_base_is_refused_on_another_base(import_registry
 
         path = tmp_path / "peft"
         export_lora(read_lora(import_registry["native"]), "peft", path)
-    rc, _, err = _import(cli, import_registry, path, f"wrong-base-{fmt}", "ib-other")
-    assert rc == 2 and "was made for base sha256:" in err and "not ib-other@1" in err, err
-    rc, _, err = _import(cli, import_registry, path, f"right-base-{fmt}", "ib-base", "--allow-duplicate")
+    rc, _, err = _import(cli, import_registry, path, f"wrong-base-{fmt}", "st-other")
+    assert rc == 2 and "was made for base sha256:" in err and "not st-other@1" in err, err
+    rc, _, err = _import(cli, import_registry, path, f"right-base-{fmt}", "st-base", "--allow-duplicate")
     assert rc == 0, err
 
 

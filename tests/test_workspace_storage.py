@@ -147,6 +147,7 @@ def _workspace_setup(home: Path, template: Path, weights: list[Path]) -> str:
     """Python for the child: a workspace made inside its mounts (MLflow records absolute artifact
     paths, so a workspace is made where it lives, never copied), with dummy bases registered."""
     return f"""
+import shutil
 from pathlib import Path
 from lbm_registry.api.registry import init_workspace, register_asset
 from lbm_registry.registry.settings import WorkspaceSettings
