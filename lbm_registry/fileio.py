@@ -108,8 +108,8 @@ def _existing(p: Path, what: str) -> tuple[os.stat_result | None, str | None]:
                       "(a symlink is written through, as cp does: its target must exist)")
     try:
         return p.stat(), None
-    except FileNotFoundError:
-        return None, None
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file where a folder would be:
+        return None, None                            # folder_problem says so next)
     except OSError as exc:
         return None, f"cannot write {what} {p}: {exc.strerror or exc}"
 
