@@ -166,7 +166,9 @@ def _assert_full_disk_results(results: list[dict]) -> None:
     for r in results:
         if "argv" not in r:
             continue
-        if r["rc"] != 0:
+        if r["rc"] == 2 and "has no alias 'prod'" in r["err"]:   # its 'alias set' was refused: right
+            assert_refused(r, 2)
+        elif r["rc"] != 0:
             assert_refused(r, 1)
             assert "No space left on device" in r["err"] or "disk is full" in r["err"], r
             assert "/" in r["err"], r  # names a path
