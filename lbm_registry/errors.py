@@ -66,6 +66,13 @@ class RegistryError(LBMError):
     """The catalog, MLflow or the blob store refused an operation."""
 
 
+class StorageError(LBMError):
+    """The machine refused a write: the disk is full, the folder is read-only, no permission.
+    The message names the path; exit code 1 (a refusal of the machine, not bad input)."""
+
+    exit_code = 1
+
+
 class DataError(LBMError):
     """A dataset shard or image cannot be read."""
 

@@ -161,23 +161,30 @@ def test_gc_never_deletes_a_blob_a_registration_reuses(tmp_path, make_weights, f
     assert R.doctor(s)["ok"], R.doctor(s)["issues"]
 
 
-def test_exception_mid_registration_marks_failed_and_gc_cleans(reg_settings, make_weights, monkeypatch):
-    from lbm_registry.registry import mlflow_sqlite, tracking
+def test_exception_mid_registration_cleans_up_after_itself(reg_settings, make_weights, monkeypatch):
+    """A registration that fails after its blob is stored leaves nothing: no failed row, no orphan
+    blob, no MLflow run (doctor is clean at once); the event log keeps why it failed."""
+    from lbm_registry.registry import catalog, mlflow_sqlite, tracking
+    from lbm_registry.registry.blobs import blob_path, sha256_file
+    from lbm_registry.registry.workspace import Workspace
 
     def broken(self, *a, **kw):
         raise RegistryError("MLflow mirror of x failed: simulated")
 
     monkeypatch.setattr(tracking.Tracker, "mirror", broken)  # whichever writer mirrors (client or SQLite)
     monkeypatch.setattr(mlflow_sqlite.SqliteMirror, "mirror", broken)
+    w = make_weights()
     with pytest.raises(RegistryError, match="simulated"):
-        R.register_asset(make_weights(), name="will-fail", kind="base", settings=reg_settings)
+        R.register_asset(w, name="will-fail", kind="base", settings=reg_settings)
     monkeypatch.undo()
     assert "will-fail" not in {r["name"] for r in R.list_assets(reg_settings)}
+    assert not blob_path(reg_settings.blobs_dir, sha256_file(w)).exists()
     report = R.doctor(reg_settings)
-    assert {i["kind"] for i in report["issues"]} >= {"failed"}
-    cleaned = R.gc(reg_settings)
-    assert {i["kind"] for i in cleaned["issues"]} >= {"failed", "orphan_blob"}
-    assert R.doctor(reg_settings)["ok"]
+    assert report["ok"], report["issues"]
+    with Workspace.open(reg_settings) as ws:
+        assert not catalog.all_versions(ws.db, status="failed")
+        failed = [e for e in catalog.events(ws.db, "will-fail") if e["action"] == "register_failed"]
+    assert failed and "simulated" in failed[0]["detail"]
 
 
 def test_corrupt_blob_detected_and_refused(reg_settings, make_weights, tmp_path):

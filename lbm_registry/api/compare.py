@@ -160,6 +160,11 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
             seed: int = 0) -> dict[str, Any]:
     """Compare two LoRA versions. Returns facts, per-layer rows, output metrics and written files."""
     settings = settings or WorkspaceSettings.resolve()
+    if report is not None:  # where the report goes is checked before any work
+        from lbm_registry.errors import ConfigError
+        from lbm_registry.fileio import check_output_folder
+
+        check_output_folder(report, ConfigError, "--report")
     if outputs:
         from lbm_registry.lbm.device import check_device
 

@@ -274,12 +274,16 @@ def plan_outputs(source: Path, output: Path, inputs: list[Path]) -> dict[Path, P
 
 
 def _writable(destinations: dict[Path, Path]) -> dict[Path, Path]:
-    """Refuse, before any model loads, outputs whose folder cannot exist (a file in the way)."""
-    from lbm_registry.fileio import folder_problem
+    """Refuse, before any model loads, outputs whose folder cannot exist (a file in the way), and
+    outputs that are no regular file to write (a device, a FIFO, a registry's own files)."""
+    from lbm_registry.fileio import folder_problem, output_file_problem
 
     for parent in {d.parent for d in destinations.values()}:
         if (problem := folder_problem(parent)) is not None:
             raise ConfigError(f"cannot write the output: {problem}")
+    for dest in destinations.values():
+        if (problem := output_file_problem(dest, "--output")) is not None:
+            raise ConfigError(problem)
     return destinations
 
 

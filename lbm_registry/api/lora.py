@@ -405,7 +405,9 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     LoRA is a registered version, the results are recorded on it.
     """
     from lbm_registry.api.registry import resolve
+    from lbm_registry.fileio import check_output_file
 
+    check_output_file(layers_file, LoRAError, "--layers-file")
     settings = _settings(settings)
     lora_asset = resolve(ref, settings, ("lora",))   # an unknown reference fails before torch loads
 
@@ -488,8 +490,13 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
         summary=summary, functional=func, notes=notes, layers_file=written,
     )
     if lora_asset.kind == "lora" and lora_asset.version is not None:
-        _record_validation(lora_asset, report, settings)
-        report.recorded = True
+        from lbm_registry.registry.workspace import read_only_home
+
+        if read_only_home(settings.home):  # a shared, read-only registry: the check still runs
+            report.notes.append(f"not recorded on {lora_asset.label}: the registry at {settings.home} is read-only")
+        else:
+            _record_validation(lora_asset, report, settings)
+            report.recorded = True
     return report
 
 
@@ -607,6 +614,9 @@ def export(ref: str, *, fmt: str, output: str | Path, settings: WorkspaceSetting
 
     if fmt not in EXPORT_FORMATS:
         raise LoRAError(f"unknown export format {fmt!r}: use {' or '.join(EXPORT_FORMATS)}")
+    from lbm_registry.fileio import check_output_file, check_output_folder
+
+    (check_output_folder if fmt == "peft" else check_output_file)(output, LoRAError)
     asset = resolve(ref, _settings(settings), ("lora",))
     from lbm_registry.lora.export import export_lora
     from lbm_registry.lora.format import read_lora

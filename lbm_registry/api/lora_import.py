@@ -125,17 +125,15 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
         c = config_from_checkpoint(base_reader)
         cfg = c.name if c is not None else None
     base_tensor = tensor_sha_of(base_asset)
+    _check_recorded_base(foreign, base_asset)   # any format that records its base: ours, and our exports
     if foreign.source_format == "native":
-        from lbm_registry.api.lora import lora_fits_base
         from lbm_registry.lora.format import read_lora
 
         lora = read_lora(foreign.weights_path)
-        if not lora_fits_base(lora.base_sha256, lora.info.get("base_tensor_sha256"), base_asset):
-            raise LoRAError(f"{foreign.weights_path.name} was made for base sha256:{(lora.base_sha256 or '?')[:12]}, "
-                            f"not {base_asset.label} (sha256:{base_asset.sha256[:12]})")
     else:
         lora = None
-    meta_keep = {k: v for k, v in foreign.metadata.items() if k.startswith(("ss_", "sshs_", "modelspec."))}
+    meta_keep = capped_metadata({k: v for k, v in foreign.metadata.items()
+                                 if k.startswith(("ss_", "sshs_", "modelspec."))})
     facts_extra = {"source_format": foreign.source_format, "source_sha256": source_sha,
                    "source_file": foreign.weights_path.name, "source_metadata": meta_keep, "notes": foreign.notes,
                    "layer_formats": foreign.formats()}
@@ -155,12 +153,14 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
         return _register_alpha_fixed(lora, clipped, foreign, base_asset, base_tensor, cfg, source_sha, facts_extra,
                                      name, settings, allow_duplicate, mode, timings, t0)
     if lora is not None:  # our own format: register the bytes as they are
+        from lbm_registry.lora.format import factor_dtype
+
         rows = _native_rows(lora)
         errs = [r["rel_error"] for r in rows]
         facts = {"rank": lora.info.get("rank") or max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
                  "conv_rank": lora.info.get("conv_rank")
                  or max((r["rank"] for r in rows if r["kind"] != "linear"), default=0),
-                 "policy": "import native", "alpha": lora.info.get("alpha"), "dtype": lora.info.get("dtype"),
+                 "policy": "import native", "alpha": lora.info.get("alpha"), "dtype": factor_dtype(lora),
                  "mean_error": sum(errs) / len(errs), "max_error": max(errs), "layers": rows, "skipped": [],
                  **facts_extra}
         from lbm_registry.api.probe import lora_probe
@@ -194,14 +194,16 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
             foreign.notes.append("--fix-alpha: no layer has alpha above a clipped rank; nothing changed")
         timings["convert_s"] = time.perf_counter() - t2
         dense = [r for r in rows if r["converted"]]
-        errs = [r["rel_error"] for r in rows]
-        facts = {"rank": max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
-                 "conv_rank": max((r["rank"] for r in rows if r["kind"] != "linear"), default=0),
+        errs = [r["rel_error"] for r in rows]   # a budget's rank-0 layers count as 1.0
+        kept = [r for r in rows if not r.get("dropped")]
+        facts = {"rank": max((r["rank"] for r in kept if r["kind"] == "linear"), default=0),
+                 "conv_rank": max((r["rank"] for r in kept if r["kind"] != "linear"), default=0),
                  "policy": f"import {foreign.source_format}" + (f"; dense layers {policy.describe()}" if dense else "")
                  + (f"; {_fix_text(clipped)}" if clipped and fix_alpha else ""),
                  "alpha": None, "dtype": dtype_name, "mean_error": sum(errs) / len(errs), "max_error": max(errs),
-                 "layers": [{k: r[k] for k in ("module", "kind", "shape", "rank", "rel_error", "energy")} for r in rows],
-                 "skipped": [], **facts_extra}
+                 "layers": [{k: r[k] for k in ("module", "kind", "shape", "rank", "rel_error", "energy")} for r in kept],
+                 "skipped": [{"module": r["module"], "reason": "budget: no component worth its bytes", "rel_error": 1.0}
+                             for r in rows if r.get("dropped")], **facts_extra}
         t3 = time.perf_counter()
         asset = register_asset(dest, name=name, kind="lora", settings=settings, facts=facts, link=True,
                                lineage={"base": base_asset},
@@ -218,9 +220,62 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
         shutil.rmtree(staging, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - t0
     return ImportReport(ref=asset.ref, path=str(asset.path), sha256=asset.sha256, source_format=foreign.source_format,
-                        source_sha256=source_sha, layers=len(rows), converted=len(dense),
+                        source_sha256=source_sha, layers=len(kept), converted=len([r for r in dense if r in kept]),
                         mean_error=facts["mean_error"], max_error=facts["max_error"],
                         policy=policy.describe() if dense else None, notes=foreign.notes, seconds=timings)
+
+
+#: Foreign metadata kept on a version (catalog, ``show``, MLflow): each value up to this many
+#: characters, all of it up to ``METADATA_TOTAL_CAP``; the original file keeps every byte.
+METADATA_VALUE_CAP = 2000
+METADATA_TOTAL_CAP = 32_000
+METADATA_KEY_CAP = 200
+
+
+def capped_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """``meta`` with long values cut (and said so) and at most ``METADATA_TOTAL_CAP`` characters in
+    all, the shortest entries kept first (they are the informative ones: base model, rank,
+    resolution...): a kohya file may carry megabytes (``ss_tag_frequency``), which the catalog,
+    ``show`` and MLflow must not."""
+    entries = []
+    for key in meta:
+        value = str(meta[key])
+        if len(value) > METADATA_VALUE_CAP:
+            value = (value[:METADATA_VALUE_CAP // 4] + f"... [{len(value):,} characters in all, cut here; "
+                     "the original file keeps them]")
+        name = key if len(key) <= METADATA_KEY_CAP else key[:METADATA_KEY_CAP] + "..."
+        entries.append((len(name) + len(value), name, value))
+    kept: dict[str, str] = {}
+    total = 0
+    for i, (size, name, value) in enumerate(sorted(entries)):
+        if total + size > METADATA_TOTAL_CAP:
+            kept["..."] = f"{len(entries) - i} more metadata keys not stored (the original file keeps them)"
+            break
+        kept[name] = value
+        total += size
+    return dict(sorted(kept.items()))
+
+
+def _check_recorded_base(foreign: Any, base: Any) -> None:
+    """A file that records the base it was made for (our ``lbm_registry`` metadata entry: native
+    files, and our kohya and PEFT exports, which keep it) is refused on another base, whatever its
+    format. Files that record nothing are taken on the caller's word (``--base``)."""
+    import json
+
+    from lbm_registry.api.lora import lora_fits_base
+
+    raw = foreign.metadata.get(NATIVE_META_KEY)
+    try:
+        info = json.loads(raw) if raw else {}
+    except ValueError:
+        raise LoRAError(f"{foreign.weights_path}: corrupt {NATIVE_META_KEY} metadata") from None
+    if not isinstance(info, dict):
+        raise LoRAError(f"{foreign.weights_path}: corrupt {NATIVE_META_KEY} metadata (not a JSON object)")
+    made_for = info.get("base_sha256") if isinstance(info.get("base_sha256"), str) else None
+    tensor = info.get("base_tensor_sha256") if isinstance(info.get("base_tensor_sha256"), str) else None
+    if not lora_fits_base(made_for, tensor, base):
+        raise LoRAError(f"{foreign.weights_path.name} was made for base sha256:{(made_for or tensor or '?')[:12]}, "
+                        f"not {base.label} (sha256:{base.sha256[:12]})")
 
 
 def _native_rows(lora: Any) -> list[dict[str, Any]]:
@@ -345,7 +400,9 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
                 with single_thread_below(mat.numel()):
                     if planned is not None:
                         r = planned.get(m, 0)
-                        if r == 0:
+                        if r == 0:  # left out by the budget: counts as 1.0, as extract and resize count it
+                            rows.append({"module": m, "kind": layer_kind(shape), "shape": list(shape), "rank": 0,
+                                         "rel_error": 1.0, "energy": 0.0, "converted": True, "dropped": True})
                             continue
                     elif policy.kind == "energy":
                         r, svd = choose_energy_rank(mat, sq, float(policy.energy), policy.limit(shape), settings,
@@ -360,12 +417,13 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
                              "adapter": la.kind})
             if progress:
                 progress("convert", i, total)
-        if not rows:
+        if not [r for r in rows if not r.get("dropped")]:
             raise LoRAError(f"{src}: every layer is zero: nothing to import")
         errs = [r["rel_error"] for r in rows]
         meta = dict(info)
         meta.update({"mean_error": sum(errs) / len(errs), "max_error": max(errs),
-                     "layers": {r["module"]: [r["rank"], float(f"{r['rel_error']:.4g}")] for r in rows},
+                     "layers": {r["module"]: [r["rank"], float(f"{r['rel_error']:.4g}")] for r in rows
+                                if not r.get("dropped")},
                      "rank": max((r["rank"] for r in rows if r["kind"] == "linear"), default=0),
                      "conv_rank": max((r["rank"] for r in rows if r["kind"] != "linear"), default=0)})
         if any(r["converted"] for r in rows):

@@ -341,12 +341,13 @@ def remove_alias(name: str, alias: str, settings: WorkspaceSettings | None = Non
 
 
 def check_name_free(name: str, kind: str, settings: WorkspaceSettings | None = None) -> None:
-    """Refuse, before any work, a name already used by an asset of another kind (registration
-    checks it again in its transaction; this is the early, cheap answer)."""
+    """Refuse, before any work, a name already used by an asset of another kind, and a registry
+    this process cannot write (registration checks both again; this is the early, cheap answer)."""
     from lbm_registry.registry import catalog
-    from lbm_registry.registry.workspace import Workspace
+    from lbm_registry.registry.workspace import Workspace, check_writable_home
 
     validate_name(name)
+    check_writable_home(_settings(settings).home)
     ws = Workspace.open_existing(_settings(settings))
     if ws is None:
         return

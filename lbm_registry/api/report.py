@@ -41,9 +41,13 @@ def energy_plot(layers_a: Any, layers_b: Any, dest: Path, labels: tuple[str, str
     axes[0].set_ylabel("fraction of ||dW||^2 in top-k")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest, dpi=110)
-    plt.close(fig)
+    from lbm_registry.fileio import atomic_path
+
+    try:
+        with atomic_path(dest) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return dest
 
 
@@ -76,13 +80,17 @@ def write_report(result: dict[str, Any], out_dir: Path, *, settings: WorkspaceSe
                  log_mlflow: bool = True) -> dict[str, Any]:
     """Write ``index.html`` + ``grid.png`` + ``energy.png`` + ``compare.json`` into ``out_dir``."""
     from lbm_registry.api.registry import resolve
+    from lbm_registry.errors import ConfigError
+    from lbm_registry.fileio import atomic_path, check_output_folder, make_folder
     from lbm_registry.lora.format import read_lora
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir, ConfigError, "--report")
+    make_folder(out_dir, "--report")
     files = []
     a, b = result["a"], result["b"]
     if result.get("_grid") is not None:
-        result["_grid"].save(out_dir / "grid.png")
+        with atomic_path(out_dir / "grid.png") as tmp:
+            result["_grid"].save(tmp, format="PNG")
         files.append("grid.png")
     st = settings or WorkspaceSettings.resolve()
     try:
@@ -93,7 +101,8 @@ def write_report(result: dict[str, Any], out_dir: Path, *, settings: WorkspaceSe
     except Exception as exc:  # the plot is a nicety: never lose the report for it
         result.setdefault("report_warnings", []).append(f"energy plot skipped: {exc}")
     data = {k: v for k, v in result.items() if not k.startswith("_")}
-    (out_dir / "compare.json").write_text(json.dumps(data, indent=2, default=str))
+    with atomic_path(out_dir / "compare.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
     files.append("compare.json")
 
     keys = [k for k in a if k not in ("layers",)]
@@ -126,7 +135,8 @@ img{{max-width:100%}} .note{{color:#666}}</style></head><body>
 <h2>Facts</h2>{facts_html}<h2>Layers that differ most</h2>{layers_html}{metrics_html}{imgs}
 <p class=note>Raw data: compare.json (next to this page and in the MLflow run's <code>report/</code>)</p>
 </body></html>"""
-    (out_dir / "index.html").write_text(page)
+    with atomic_path(out_dir / "index.html") as tmp:
+        tmp.write_text(page)
     files.insert(0, "index.html")
     info: dict[str, Any] = {"dir": str(out_dir), "files": files}
     if log_mlflow:

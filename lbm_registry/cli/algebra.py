@@ -95,7 +95,10 @@ def _render(d: dict[str, Any], as_json: bool) -> None:
               + (f"; {len(d['skipped'])} skipped" if d["skipped"] else ""))
     t.add_row("ranks", ", ".join(f"r{k} x{v}" for k, v in sorted(d["rank_histogram"].items(), key=lambda kv: -int(kv[0]))))
     t.add_row("size", format_size(d["size_bytes"]))
-    t.add_row("rel. error", f"mean {d['mean_error']:.4f}  max {d['max_error']:.4f}  (vs the exact delta)")
+    dropped = d.get("layers_dropped") or 0
+    counted = d.get("layers_counted", d["layers_written"])
+    t.add_row("rel. error", f"mean {d['mean_error']:.4f}  max {d['max_error']:.4f}  (vs the exact delta) over all "
+                            f"{counted} layers with a delta" + (f" ({dropped} with rank 0 count as 1.0)" if dropped else ""))
     for i, w in enumerate(d["worst"][:3]):
         t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  r{w['rank']}  {w['module']}")
     con = console()

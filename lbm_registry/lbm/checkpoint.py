@@ -38,6 +38,10 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def _check_safetensors_header(path: Path) -> dict[str, Any]:
     header = read_safetensors_header(path)
     header.pop("__data_start__", None)
@@ -222,7 +226,10 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.path}: missing key {key!r}") from None
         if self._st is not None:
-            return self._st.get_tensor(raw)
+            try:
+                return self._st.get_tensor(raw)
+            except Exception as exc:  # a dtype torch lacks (F6, F4...), a file changed under us
+                raise CheckpointError(f"{self.path}: tensor {key!r} is unreadable ({_first_line(exc)})") from None
         return self._sd[raw]
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:

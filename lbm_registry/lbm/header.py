@@ -29,34 +29,97 @@ DTYPE_NAMES = {
 _SCAN_BYTES = 64 * 1024 * 1024   # the NaN scan reads at most this much at a time
 
 
+#: bits per element of every dtype the safetensors format names (its ``Dtype`` enum)
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+              "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "F64": 64, "I64": 64, "U64": 64}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (JSON parsers keep the last one silently)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def parse_header_json(raw: bytes) -> Any:
+    """A safetensors header's JSON, refusing a key given twice at any level (tensor names,
+    ``__metadata__`` keys, fields): which one a reader takes is up to the reader, so a file whose
+    tools disagree about its content is refused outright. Raises ValueError (DuplicateKeyError)."""
+    return json.loads(raw, object_pairs_hook=_no_duplicates)
+
+
+def _tensor_bytes(path: Path, key: str, info: Any) -> tuple[int, int]:
+    """(begin, end) of one tensor entry, after checking its fields are what the format allows."""
+    bad = f"{path}: corrupt safetensors header at {key!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{bad} (not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise CheckpointError(f"{bad} (unknown dtype {str(dtype)[:40]!r})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{bad} (shape must be a list of non-negative integers)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{bad} (data_offsets must be two integers, begin <= end)")
+    bits = DTYPE_BITS[dtype]
+    for d in shape:
+        bits *= d
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        raise CheckpointError(f"{bad} (shape {tuple(shape)} of {dtype} needs {bits / 8:g} bytes, data_offsets "
+                              f"give {offsets[1] - offsets[0]})")
+    return offsets[0], offsets[1]
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Validate the header and that the file is as long as the header says (catches truncation)."""
+    """Validate the header as the safetensors library does (and a bit more), without it: a JSON
+    object without duplicate keys, string metadata, known dtypes, shapes whose byte size matches
+    their offsets, tensors laid end to end exactly over the data (no gap, overlap or tail), and a
+    file exactly as long as the header says (catches truncation)."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (too short, {size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
+        if n <= 0 or n > min(size - 8, MAX_HEADER_BYTES):
             raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+        raw = fh.read(n)
+    if raw[:1] != b"{":
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    try:
+        header = parse_header_json(raw)
+    except DuplicateKeyError as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file (key {str(exc)[:80]!r} appears twice in "
+                              "its header)") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict)
+                             or not all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    spans = sorted((_tensor_bytes(path, k, v), k) for k, v in header.items() if k != "__metadata__")
     end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header at {key!r}") from None
+    for (begin, stop), key in spans:
+        if begin != end:
+            what = "overlaps the one before it" if begin < end else "leaves a gap before it"
+            raise CheckpointError(f"{path}: corrupt safetensors header at {key!r} (its data {what})")
+        end = stop
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})"
         )
+    if 8 + n + end < size:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({size - 8 - n - end} bytes after the last tensor)")
     header["__data_start__"] = 8 + n
     return header
 
@@ -91,9 +154,6 @@ class SafetensorsHeader:
         self._data_start = int(header.pop("__data_start__"))
         meta = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = dict(meta) if isinstance(meta, dict) else {}
-        for key, info in header.items():
-            if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or "dtype" not in info:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header at {key!r}")
         self._header = header
         self._rename = normalise_keys(header)
 

@@ -282,22 +282,36 @@ class AlgebraResult:
     def policy_text(self) -> str:
         return self.policy.describe() if self.policy is not None else "exact (ranks concatenated)"
 
+    def errors(self) -> list[tuple[str, int, float]]:
+        """(module, rank, rel_error) of every layer with a delta: those written, and those a budget
+        gave rank 0, which count as 1.0 (the LoRA carries none of their delta), as ``extract``
+        counts them. Zero deltas have no relative error and are left out."""
+        out = [(la.module, la.rank, la.rel_error) for la in self.layers]
+        out += [(s["module"], 0, float(s["rel_error"])) for s in self.skipped if s.get("rel_error") is not None]
+        return out
+
     @property
     def mean_error(self) -> float:
-        return sum(la.rel_error for la in self.layers) / len(self.layers) if self.layers else 0.0
+        errs = [e for _, _, e in self.errors()]
+        return sum(errs) / len(errs) if errs else 0.0
 
     @property
     def max_error(self) -> float:
-        return max((la.rel_error for la in self.layers), default=0.0)
+        return max((e for _, _, e in self.errors()), default=0.0)
+
+    @property
+    def dropped(self) -> int:
+        """Layers with a delta that the budget left out (rank 0)."""
+        return sum(1 for s in self.skipped if s.get("rel_error") is not None)
 
     def rank_histogram(self) -> dict[int, int]:
         out: dict[int, int] = {}
-        for la in self.layers:
-            out[la.rank] = out.get(la.rank, 0) + 1
+        for _, rank, _ in self.errors():
+            out[rank] = out.get(rank, 0) + 1
         return dict(sorted(out.items()))
 
-    def worst(self, n: int = 5) -> list[AlgebraLayer]:
-        return sorted(self.layers, key=lambda la: -la.rel_error)[:n]
+    def worst(self, n: int = 5) -> list[tuple[str, int, float]]:
+        return sorted(self.errors(), key=lambda t: -t[2])[:n]
 
     def to_dict(self, layers: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -305,9 +319,10 @@ class AlgebraResult:
             "policy": self.policy.to_dict() if self.policy is not None else {"kind": "exact"},
             "policy_text": self.policy_text, "layers_written": len(self.layers),
             "mean_error": self.mean_error, "max_error": self.max_error,
+            "layers_counted": len(self.errors()), "layers_dropped": self.dropped,
             "rank_histogram": {str(k): v for k, v in self.rank_histogram().items()},
             "skipped": self.skipped, "seconds": self.seconds,
-            "worst": [{"module": la.module, "rank": la.rank, "rel_error": la.rel_error} for la in self.worst()],
+            "worst": [{"module": m, "rank": r, "rel_error": e} for m, r, e in self.worst()],
         }
         if layers:
             d["layers"] = [la.to_dict() for la in self.layers]
@@ -365,7 +380,8 @@ def combine(sums: Sequence[LayerSum], output: str | Path, *, policy: RankPolicy 
     with LoRAWriter(output, torch_dtype) as writer, contextlib.closing(done):
         for i, (ls, layer) in enumerate(zip(sums, flat, strict=True), 1):
             if isinstance(layer, str):
-                skipped.append({"module": ls.module, "reason": layer})
+                # a budget's rank 0 leaves a delta out entirely: rel. error 1.0; a zero delta has none
+                skipped.append({"module": ls.module, "reason": layer, **({"rel_error": 1.0} if layer == DROPPED else {})})
             else:
                 stored, row = layer
                 writer.add(stored, reference=True)   # at most the inputs' size, and they are in memory
@@ -381,6 +397,8 @@ def combine(sums: Sequence[LayerSum], output: str | Path, *, policy: RankPolicy 
                          size_bytes=path.stat().st_size, seconds=time.perf_counter() - t0, info=meta)
 
 
+#: Why a layer with a delta is left out of a budgeted result (rank 0).
+DROPPED = "budget: no component worth its bytes"
 #: Layers handed to one worker at a time: their r x r factorisations run batched.
 LAYERS_PER_CHUNK = 16
 
@@ -425,7 +443,7 @@ def _one(ls: LayerSum, policy: RankPolicy | None, planned: Mapping[str, int] | N
                 return "zero delta"
             want = choose_rank(policy, planned, ls, s)
             if want <= 0:
-                return "budget: no component worth its bytes"
+                return DROPPED
             k = max(1, min(want, nonzero))
             eu, ed = f.top(k, up, down)
             su, sd = _stored(eu, ed, ls.shape, dtype)
@@ -442,7 +460,7 @@ def _one(ls: LayerSum, policy: RankPolicy | None, planned: Mapping[str, int] | N
 def summary_info(results: list[AlgebraLayer], skipped: list[dict[str, str]], policy: RankPolicy | None) -> dict[str, Any]:
     linear = [r.rank for r in results if r.kind == "linear"]
     conv = [r.rank for r in results if r.kind != "linear"]
-    errs = [r.rel_error for r in results]
+    errs = [r.rel_error for r in results] + [float(s["rel_error"]) for s in skipped if s.get("rel_error") is not None]
     return {
         "policy": policy.to_dict() if policy is not None else {"kind": "exact"},
         "rank": max(linear, default=0), "conv_rank": max(conv, default=0), "alpha": None,

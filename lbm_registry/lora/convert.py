@@ -52,6 +52,11 @@ PLAIN_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_m
                   ".lora_B.default.weight": "up", ".lora_magnitude_vector": "magnitude",
                   ".lora_magnitude_vector.weight": "magnitude", ".lora_magnitude_vector.default.weight": "magnitude"}
 IGNORED_PARTS = ("diff_b", "bias")
+#: The ranks a part may have (parts not named here, ``diff`` and DoRA magnitudes, are checked by
+#: their element count): anything else is refused naming it instead of failing inside torch.
+PART_NDIMS = {"down": (2, 4), "up": (2, 4), "mid": (4,), "hada_w1_a": (2,), "hada_w1_b": (2,), "hada_w2_a": (2,),
+              "hada_w2_b": (2,), "hada_t1": (4,), "hada_t2": (4,), "lokr_w1": (2,), "lokr_w1_a": (2,),
+              "lokr_w1_b": (2,), "lokr_w2": (2, 4), "lokr_w2_a": (2,), "lokr_w2_b": (2,), "lokr_t2": (4,)}
 
 
 @dataclass
@@ -194,15 +199,18 @@ def read_foreign(path: str | Path, base_modules: Mapping[str, tuple[int, ...]]) 
     if not groups:
         raise LoRAError(f"{weights}: no LoRA layers found")
     layers: dict[str, ForeignLayer] = {}
-    alpha_for = _peft_alphas(peft_cfg, metadata) if fmt in ("peft", "diffusers") else None
+    peft_source = weights.parent / PEFT_CONFIG if peft_cfg is not None else weights
+    alpha_for = _peft_alphas(peft_cfg, metadata, peft_source) if fmt in ("peft", "diffusers") else None
     for module in [m for m in base_modules if m in groups]:  # base order: deterministic output
         parts = groups[module]
         alpha_t = parts.pop("alpha", None)
+        if alpha_t is not None and alpha_t.numel() != 1:
+            raise LoRAError(f"{weights}: module {module!r} alpha must be a scalar, got shape {tuple(alpha_t.shape)}")
         alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else None
         layer = ForeignLayer(module, parts, alpha)
+        _check_parts(layer, weights)   # shapes first: the PEFT alpha needs the rank
         if alpha_for is not None and layer.kind in ("lora", "dora") and "down" in parts:
             layer.alpha = alpha_for(module, int(parts["down"].shape[0]))
-        _check_parts(layer, weights)
         layers[module] = layer
     out = ForeignLoRA(fmt, layers, metadata, weights)
     kinds = out.formats()
@@ -222,27 +230,47 @@ def _strip_peft(raw: str) -> str:
     return raw
 
 
-def _peft_alphas(cfg: dict[str, Any] | None, metadata: Mapping[str, str]) -> Callable[[str, int], float]:
+def _alpha_value(value: Any, what: str, source: Path | str) -> float:
+    """A PEFT alpha from its config: a positive, finite number (not a string, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise LoRAError(f"{source}: {what} must be a positive number, got {json.dumps(value)[:40]}")
+    return float(value)
+
+
+def _peft_alphas(cfg: Any, metadata: Mapping[str, str], source: Path | str) -> Callable[[str, int], float]:
     """``alpha(module, rank)`` as PEFT would scale: ``alpha_pattern`` / ``lora_alpha`` (default:
-    the rank, scale 1), with ``use_rslora`` (scale alpha / sqrt(r)) folded into an alpha."""
+    the rank, scale 1), with ``use_rslora`` (scale alpha / sqrt(r)) folded into an alpha. The config
+    is checked first: a value PEFT could not use is one LoRAError naming it."""
+    where = source
     if cfg is None and metadata.get(DIFFUSERS_METADATA_KEY):
+        where = f"{source} ({DIFFUSERS_METADATA_KEY} metadata)"
         try:
             cfg = json.loads(metadata[DIFFUSERS_METADATA_KEY])
         except json.JSONDecodeError:
-            cfg = None
-    cfg = cfg or {}
+            raise LoRAError(f"{where}: not valid JSON") from None
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise LoRAError(f"{where}: the adapter config is not a JSON object")
     default = cfg.get("lora_alpha")
-    patterns = dict(cfg.get("alpha_pattern") or {})
-    rslora = bool(cfg.get("use_rslora"))
+    if default is not None:
+        default = _alpha_value(default, "lora_alpha", where)
+    raw_patterns = cfg.get("alpha_pattern") or {}
+    if not isinstance(raw_patterns, dict):
+        raise LoRAError(f"{where}: alpha_pattern must be an object of pattern -> alpha")
+    patterns: list[tuple[re.Pattern[str], float]] = []
+    for key, value in raw_patterns.items():
+        try:
+            patterns.append((re.compile(rf"(.*\.)?({key})$"), _alpha_value(value, f"alpha_pattern[{key!r}]", where)))
+        except re.error:
+            raise LoRAError(f"{where}: alpha_pattern key {key!r} is not a valid pattern") from None
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise LoRAError(f"{where}: use_rslora must be true or false")
 
     def alpha(module: str, rank: int) -> float:
-        a = None
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", module):
-                a = float(value)
-                break
+        a = next((value for pattern, value in patterns if pattern.match(module)), None)
         if a is None:
-            a = float(default) if default is not None else float(rank)
+            a = default if default is not None else float(rank)
         return a * math.sqrt(rank) if rslora else a
 
     return alpha
@@ -260,7 +288,16 @@ def _check_parts(layer: ForeignLayer, source: Path) -> None:
             missing.append("lokr_w2")
     if missing:
         raise LoRAError(f"{source}: module {m!r} lacks {', '.join(missing)}")
+    from lbm_registry.lora.format import check_float_factor
+
     for name, t in p.items():
+        check_float_factor(t, source, m, name)
+        allowed = PART_NDIMS.get(name)
+        if allowed is not None and t.ndim not in allowed:
+            raise LoRAError(f"{source}: module {m!r} {name} has shape {tuple(t.shape)}: expected "
+                            f"{' or '.join(f'{n}-D' for n in allowed)}")
+        if 0 in t.shape:
+            raise LoRAError(f"{source}: module {m!r} {name} is empty (shape {tuple(t.shape)})")
         if not all_finite(t):
             raise LoRAError(f"{source}: module {m!r} {name} contains NaN or Inf")
     if layer.alpha is not None and (not math.isfinite(layer.alpha)):
@@ -298,7 +335,20 @@ def plain_factors(layer: ForeignLayer, shape: tuple[int, ...], source: Path | st
     alpha = layer.alpha if layer.alpha is not None else float(r)
     if alpha <= 0:
         raise LoRAError(f"{source}: module {layer.module!r} alpha must be positive, got {alpha}")
+    bound = float(torch.linalg.vector_norm(up.double())) * float(torch.linalg.vector_norm(down.double())) * alpha / r
+    _check_delta_norm(bound, layer.module, source)
     return down, up, float(alpha)
+
+
+#: Frobenius norm above which a delta is refused: far beyond any real weight change, and below
+#: what fp32 arithmetic on it (its square, an SVD) can hold without overflowing to inf/NaN.
+MAX_DELTA_NORM = 1e15
+
+
+def _check_delta_norm(norm: float, module: str, source: Path | str) -> None:
+    if not math.isfinite(norm) or norm > MAX_DELTA_NORM:
+        raise LoRAError(f"{source}: module {module!r}: its delta is implausibly large (norm up to {norm:.3g}): "
+                        "not a LoRA for weights of this scale")
 
 
 # -- dense deltas ---------------------------------------------------------------------------
@@ -313,6 +363,26 @@ def dense_delta(layer: ForeignLayer, shape: tuple[int, ...], base_weight: Callab
 
     ``base_weight()`` gives the base's weight (read only for DoRA, whose delta depends on it).
     """
+    try:
+        d = _dense(layer, shape, base_weight, source)
+    except (RuntimeError, IndexError, ValueError) as exc:  # factors that do not fit together
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LoRAError(f"{source}: module {layer.module!r}: its {layer.kind} factors do not fit together "
+                        f"({first})") from None
+    if d.numel() != math.prod(shape):
+        raise LoRAError(f"{source}: module {layer.module!r}: the adapter makes a {tuple(d.shape)} delta, the base "
+                        f"weight is {tuple(shape)}")
+    if layer.kind in ("full", "lokr", "loha") and tuple(d.shape) != tuple(shape) and d.ndim == len(shape):
+        raise LoRAError(f"{source}: module {layer.module!r}: the adapter makes a {tuple(d.shape)} delta, the base "
+                        f"weight is {tuple(shape)}")
+    if not all_finite(d):
+        raise LoRAError(f"{source}: module {layer.module!r}: the delta overflows")
+    _check_delta_norm(float(torch.linalg.vector_norm(d.double())), layer.module, source)
+    return d.reshape(shape)
+
+
+def _dense(layer: ForeignLayer, shape: tuple[int, ...], base_weight: Callable[[], torch.Tensor],
+           source: Path | str) -> torch.Tensor:
     p, kind = layer.parts, layer.kind
     if kind == "full":
         d = p["diff"].float()
@@ -368,15 +438,7 @@ def dense_delta(layer: ForeignLayer, shape: tuple[int, ...], base_weight: Callab
         d = new - w0
     else:  # pragma: no cover - plain layers never come here
         raise LoRAError(f"{source}: module {layer.module!r} is plain low rank")
-    if d.numel() != math.prod(shape):
-        raise LoRAError(f"{source}: module {layer.module!r}: the adapter makes a {tuple(d.shape)} delta, the base "
-                        f"weight is {tuple(shape)}")
-    if kind in ("full", "lokr", "loha") and tuple(d.shape) != tuple(shape) and d.ndim == len(shape):
-        raise LoRAError(f"{source}: module {layer.module!r}: the adapter makes a {tuple(d.shape)} delta, the base "
-                        f"weight is {tuple(shape)}")
-    if not all_finite(d):
-        raise LoRAError(f"{source}: module {layer.module!r}: the delta overflows")
-    return d.reshape(shape)
+    return d
 
 
 def check_against_base(lora: ForeignLoRA, base_modules: Mapping[str, tuple[int, ...]]) -> None:

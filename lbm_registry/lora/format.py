@@ -194,10 +194,15 @@ class LoRAWriter:
             raise LoRAError(f"unsupported LoRA dtype {dtype}: use bf16, fp16 or fp32")
         self.dest = Path(dest)
         self.dtype = dtype
-        from lbm_registry.fileio import make_folder
+        from lbm_registry.errors import ConfigError
+        from lbm_registry.fileio import make_folder, output_file_problem, refusals_named
 
+        # the body file goes next to dest before anything is checked at finish(): check first
+        if (problem := output_file_problem(self.dest, "output")) is not None:
+            raise ConfigError(problem)
         make_folder(self.dest.parent, f"cannot write {self.dest}")
-        fd, body = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".body", dir=self.dest.parent)
+        with refusals_named(self.dest):
+            fd, body = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".body", dir=self.dest.parent)
         self._body_path = Path(body)
         self._body = os.fdopen(fd, "wb")
         self._offset = 0
@@ -215,7 +220,10 @@ class LoRAWriter:
         if reference:
             self._referenced[key] = data
         else:
-            self._body.write(memoryview(data))
+            from lbm_registry.fileio import refusals_named
+
+            with refusals_named(self.dest):  # a full disk names no file: this is the one
+                self._body.write(memoryview(data))
         begin, self._offset = self._offset, self._offset + data.nbytes
         self._entries.append((key, _ST_DTYPE_NAMES[self.dtype], list(t.shape), begin, self._offset))
 
@@ -259,8 +267,11 @@ class LoRAWriter:
         if not self._alphas:
             self.abort()
             raise LoRAError("refusing to write a LoRA with no layers")
-        self._body.flush()
-        self._body.close()
+        from lbm_registry.fileio import refusals_named
+
+        with refusals_named(self.dest):
+            self._body.flush()
+            self._body.close()
         meta_info = dict(info or {})
         meta_info["format_version"] = FORMAT_VERSION
         meta_info["dtype"] = SHORT_DTYPE_NAMES[self.dtype]
@@ -373,6 +384,27 @@ def parse_lora_keys(keys: Iterable[str], source: str | Path) -> list[str]:
     return list(groups)
 
 
+def check_float_factor(t: torch.Tensor, source: str | Path, module: str, part: str) -> None:
+    """LoRA factors are floating point: integer (int8, uint8...) or bool factors are refused in
+    one line (nothing here dequantises them: used as numbers they would make a wrong delta)."""
+    if not t.is_floating_point():
+        raise LoRAError(f"{source}: module {module!r} {part} is {str(t.dtype).removeprefix('torch.')}: "
+                        "LoRA factors must be floating point (fp32, fp16 or bf16)")
+
+
+def factor_dtype(lora: LoRAFile) -> str | None:
+    """The storage dtype of a LoRA's factors as the catalog names it (``bf16``...), the most
+    common one by bytes: what the tensors are, whatever the metadata says."""
+    weight: dict[torch.dtype, int] = {}
+    for layer in lora.layers.values():
+        for t in (layer.down, layer.up):
+            weight[t.dtype] = weight.get(t.dtype, 0) + t.numel() * t.element_size()
+    if not weight:
+        return None
+    top = max(weight, key=lambda d: weight[d])
+    return SHORT_DTYPE_NAMES.get(top, str(top).removeprefix("torch."))
+
+
 def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
     """Read and validate a native LoRA file (keys complete, shapes consistent, rank > 0, finite)."""
     from lbm_registry.lbm.checkpoint import CheckpointReader, all_finite
@@ -392,6 +424,8 @@ def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
             raise LoRAError(f"{path}: module {m!r} conv lora_up must be (out, r, 1, 1), got {tuple(up.shape)}")
         if alpha.numel() != 1:
             raise LoRAError(f"{path}: module {m!r} alpha must be a scalar")
+        for t, part in ((down, "lora_down"), (up, "lora_up")):
+            check_float_factor(t, path, m, part)
         if check_finite:
             for t, part in ((down, "lora_down"), (up, "lora_up"), (alpha, "alpha")):
                 if not all_finite(t):

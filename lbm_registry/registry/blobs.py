@@ -12,7 +12,6 @@ folders hold hard links to blobs (our own files).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lbm_registry.errors import RegistryError
+from lbm_registry.lbm.header import parse_header_json
 
 CHUNK = 8 * 1024 * 1024
 TMP_PREFIX = ".tmp-"
@@ -162,8 +162,10 @@ def sniff_dtype(path: Path) -> str | None:
             (n,) = struct.unpack("<Q", head)
             if n <= 0 or n > 100 * 1024 * 1024:
                 return None
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError):
+            header = parse_header_json(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(header, dict):
         return None
     weight: dict[str, int] = {}
     for key, info in header.items():

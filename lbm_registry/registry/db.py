@@ -18,6 +18,7 @@ A catalog server that cannot be reached, or whose driver is not installed, is a 
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import sqlite3
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lbm_registry.errors import RegistryError
+from lbm_registry.errors import LBMError, RegistryError, StorageError
 
 BUSY_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 60
@@ -40,6 +41,81 @@ Params = Mapping[str, Any] | None
 #: deadlock_detected, lock_not_available.
 RACE_SQLSTATES = {"23505", "40001", "40P01", "55P03"}
 _RACE_WORDS = ("unique constraint", "locked", "busy", "deadlock", "could not serialize")
+
+
+_DAMAGE_WORDS = ("not a database", "malformed", "unsupported file format", "database corrupt")
+
+
+def sqlite_damage(exc: BaseException) -> str | None:
+    """The first line of a SQLite error that says the file itself is damaged (not a database,
+    malformed), else None: a damaged store gets its own one-line refusal, never a traceback."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        orig = getattr(exc, "orig", None)
+        if not isinstance(orig, sqlite3.DatabaseError):
+            return None
+        exc = orig
+    text = str(exc).strip()
+    return text.splitlines()[0] if any(w in text.lower() for w in _DAMAGE_WORDS) else None
+
+
+def damaged_sqlite_file(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` cannot be read as a database (one line), else None.
+    Cheap (one query on a read-only connection); a missing file is not damaged."""
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error:
+        return None
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        return sqlite_damage(exc)
+    finally:
+        conn.close()
+    return None
+
+
+def damaged_mlflow_store(uri: str) -> tuple[Path, str] | None:
+    """(file, why) when ``uri`` is a local SQLite MLflow store that is not a readable database."""
+    path = sqlite_path(uri) if uri.startswith("sqlite") else None
+    damage = damaged_sqlite_file(path) if path is not None else None
+    return (path, damage) if path is not None and damage is not None else None
+
+
+def damaged_mlflow_error(path: Path, damage: str) -> StorageError:
+    """The one line for a damaged MLflow store: the file, and the way out."""
+    return StorageError(f"the MLflow store {path} is damaged ({damage}): 'lbm-reg doctor --repair' sets it "
+                        "aside and rebuilds it from the catalog")
+
+
+#: Less free space than this and a failing SQLite open is taken for a full disk.
+FULL_BELOW_BYTES = 1 << 20
+
+
+def disk_full(folder: Path) -> bool:
+    """Is the file system of ``folder`` (all but) full?"""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+
+
+def _wal_pending(path: Path) -> bool:
+    """Does the database have a write-ahead log with frames not yet in the main file? (Then a
+    reader that ignores the log, an immutable one, would see old data.)"""
+    wal = Path(f"{path}-wal")
+    try:
+        return wal.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def writable(path: Path) -> bool:
+    """Can this process write the SQLite file at ``path`` and create its journal files next to it?
+    (False on a read-only mount, and for a folder the user may not write: root may write anyway.)"""
+    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
 
 
 class Retryable(Exception):
@@ -137,6 +213,10 @@ class Database:
         self.path = sqlite_path(self.url)
         self._conn: sqlite3.Connection | None = None
         self._engine: Any = None
+        #: the SQLite catalog was opened read-only (a read-only home, or a full disk: ``full``):
+        #: reads work, writes are refused in one line
+        self.read_only = False
+        self.full = False
 
     @property
     def is_sqlite(self) -> bool:
@@ -149,13 +229,82 @@ class Database:
     # -- connections -----------------------------------------------------------------------
     def _sqlite(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            assert self.path is not None
+            with self._translated():
+                try:
+                    self._conn = self._sqlite_connect(str(self.path), uri=False)
+                except sqlite3.OperationalError:
+                    if not self.path.is_file():
+                        raise
+                    if not writable(self.path):
+                        self._conn = self._read_only_connection()
+                    elif disk_full(self.path.parent) and not _wal_pending(self.path):
+                        # no room for the WAL index a reader needs: reads still work, writes say why
+                        self._conn = self._sqlite_connect(f"{self.path.absolute().as_uri()}?immutable=1", uri=True)
+                        self.read_only, self.full = True, True
+                    else:
+                        raise
+        return self._conn
+
+    @staticmethod
+    def _sqlite_connect(target: str, *, uri: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            self._conn = conn
-        return self._conn
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the file (and its WAL) now
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _read_only_connection(self) -> sqlite3.Connection:
+        """A catalog in a folder this process may not write (a shared, mounted registry). A WAL
+        database needs its ``-shm`` index: read-only mode uses the writer's when there is one; with
+        none (nobody writes there, nor can) the file is opened as immutable."""
+        assert self.path is not None
+        uri = self.path.absolute().as_uri()
+        try:
+            conn = self._sqlite_connect(f"{uri}?mode=ro", uri=True)
+        except sqlite3.OperationalError:
+            conn = self._sqlite_connect(f"{uri}?immutable=1", uri=True)
+        self.read_only = True
+        return conn
+
+    def read_only_error(self) -> StorageError:
+        """The refusal of a write to a catalog opened read-only."""
+        if self.full:
+            return StorageError(f"cannot write the catalog {self.path}: No space left on device")
+        home = self.path.parent if self.path is not None else "?"
+        return StorageError(f"the registry at {home} is read-only ({self.path} cannot be written): "
+                            "this command needs to write there")
+
+    def _sqlite_problem(self, exc: sqlite3.DatabaseError) -> LBMError | None:
+        """One line for what is wrong with the catalog file itself (damaged, disk full, read-only)."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        low = text.lower()
+        if (damage := sqlite_damage(exc)) is not None:
+            return StorageError(f"the catalog {self.path} is damaged ({damage}): restore it from a backup, "
+                                f"then run 'lbm-reg doctor'")
+        if "disk is full" in low or ("disk i/o error" in low and self.path is not None
+                                     and disk_full(self.path.parent)):
+            return StorageError(f"cannot write the catalog {self.path}: {text} (no space left on device)")
+        if "readonly" in low or "read-only" in low or (
+                "unable to open" in low and self.path is not None and not writable(self.path)):
+            return self.read_only_error()
+        return None
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite errors about the file itself become one-line LBMErrors naming it."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            problem = self._sqlite_problem(exc)
+            if problem is None:
+                raise
+            raise problem from None
 
     def engine(self) -> Any:
         """The SQLAlchemy engine (non-SQLite catalogs, and Alembic). Imported on demand."""
@@ -198,9 +347,8 @@ class Database:
             self._engine = None
 
     # -- running statements ----------------------------------------------------------------
-    @staticmethod
-    def _sqlite_run(conn: sqlite3.Connection, sql: str, params: Any, mode: str) -> Any:
-        with races_retryable():
+    def _sqlite_run(self, conn: sqlite3.Connection, sql: str, params: Any, mode: str) -> Any:
+        with self._translated(), races_retryable():
             if mode == "many":
                 conn.executemany(sql, params)
                 return None
@@ -253,19 +401,27 @@ class Database:
                 yield Tx(lambda sql, p, mode: self._sa_run(c, sql, p, mode))
             return
         conn = self._sqlite()
-        with races_retryable():
+        if self.read_only:
+            raise self.read_only_error()
+        with self._translated(), races_retryable():
             conn.execute("BEGIN IMMEDIATE")
         try:
             yield Tx(lambda sql, p, mode: self._sqlite_run(conn, sql, p, mode))
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         try:
-            with races_retryable():
+            with self._translated(), races_retryable():
                 conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back what is open; SQLite may have done it already (a full disk, an I/O error)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def with_retries(fn: Any, what: str) -> Any:

@@ -123,6 +123,9 @@ class Doctor:
         if self._tracker is None and self._tracker_error is None:
             from lbm_registry.registry.tracking import Tracker
 
+            if self.repair:
+                self._set_aside_damaged_store()
+
             if not self.repair:
                 from lbm_registry.registry.mlflow_sqlite import SqliteMirror
 
@@ -134,6 +137,24 @@ class Doctor:
             except LBMError as exc:
                 self._tracker_error = str(exc)
         return self._tracker
+
+    def _set_aside_damaged_store(self) -> None:
+        """A workspace's own MLflow store that is no readable database is renamed
+        ``mlflow.db.damaged-<time>`` (with its journal files); the tracker then makes a new one and
+        every version is mirrored again from the catalog (the source of truth)."""
+        from lbm_registry.registry.db import damaged_mlflow_store
+
+        damaged = damaged_mlflow_store(self.ws.settings.effective_tracking_uri)
+        if damaged is None:
+            return
+        path, why = damaged
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        for side in ("", "-wal", "-shm", "-journal"):
+            src = Path(f"{path}{side}")
+            if src.exists():
+                os.replace(src, Path(f"{aside}{side}"))
+        issue = self.add("mlflow_damaged", str(path), f"the MLflow store is damaged ({why})")
+        issue.fixed, issue.action = True, f"set aside as {aside.name}; rebuilt from the catalog"
 
     def add(self, kind: str, subject: str, detail: str) -> Issue:
         issue = Issue(kind, subject, detail)
@@ -393,6 +414,9 @@ class Doctor:
         return None
 
     def _set_integrity(self, sha: str, state: str, rec: VersionRecord) -> None:
+        if self.ws.read_only:  # a read-only registry: reported, not recorded (its owner's doctor records it)
+            return
+
         def txn() -> None:
             with self.ws.db.transaction() as tx:
                 tx.execute("UPDATE versions SET integrity = :i WHERE sha256 = :s", {"i": state, "s": sha})
@@ -433,8 +457,11 @@ class Doctor:
     def check_mlflow(self) -> None:
         tracker = self.tracker()
         if tracker is None:
-            self.add("mlflow_unreachable", mask_url(self.ws.settings.effective_tracking_uri),
-                     self._tracker_error or "?")
+            from lbm_registry.registry.db import damaged_mlflow_store
+
+            damaged = damaged_mlflow_store(self.ws.settings.effective_tracking_uri)
+            self.add("mlflow_damaged" if damaged else "mlflow_unreachable",
+                     mask_url(self.ws.settings.effective_tracking_uri), self._tracker_error or "?")
             return
         ready = catalog.all_versions(self.ws.db, status="ready")
         for rec in ready:

@@ -168,13 +168,18 @@ def model_texts(ws: Workspace, rec: VersionRecord, run_id: str | None) -> dict[s
 
 
 def write_local(folder: Path, texts: Mapping[str, str], files: Mapping[str, Path]) -> None:
-    """Artifacts into a local run folder: texts written, files hard-linked (or copied)."""
+    """Artifacts into a local run folder: texts written, files hard-linked (or copied). A full
+    disk is one StorageError naming the file being written."""
+    from lbm_registry.fileio import refusals_named
+
     for rel, text in texts.items():
         dest = folder / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(text)
+        with refusals_named(dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text)
     for rel, src in files.items():
-        link_or_copy(Path(src), folder / rel)
+        with refusals_named(folder / rel):
+            link_or_copy(Path(src), folder / rel)
 
 
 def replace_file(src: Path, dest: Path) -> None:

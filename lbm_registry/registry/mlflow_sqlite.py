@@ -269,7 +269,7 @@ class SqliteMirror(CatalogOwnership, VersionPages):
             on_run(run_id)
         artifact_uri = f"{root}/{run_id}/artifacts"
         local = Path(unquote(urlparse(artifact_uri).path))
-        with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}"), self._connect(self.path) as conn:
+        with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}", self.path), self._connect(self.path) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 version = self._write_version(conn, rec, c, run_id, artifact_uri)
@@ -354,8 +354,10 @@ class SqliteMirror(CatalogOwnership, VersionPages):
         """Run folders under our artifact root that no run of the store owns (any lifecycle
         stage): what a fast-path mirror killed between writing its files and committing leaves
         when no catalog row remembers its run id. Taken under the mirror's write lock, so a
-        registration in the middle of its transaction is never listed."""
-        with self.write_lock(), self._connect(self.path) as conn:
+        registration in the middle of its transaction is never listed (no lock, and none needed,
+        in a read-only home: nothing registers there)."""
+        lock = contextlib.nullcontext() if self.ws.read_only else self.write_lock()
+        with lock, self._connect(self.path) as conn:
             root = self._artifact_root(conn)
             if root is None:
                 return []

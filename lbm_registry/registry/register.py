@@ -33,8 +33,9 @@ from typing import Any
 
 from lbm_registry import __version__
 from lbm_registry.errors import LBMError, RefError, RegistryError
+from lbm_registry.fileio import refusals_named
 from lbm_registry.registry import catalog, refs
-from lbm_registry.registry.blobs import blob_relpath, sniff_dtype, store_blob
+from lbm_registry.registry.blobs import blob_path, blob_relpath, sniff_dtype, store_blob
 from lbm_registry.registry.catalog import KINDS, VersionRecord, dumps
 from lbm_registry.registry.db import with_retries
 from lbm_registry.registry.workspace import Workspace, actor
@@ -319,6 +320,7 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     # Shared blob lock from the pending row (which makes gc keep the hash) to the stored blob: gc
     # takes it exclusively, so it cannot delete an orphan blob of these bytes that store_blob has
     # just found in place and reused.
+    failure: BaseException | None = None
     with ws.rw_lock("blobs", exclusive=False):
         vid = _insert_pending(ws, name=name, kind=kind, sha=sha, size=size, dtype=dtype, file_name=path.name,
                               config=config, facts=facts, params=dict(params or {}), metrics=metric_values,
@@ -326,10 +328,13 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
         rec = catalog.version_by_id(ws.db, vid)
         try:
             pause("pending")
-            blob, how = store_blob(path, sha, size, ws.blobs_dir, replace=damaged, link=link)
-        except BaseException as exc:
-            _abort(ws, tracker, rec, state, exc)
-            raise
+            with refusals_named(blob_path(ws.blobs_dir, sha)):  # a full disk: one line naming the blob
+                blob, how = store_blob(path, sha, size, ws.blobs_dir, replace=damaged, link=link)
+        except BaseException as exc:  # cleaned up below, once this shared lock is released
+            failure = exc
+    if failure is not None:
+        _abort(ws, tracker, rec, state, failure)
+        raise failure
     try:
         if damaged:  # the bytes were just re-hashed from the source: the blob is whole again
             with_retries(lambda: _mark_integrity(ws, sha, "ok"), "restoring blob state")
@@ -397,10 +402,24 @@ def _flip_ready(ws: Workspace, rec: VersionRecord, run_id: str | None, mv: str |
                                   "mlflow_version": mv})
 
 
+def failure_message(exc: BaseException) -> str:
+    """What the event log says about a registration that did not finish."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, LBMError):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _abort(ws: Workspace, tracker: Any, rec: VersionRecord, state: Mapping[str, str | None],
            exc: BaseException) -> None:
-    """Best effort: mark the version failed and drop its MLflow run. Never raises."""
-    message = str(exc) if isinstance(exc, LBMError) else f"{type(exc).__name__}: {exc}"
+    """Best effort: a registration that failed (or was interrupted) cleans up after itself. The
+    version is marked failed (the event log keeps why), its MLflow run is dropped, then its rows and
+    its blob when no other version has these bytes (:func:`_drop_unfinished`), so ``doctor`` finds
+    nothing. Never raises: whatever is left (a crash in here) is doctor's, as after a kill -9.
+    Called without the shared blob lock held (the blob is removed under the exclusive one)."""
+    message = failure_message(exc)
     try:
         def txn() -> None:
             with ws.db.transaction() as tx:
@@ -413,8 +432,32 @@ def _abort(ws: Workspace, tracker: Any, rec: VersionRecord, state: Mapping[str, 
         run_id = state.get("run_id") or (catalog.version_by_id(ws.db, rec.id) or rec).mlflow_run_id
         if run_id or state.get("mv"):
             tracker.discard(rec.name, run_id, state.get("mv"))
+        _drop_unfinished(ws, rec)
     except BaseException:  # the original error matters more; doctor cleans up the rest
         pass
+
+
+#: How long a failed registration waits for the blob store (busy with other registrations) to
+#: remove its own blob; past that, the blob stays for ``doctor --repair`` / ``gc``.
+DROP_LOCK_TIMEOUT_S = 10.0
+
+
+def _drop_unfinished(ws: Workspace, rec: VersionRecord) -> None:
+    """Remove a failed version's rows, and its blob when no other row has these bytes, under the
+    exclusive blob lock (as gc deletes): another registration of the same bytes holds the shared
+    side from its pending row to its stored blob, so a blob it is about to reuse is never deleted."""
+    with ws.rw_lock("blobs", exclusive=True, timeout=DROP_LOCK_TIMEOUT_S):
+        def txn() -> bool:
+            with ws.db.transaction() as tx:
+                if tx.execute("UPDATE versions SET status = 'failed' WHERE id = :id AND status <> 'ready'",
+                              {"id": rec.id}) == 0:
+                    return False  # became ready (cannot happen here) or already dropped
+                catalog.delete_version(tx, rec.id)
+                catalog.delete_empty_assets(tx)
+                return True
+
+        if with_retries(txn, f"dropping {rec.ref}") and rec.sha256 not in catalog.referenced_shas(ws.db):
+            blob_path(ws.blobs_dir, rec.sha256).unlink(missing_ok=True)
 
 
 def update_version_facts(ws: Workspace, name: str, number: int, facts: Mapping[str, Any], *,

@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from lbm_registry.errors import RegistryError
+from lbm_registry.errors import LBMError, RegistryError, StorageError
+from lbm_registry.fileio import storage_error
 from lbm_registry.registry import catalog, mirror, pages
 from lbm_registry.registry.blobs import link_or_copy
 from lbm_registry.registry.catalog import VersionRecord
-from lbm_registry.registry.db import mask_url, sqlite_path
+from lbm_registry.registry.db import damaged_mlflow_error, damaged_mlflow_store, mask_url, sqlite_path
 from lbm_registry.registry.mlflow_sqlite import CatalogOwnership
 from lbm_registry.registry.workspace import Workspace
 
@@ -98,14 +99,21 @@ def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_errors(what: str) -> Iterator[None]:
-    """MLflow raises its own exception zoo; users see one line."""
+def mlflow_errors(what: str, store: Path | None = None) -> Iterator[None]:
+    """MLflow raises its own exception zoo; users see one line. A write the machine refused (a
+    full disk, a read-only folder) is a StorageError (exit 1) naming the file: the one the OS
+    named, else ``store`` (the SQLite store being written), not a bad-input error."""
     try:
         yield
-    except RegistryError:
+    except LBMError:
         raise
     except Exception as exc:
-        raise RegistryError(f"MLflow {what} failed: {_one_line(exc)}") from exc
+        if isinstance(exc, OSError) and (refused := storage_error(exc, store or what)) is not None:
+            raise refused from None
+        text = _one_line(exc)
+        if any(w in text.lower() for w in ("disk is full", "readonly database", "read-only file system")):
+            raise StorageError(f"MLflow {what} failed: cannot write {store or 'the MLflow store'}: {text}") from None
+        raise RegistryError(f"MLflow {what} failed: {text}") from exc
 
 
 def tidy_experiments(client: Any, home: Path | None, uri: str, *, lock: Callable[[], Any],
@@ -145,6 +153,8 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
         self.uri = ws.settings.effective_tracking_uri
         self.is_sqlite = self.uri.startswith("sqlite:")
         check_reachable(self.uri)
+        if self.is_sqlite and (damaged := damaged_mlflow_store(self.uri)) is not None:
+            raise damaged_mlflow_error(*damaged)  # one line naming the file, not SQLAlchemy's traceback
         with mlflow_errors(f"connection to {mask_url(self.uri)}"):
             from mlflow import MlflowClient
 
@@ -217,7 +227,7 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
 
         c = mirror.mirror_content(self.ws, rec, weights=weights, edges=edges, lora=lora, layers=layers,
                                   user_tags=user_tags, extra_artifacts=extra_artifacts, catalog_id=self.catalog_id)
-        with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}"):
+        with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}", sqlite_path(self.uri) if self.is_sqlite else None):
             run = self.client.create_run(self.experiment_id, run_name=rec.ref, tags=c.create_tags)
             run_id = run.info.run_id
             if on_run is not None:

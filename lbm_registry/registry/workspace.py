@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lbm_registry.errors import RegistryError
+from lbm_registry.errors import RegistryError, StorageError
+from lbm_registry.fileio import refusals_named
 from lbm_registry.registry import schema
 from lbm_registry.registry.db import Database, mask_url
 from lbm_registry.registry.settings import WorkspaceSettings
@@ -38,15 +39,18 @@ class Workspace:
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, settings: WorkspaceSettings) -> Workspace:
-        """Open for writing: create the folders and migrate the catalog to head if needed."""
+        """Open for writing: create the folders and migrate the catalog to head if needed.
+        A home this process may not write (a read-only mount) is refused in one line."""
         from lbm_registry.fileio import folder_problem
 
         if (why := folder_problem(settings.home)) is not None:  # a usage error, not a refusal of the machine
             raise RegistryError(f"cannot make a registry at {settings.home}: {why}")
         ws = cls(settings)
         try:
-            ws.home.mkdir(parents=True, exist_ok=True)
-            ws.settings.blobs_dir.mkdir(parents=True, exist_ok=True)
+            ws.check_writable()
+            with refusals_named(ws.home):
+                ws.home.mkdir(parents=True, exist_ok=True)
+                ws.settings.blobs_dir.mkdir(parents=True, exist_ok=True)
             ws.ensure_schema()
         except BaseException:
             ws.close()
@@ -67,6 +71,17 @@ class Workspace:
             ws.close()
             raise
         return ws
+
+    @property
+    def read_only(self) -> bool:
+        """May this process not write the home (a read-only mount, a shared folder of another
+        user)? Reading commands still work there; writing ones are refused in one line."""
+        return read_only_home(self.home)
+
+    def check_writable(self) -> None:
+        """Refuse (StorageError, exit 1) to write to a home this process may not write: reading
+        commands work on a read-only registry (a shared mount), writing ones stop here, first."""
+        check_writable_home(self.home)
 
     def ensure_schema(self) -> None:
         if schema.current_revision(self.db) == schema.SCHEMA_HEAD:
@@ -113,7 +128,8 @@ class Workspace:
     def staging_dir(self) -> Path:
         """Scratch space on the workspace's file system (so renames and hard links work)."""
         path = self.home / ".staging"
-        path.mkdir(parents=True, exist_ok=True)
+        with refusals_named(path):
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def lock(self, name: str, timeout: float = LOCK_TIMEOUT_S) -> Any:
@@ -121,8 +137,17 @@ class Workspace:
         from filelock import FileLock
 
         path = self.home / ".locks"
-        path.mkdir(parents=True, exist_ok=True)
+        self._lock_folder(path)
         return FileLock(str(path / f"{name}.lock"), timeout=timeout)
+
+    def _lock_folder(self, path: Path) -> None:
+        """``<home>/.locks``, made if needed; a read-only home is one StorageError, not a wait
+        (a lock file that cannot be created looks like a lock held by someone else)."""
+        with refusals_named(path):
+            path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            self.check_writable()
+            raise StorageError(f"cannot write {path}: permission denied")
 
     @contextmanager
     def rw_lock(self, name: str, *, exclusive: bool, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
@@ -138,8 +163,9 @@ class Workspace:
         import time
 
         path = self.home / ".locks" / f"{name}.rwlock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_folder(path.parent)
+        with refusals_named(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
             deadline = time.monotonic() + timeout
@@ -159,6 +185,23 @@ class Workspace:
         """Catalog paths are stored relative to the home so a workspace can be moved."""
         p = Path(rel)
         return p if p.is_absolute() else self.home / p
+
+
+def read_only_home(home: Path) -> bool:
+    """Is ``home`` (or, when it does not exist yet, the folder it would be made in) unwritable?"""
+    for folder in (home, *home.parents):
+        if folder.exists():
+            return not (folder.is_dir() and os.access(folder, os.W_OK))
+    return False
+
+
+def check_writable_home(home: Path) -> None:
+    """One StorageError (exit 1) naming the path when ``home`` cannot be written: checked before
+    any long work by everything that registers or records."""
+    if read_only_home(home):
+        where = home if home.exists() else next(f for f in home.parents if f.exists())
+        raise StorageError(f"the registry at {home} is read-only ({where} cannot be written): "
+                           "this command needs to write there")
 
 
 @contextmanager

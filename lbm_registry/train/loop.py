@@ -123,13 +123,14 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 
 def check_output_folder(output_dir: str | Path) -> None:
-    """A ConfigError unless ``output_dir`` is a folder or can be made one (no file in the way)."""
+    """A ConfigError unless ``output_dir`` is a folder or can be made one (no file or device in the
+    way, not inside a registry's own files)."""
     from lbm_registry.errors import ConfigError
-    from lbm_registry.fileio import folder_problem
+    from lbm_registry.fileio import output_folder_problem
 
-    problem = folder_problem(output_dir)
+    problem = output_folder_problem(output_dir, "output_dir")
     if problem is not None:
-        raise ConfigError(f"output_dir: {problem}", cli=f"--output-dir: {problem}")
+        raise ConfigError(problem, cli=output_folder_problem(output_dir, "--output-dir"))
 
 
 def check_output_dir(output_dir: str | Path, resume: bool) -> None:

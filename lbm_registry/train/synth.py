@@ -118,6 +118,10 @@ def write_synth_shards(output: str | Path, n: int, *, resolution: int = 128, see
         raise ValueError("shard_size must be >= 1")
     if resolution < 8:
         raise ValueError("resolution must be >= 8")
+    from lbm_registry.errors import ConfigError
+    from lbm_registry.fileio import check_output_folder
+
+    check_output_folder(output, ConfigError)
     out_dir = make_folder(output, "--output")
     n_shards = math.ceil(n / shard_size)
     width = max(3, len(str(n_shards - 1)))
