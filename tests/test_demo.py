@@ -65,7 +65,6 @@ def _check_mlflow_story(home, st) -> None:
     extracted, a trained and an imported version; the compare run linked both ways; the compare
     report self-contained."""
     import json
-    import os
     import re
     import signal
     import subprocess
@@ -84,10 +83,9 @@ def _check_mlflow_story(home, st) -> None:
 
     port = free_port()
     log = home.parent / "ui.log"
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with open(log, "w") as fh:
-        proc = subprocess.Popen([*ui_command(st, port=port), "--workers", "1"], stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(ui_command(st, port=port), stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     api = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 150

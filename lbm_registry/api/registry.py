@@ -551,8 +551,11 @@ def registered_since(settings: WorkspaceSettings, since: float) -> list[str]:
     return [f"{r['name']}@{r['number']}" for r in rows]
 
 
-def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The ``mlflow server`` command line serving this workspace (after creating it if needed)."""
+def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1", port: int = 5000,
+               open_browser: bool = False) -> list[str]:
+    """The command line serving this workspace's MLflow UI (after creating it if needed): MLflow's
+    own app in one process, no workers or job executor (see :mod:`lbm_registry.registry.ui`).
+    ``open_browser``: the server opens :func:`ui_url` once it accepts connections."""
     import sys
 
     s = _settings(settings)
@@ -566,8 +569,16 @@ def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1
 
     check_bindable(host, port)  # a taken port: one line, and the workspace is left as it was
     init_workspace(s)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.effective_tracking_uri,
-            "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "lbm_registry.registry.ui", "--backend-store-uri", s.effective_tracking_uri,
+           "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]
+    return [*cmd, "--open", ui_url(host, port)] if open_browser else cmd
+
+
+def ui_url(host: str = "127.0.0.1", port: int = 5000) -> str:
+    """Where ``lbm-reg ui`` lands: the model registry, in MLflow's machine-learning mode."""
+    from lbm_registry.registry.ui import landing_url
+
+    return landing_url(host, port)
 
 
 def remove(ref: str, *, force: bool = False, settings: WorkspaceSettings | None = None) -> dict[str, Any]:

@@ -371,15 +371,17 @@ def pull(ctx: typer.Context, ref: str = typer.Argument(..., help="A registered v
 
 
 def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host"),
-       port: int = typer.Option(5000, "--port", min=1, max=65535)) -> None:
-    """Start the MLflow UI on this workspace."""
+       port: int = typer.Option(5000, "--port", min=1, max=65535),
+       open_browser: bool = typer.Option(False, "--open", help="Open the page in the browser once it is up.")) -> None:
+    """Start the MLflow UI on this workspace (one process; Ctrl-C stops it)."""
     import os
     import sys
 
-    from lbm_registry.api.registry import ui_command
+    from lbm_registry.api.registry import ui_command, ui_url
 
-    cmd = ui_command(settings(ctx), host=host, port=port)
-    console(stderr=True).print(f"MLflow UI for {settings(ctx).home} at http://{host}:{port} (Ctrl-C to stop)")
+    cmd = ui_command(settings(ctx), host=host, port=port, open_browser=open_browser)
+    console(stderr=True).print(f"MLflow UI for {settings(ctx).home}: {ui_url(host, port)} (Ctrl-C to stop)",
+                               soft_wrap=True, highlight=False)
     sys.stdout.flush()
     sys.stderr.flush()
     # Become the server (no wrapper process): signals reach it directly, nothing is orphaned.
