@@ -70,7 +70,9 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
     VAE is a seeded random init too. Returns counts of copied/sliced/padded/dropped tensors.
     """
     import tempfile
+    import time
 
+    started = time.time()
     cfg = _preflight(config, sdxl_unet=sdxl_unet, vae=vae, dtype=dtype, output=output, register=register,
                      settings=settings)
 
@@ -136,7 +138,8 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
             asset = register_asset(out_path, name=register, kind="base", link=output is None,
                                    settings=settings or WorkspaceSettings.resolve(),
                                    config=cfg.to_dict(), facts={"base_report": report.summary(), "seed": seed,
-                                                                "sdxl_unet": str(sdxl_unet or "")}, artifacts=probe)
+                                                                "sdxl_unet": str(sdxl_unet or "")}, artifacts=probe,
+                                   work_started=started)
         result.update(ref=f"{asset.name}@{asset.version}", sha256=asset.sha256)
         if output is None:
             out_path.unlink(missing_ok=True)
