@@ -98,7 +98,7 @@ def test_version_pages_read_well_and_link_both_ways(fresh_settings, make_weights
     assert not [k for k in keys if k.startswith("lbm.")]
     assert mv.tags["rank"] == "8" and "alpha" not in mv.tags  # alpha = rank: said in the description only
     assert len(keys) - len(ids) <= 8
-    assert "| made from this | [pg-kohya@1](#/models/pg-kohya/versions/1) (from) |" in mv.description
+    assert "| made from this | [pg-kohya@1](#/models/pg-kohya/versions/1) (re-imported export) |" in mv.description
 
     ex = _mv(s, "pg-kohya@1")
     assert ex.description.splitlines()[0] == ("pg-kohya@1: LoRA of pg-base@1 imported from pg-lora@1 (kohya), "
@@ -109,8 +109,8 @@ def test_version_pages_read_well_and_link_both_ways(fresh_settings, make_weights
 
     base_page = _mv(s, "pg-base@1").description
     assert base_page.splitlines()[0] == "pg-base@1: LBM base model (lbm-tiny), 4.8 KB"
-    assert ("| made from this | [pg-kohya@1](#/models/pg-kohya/versions/1) (base of), [pg-lora@1]"
-            "(#/models/pg-lora/versions/1) (base of), [pg-tuned@1](#/models/pg-tuned/versions/1) (base of) |"
+    assert ("| made from this | [pg-kohya@1](#/models/pg-kohya/versions/1) (LoRA), [pg-lora@1]"
+            "(#/models/pg-lora/versions/1) (LoRA), [pg-tuned@1](#/models/pg-tuned/versions/1) (fine-tuned model) |"
             ) in base_page
     tuned_page = _mv(s, "pg-tuned@1").description
     assert tuned_page.splitlines()[0].startswith("pg-tuned@1: fine-tuned LBM model of pg-base@1")

@@ -162,10 +162,10 @@ def test_sqlite_mirror_writes_what_mlflow_writes(fresh_settings, tmp_path, monke
     assert "| compared | [cmp](#/experiments/2/runs/<run 2/cmp>) |" in pages["eq-base", 2]
     assert "| training run | [training of eq-lora@2](#/experiments/3/runs/<run 3/eq-lora@2>) |" in pages["eq-lora", 2]
     # lineage both ways: what was made from a version is linked from its page
-    assert "| made from this | [eq-lora@1](#/models/eq-lora/versions/1) (base of), " \
-           "[eq-lora@2](#/models/eq-lora/versions/2) (base of) |" in pages["eq-base", 1]
+    assert "| made from this | [eq-lora@1](#/models/eq-lora/versions/1) (LoRA), " \
+           "[eq-lora@2](#/models/eq-lora/versions/2) (LoRA) |" in pages["eq-base", 1]
     assert "| made from this | [eq-lora@1](#/models/eq-lora/versions/1) (extracted) |" in pages["eq-tuned", 1]
-    assert "| made from this | [eq-lora@2](#/models/eq-lora/versions/2) (from) |" in pages["eq-lora", 1]
+    assert "| made from this | [eq-lora@2](#/models/eq-lora/versions/2) (fine-tuned) |" in pages["eq-lora", 1]
     assert pages["eq-lora", 2].startswith("eq-lora@2: LoRA of eq-base@1 fine-tuned from eq-lora@1, rank 8/")
     # every version is a logged model of its own run, the trained one of its training run too
     models = {(dict(r)["name"], dict(r)["source_run_id"]) for r in got["logged_models"]}

@@ -306,21 +306,36 @@ def version_description(ws: Workspace, rec: VersionRecord, edges: list[dict[str,
 
 
 def made_from(ws: Workspace, rec: VersionRecord) -> str:
-    """Links to the ready versions that name ``rec`` in their lineage ("made from this"), with
-    the role ``rec`` plays for them: LoRAs on a base, LoRAs extracted from a model, a LoRA's
-    fine-tunes, resizes, merges and re-imports."""
+    """Links to the ready versions that name ``rec`` in their lineage ("made from this"), each
+    with how: the LoRAs on a base and the models fine-tuned from it, the LoRAs extracted from a
+    model, a LoRA's fine-tunes, resizes, merges and re-imported exports."""
     kids = catalog.children(ws.db, rec.id)
-    role_word = {"base": "base of", "tuned": "extracted", "parent": "from"}
     out = []
     for k in kids[:MADE_FROM_SHOWN]:
         kid = catalog.version_by_id(ws.db, k["version_id"])
         if kid is None:
             continue
         link = model_link(kid.name, kid.mlflow_version)
-        out.append((f"[{kid.ref}]({link})" if link else kid.ref) + f" ({role_word.get(k['role'], k['role'])})")
+        out.append((f"[{kid.ref}]({link})" if link else kid.ref) + f" ({_how(k['role'], kid)})")
     if len(kids) > MADE_FROM_SHOWN:
         out.append(f"and {len(kids) - MADE_FROM_SHOWN} more (`lbm-reg lineage {rec.ref}`)")
     return ", ".join(out)
+
+
+def _how(role: str, kid: VersionRecord) -> str:
+    """How ``kid`` was made from a version it names as ``role``, in a word or two."""
+    facts = kid.facts or {}
+    if role == "tuned":
+        return "extracted"
+    if role == "base":
+        return "fine-tuned model" if kid.kind == "model" else "LoRA" if kid.kind == "lora" else kid.kind
+    if facts.get("policy") == "trained" or facts.get("training_config"):
+        return "fine-tuned"
+    if facts.get("operation") in ("resize", "merge"):
+        return {"resize": "resized", "merge": "merged"}[facts["operation"]]
+    if facts.get("source_format"):
+        return "re-imported export"
+    return role
 
 
 def _base_of(ws: Workspace, edges: list[dict[str, Any]]) -> str:

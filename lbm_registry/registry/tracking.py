@@ -322,20 +322,20 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
         edges, lora, _, user_tags = mirror_inputs(self.ws, rec)
         with mlflow_errors(f"page of {rec.ref}"):
             names = {Path(a.path).name for a in self.client.list_artifacts(rec.mlflow_run_id)}
-            probe = None
-            if pages.PROBE_IMAGE in names:
-                probe = mirror.probe_caption(self._artifact_copy(rec.mlflow_run_id, pages.PROBE_IMAGE))
+            probe = self._probe_caption(rec.mlflow_run_id) if pages.PROBE_IMAGE in names else None
             description = self.version_description(rec, edges, lora, rec.mlflow_run_id, user_tags, probe=probe)
         return description, pages.version_tags(rec, edges, lora, mirror.shown_user_tags(user_tags), self.catalog_id)
 
-    def _artifact_copy(self, run_id: str, rel: str) -> Path:
-        """A local path of one (small) artifact: in place for a local store, else downloaded."""
+    def _probe_caption(self, run_id: str) -> str:
+        """The tile names of the run's probe picture: read in place from a local store, else from
+        a downloaded copy (a few kB)."""
         import tempfile
 
         local = _local_dir(self.client.get_run(run_id).info.artifact_uri)
         if local is not None:
-            return local / rel
-        return Path(self.client.download_artifacts(run_id, rel, tempfile.mkdtemp(prefix="lbm-page-")))
+            return mirror.probe_caption(local / pages.PROBE_IMAGE) or ""
+        with tempfile.TemporaryDirectory(prefix="lbm-page-") as tmp:
+            return mirror.probe_caption(self.client.download_artifacts(run_id, pages.PROBE_IMAGE, tmp)) or ""
 
     def page_problem(self, rec: VersionRecord) -> str | None:
         """Why the version's page differs from what the catalog says it should be, or None."""
