@@ -566,6 +566,10 @@ class Doctor:
                 tracker.set_alias(fresh, alias)
         if old_run and old_run != run_id:
             tracker.discard(rec.name, old_run, None)
+        from lbm_registry.registry.register import refresh_lineage_pages
+
+        fresh = catalog.version_by_id(self.ws.db, rec.id) or fresh
+        refresh_lineage_pages(self.ws, tracker, fresh, children=True)  # they link its new model version
         return f"mirrored again (run {run_id[:12]}, model version {mv}; extra artifacts of the first run are lost)"
 
     # -- entry points ----------------------------------------------------------------------

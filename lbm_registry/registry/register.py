@@ -360,13 +360,18 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     return out
 
 
-def refresh_lineage_pages(ws: Workspace, tracker: Any, rec: VersionRecord) -> None:
+def refresh_lineage_pages(ws: Workspace, tracker: Any, rec: VersionRecord, *, children: bool = False) -> None:
     """The pages of the versions ``rec`` was made from (its base, tuned model, parents) list what
-    was made from them: rebuild them now that ``rec`` is (or no longer is) there. Best effort:
-    the version is registered either way, and ``doctor --repair`` rebuilds a page left behind."""
+    was made from them: rebuild them now that ``rec`` is (or no longer is) there; with
+    ``children``, the pages of the versions made from ``rec`` too (they link it: after a re-mirror
+    its model version number changed). Best effort: the version is registered either way, and
+    ``doctor --repair`` rebuilds a page left behind."""
     done: set[int] = set()
-    for e in catalog.edges(ws.db, rec.id) if catalog.version_by_id(ws.db, rec.id) else []:
-        target = e.get("target_version_id")
+    targets = [e.get("target_version_id") for e in catalog.edges(ws.db, rec.id)] \
+        if catalog.version_by_id(ws.db, rec.id) else []
+    if children:
+        targets += [k["version_id"] for k in catalog.children(ws.db, rec.id)]
+    for target in targets:
         if not target or target in done:
             continue
         done.add(target)
