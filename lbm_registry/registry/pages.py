@@ -292,7 +292,8 @@ def version_description(ws: Workspace, rec: VersionRecord, edges: list[dict[str,
         rows.append(("made from this", made))
     src = run_link(experiment_id, run_id)
     if src:
-        rows.append(("source run", f"[{rec.ref}]({src}) (params, metrics, per-layer table, plots)"))
+        what = "params, metrics, per-layer table, plots" if rec.kind == "lora" else "params, metrics, the weights"
+        rows.append(("source run", f"[{rec.ref}]({src}) ({what})"))
     for label, link in extra_runs or []:
         rows.append((label.partition(":")[0], f"[{label.partition(':')[2] or label}]({link})" if link else label))
     rows.append(("sha256", f"`{rec.sha256}`"))
