@@ -104,3 +104,24 @@ def test_ui_url(host, want):
     from lbm_registry.api.registry import ui_url
 
     assert ui_url(host, 5000) == f"{want}#/models?workflowType=machine_learning"
+
+
+def test_mlflow_serve_and_import_refusals_are_one_line(fresh_settings, make_weights, cli):
+    """``mlflow-serve`` of something that is no registered version, on a taken port, and a
+    ``--base`` on a base import: one line, exit 2, nothing started or registered."""
+    import socket
+
+    from lbm_registry.api.registry import register_asset
+
+    s = fresh_settings()
+    register_asset(make_weights(), name="ms-base", kind="base", settings=s)
+    rc, out, err = cli("--home", s.home, "mlflow-serve", "nosuch@1")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "nosuch" in err and "Traceback" not in err, err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rc, _, err = cli("--home", s.home, "mlflow-serve", "ms-base@1", "--port", taken.getsockname()[1])
+    assert rc != 0 and len(err.strip().splitlines()) == 1, err
+    rc, _, err = cli("--home", s.home, "import", make_weights(), "--name", "ms-other", "--kind", "base",
+                     "--base", "ms-base")
+    assert rc == 2 and "--base is for model and lora imports" in err, err
