@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo screenshot test test-all lint bench install clean
 
 # torch 2.14.1 / torchvision 0.29.1 are the releases this environment serves (lpips needs torchvision).
 $(STAMP): pyproject.toml
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/lbm-reg demo --home $${LBM_REG_HOME:-demo-home}
+
+# docs/mlflow-version-page.png from the demo workspace (headless Chromium; see docs/screenshot.py)
+screenshot: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python docs/screenshot.py --home $${LBM_REG_HOME:-demo-home}
 
 test: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html as html_lib
+import json
 import re
 
 import pytest
@@ -53,10 +55,18 @@ def registered(reg_settings, make_tuned, make_exact_lora, tiny_base_path, tiny_c
     return reg_settings
 
 
-def test_compare_same_base_with_report(registered, tmp_path):
+@pytest.fixture(scope="module")
+def reported(registered, tmp_path_factory):
+    """(compare result, report folder) of cmp@1 vs cmp@2 with an HTML report."""
     from lbm_registry.api.compare import compare
 
-    res = compare("cmp@1", "v2", report=tmp_path / "report", settings=registered, device="cpu")
+    folder = tmp_path_factory.mktemp("compare") / "report"
+    return compare("cmp@1", "v2", report=folder, settings=registered, device="cpu"), folder
+
+
+def test_compare_same_base_with_report(reported):
+    res, report = reported
+    tmp_path = report.parent
     assert (res["a"]["ref"], res["b"]["ref"]) == ("cmp@1", "cmp@2")
     assert res["same_base"] is True
     assert len(res["layers"]) == 792
@@ -99,3 +109,17 @@ def test_compare_cli_json(registered):
     assert data["same_base"] is True and len(data["most_different"]) == 10
     bad = CliRunner().invoke(app, ["--home", str(registered.home), "compare", "cmp@1", "cmpp@1"])
     assert bad.exit_code != 0
+
+
+def test_report_tables_fit_the_artifact_pane(reported, tmp_path, browser):
+    """MLflow shows an HTML artifact in a pane about 790 px wide: the report's tables (the
+    "layers that differ most" one has long module names) wrap instead of running off its edge."""
+    page = (reported[1] / "index.html").read_text()
+    probe = ("<script>window.addEventListener('load',function(){var w=document.documentElement.clientWidth;"
+             "var t=[].map.call(document.querySelectorAll('table'),function(e){return Math.ceil("
+             "e.getBoundingClientRect().right)});document.body.setAttribute('data-fit',JSON.stringify({w:w,t:t}))"
+             "})</script></body>")
+    (tmp_path / "measured.html").write_text(page.replace("</body>", probe))
+    dom = browser((tmp_path / "measured.html").as_uri(), width=790, height=900, wait_ms=3000)
+    fit = json.loads(html_lib.unescape(re.search(r'data-fit="([^"]+)"', dom).group(1)))
+    assert len(fit["t"]) >= 2 and max(fit["t"]) <= fit["w"], fit

@@ -289,6 +289,18 @@ def test_a_file_of_ours_brings_its_base(cli, tmp_path, varied_tuned, extract_tin
     export("imp-own@1", fmt="kohya", output=kohya, settings=reg_settings)
     rc, out, err = cli("--home", reg_settings.home, "import", kohya, "--kind", "lora", "--name", "imp-own-k")
     assert rc == 0 and "the one the file records" in out, err
+    # the export names the version it was made from: the import links it (and is listed on its page)
+    import json
+
+    from safetensors import safe_open
+
+    from lbm_registry.api.registry import show
+
+    with safe_open(str(kohya), "np") as f:
+        entry = json.loads(f.metadata()["lbm_registry"])
+    assert entry["exported_from"] == {"ref": "imp-own@1", "sha256": resolve("imp-own@1", reg_settings).sha256}
+    assert resolve("imp-own-k@1", reg_settings).lineage["parent"]["ref"] == "imp-own@1"
+    assert [d["ref"] for d in show("imp-own@1", reg_settings)["descendants"]] == ["imp-own-k@1"]
     other = fresh_settings()
     rc, _, err = cli("--home", other.home, "import", native, "--kind", "lora", "--name", "x")
     assert rc == 2 and "needs --base REF" in err and "which is not registered here" in err, err

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -109,6 +110,28 @@ def test_pyfunc_by_version_and_alias_equals_infer(mlflow_env, source_image, tmp_
             by_alias.predict(pd.DataFrame({"image": [_b64(source_image)], **row}))
 
 
+def test_pyfunc_refuses_bad_rows_in_one_line_and_loads_without_warnings(mlflow_env, source_image):
+    """Bad input is MLflow's INVALID_PARAMETER_VALUE (a 400 when served) with our one line, found
+    before any image is made; loading prints no "Add type hints" warning."""
+    import warnings
+
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model("models:/relight@prod")
+    assert not [w for w in caught if "type hint" in str(w.message).lower()], [str(w.message) for w in caught]
+    good = _b64(source_image)
+    for rows, message in (({"image": ["bm90IGFuIGltYWdl"]}, "row 0: "),
+                          ({"image": [good, good], "scale": [1.0, 9.0]}, "row 1: scale 9.0 is outside")):
+        with pytest.raises(MlflowException) as info:
+            model.predict(pd.DataFrame(rows))
+        assert info.value.error_code == "INVALID_PARAMETER_VALUE" and info.value.get_http_status_code() == 400
+        assert message in info.value.message and "\n" not in info.value.message, info.value.message
+
+
 def test_pyfunc_of_base_and_model_versions(mlflow_env, source_image, tmp_path):
     import mlflow.pyfunc
     import pandas as pd
@@ -200,19 +223,22 @@ def test_doctor_repair_makes_an_old_version_a_model(mlflow_env, source_image, tm
 
 
 def test_mlflow_models_serve_answers_invocations(mlflow_env, source_image, tmp_path):
-    """A real ``mlflow models serve --env-manager local`` on 127.0.0.1, started and stopped here."""
+    """A real ``mlflow models serve --env-manager local`` on 127.0.0.1, started and stopped here,
+    through ``lbm-reg mlflow-serve`` from a shell with no activated venv and no MLflow settings:
+    MLflow starts ``uvicorn`` by name, and the command puts this environment's bin on PATH."""
     from fixtures.servers import _stop, _tail, free_port
 
     expected = _infer(mlflow_env, "relight@prod", source_image, tmp_path / "infer.png", seed=4)
     port = free_port()
     log = tmp_path / "serve.log"
-    # MLflow execs ``uvicorn`` by name: the venv's bin must be on PATH (as in an activated venv)
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LBM_REG_HOME", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                  if p and Path(p).resolve() != Path(venv_bin).resolve()) or "/usr/bin:/bin"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/relight@prod", "--env-manager",
-             "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            [sys.executable, "-m", "lbm_registry.cli.main", "--home", str(mlflow_env.home), "mlflow-serve",
+             "relight@prod", "--port", str(port)],
             stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         deadline = time.time() + SERVE_TIMEOUT_S
@@ -234,5 +260,18 @@ def test_mlflow_models_serve_answers_invocations(mlflow_env, source_image, tmp_p
         rows = answer["predictions"]
         assert len(rows) == 1
         assert np.abs(_decode(rows[0]["image"]) - expected).max() <= 1
+        # bad input: a 400 with our one line, no stack trace (in the answer or the server's log)
+        for record, line in (({"image": "bm90IGFuIGltYWdl"}, "row 0: "),
+                             ({"image": _b64(source_image), "scale": 9}, "row 0: scale 9.0 is outside")):
+            body = json.dumps({"dataframe_records": [record]}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=120)
+            assert err.value.code == 400
+            refusal = json.loads(err.value.read())
+            assert refusal["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in refusal
+            assert refusal["message"].splitlines()[-1].startswith(f"Error: {line}"), refusal["message"]
+        assert "Traceback" not in _tail(log, 100_000)
     finally:
         _stop(proc, signal.SIGTERM)

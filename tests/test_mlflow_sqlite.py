@@ -9,6 +9,7 @@ folders and catalog ids are normalised.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -18,7 +19,7 @@ from fixtures.registry import lora_facts, write_weights
 from PIL import Image
 
 TIME_COLUMNS = {"creation_time", "last_updated_time", "last_update_time", "start_time", "end_time", "timestamp",
-                "deleted_time"}
+                "deleted_time", "creation_timestamp_ms", "last_updated_timestamp_ms"}
 VARYING_METRICS = {"register_seconds", "hash_seconds"}
 
 
@@ -32,14 +33,17 @@ def _register_all(settings, files: Path) -> None:
 
     from lbm_registry.api.registry import attach_artifact, register_asset
 
-    # a compare run that judged the second base version (linked from its page) and is named as
-    # the LoRA child's training run (linked too): the page lookups of both writers
+    # a compare run that judged the second base version (linked from its page), and the training
+    # run of the LoRA child (linked both ways: renamed, described, given a logged model)
     base2 = write_weights(files / "base2.safetensors", 5)
     client = MlflowClient(tracking_uri=settings.effective_tracking_uri)
     exp = client.create_experiment("lbm-registry-compare",
                                    artifact_location=(settings.home / "artifacts" / "compare").as_uri())
     judged = hashlib.sha256(base2.read_bytes()).hexdigest()
-    cmp_run = client.create_run(exp, run_name="cmp", tags={"lbm.compared": f"{'0' * 16},{judged[:16]}"}).info.run_id
+    client.create_run(exp, run_name="cmp", tags={"lbm.compared": f"{'0' * 16},{judged[:16]}"})
+    train_exp = client.create_experiment("lbm-registry-train", artifact_location=(settings.home / "artifacts").as_uri())
+    train_run = client.create_run(train_exp, run_name="eq-lora", tags={"lbm.kind": "lora-training"}).info.run_id
+    client.set_terminated(train_run, "FINISHED")
     png = files / "probe.png"
     if not png.exists():
         Image.new("RGB", (8, 4), "red").save(png)
@@ -56,7 +60,7 @@ def _register_all(settings, files: Path) -> None:
                    facts=lora_facts(8), lineage={"base": base.sha256, "parent": l1,
                                                  "datasets": [{"path": str(shard), "sha256": "ab" * 32}],
                                                  "training_config": {"max_steps": 10}},
-                   tags={"team": "vision", "lbm.note": "hello: world", "lbm.train_run_id": cmp_run})
+                   tags={"team": "vision", "lbm.note": "hello: world", "lbm.train_run_id": train_run})
     register_asset(base2, name="eq-base", kind="base", settings=settings)
     attach_artifact(tuned, png, settings)  # what the background probe does once the version is ready
 
@@ -66,7 +70,7 @@ def _normaliser(settings):
     from lbm_registry.registry.workspace import Workspace
 
     with sqlite3.connect(settings.home / "mlflow.db") as conn:
-        runs = dict(conn.execute("SELECT run_uuid, name FROM runs").fetchall())
+        runs = {rid: f"{exp}/{name}" for rid, exp, name in conn.execute("SELECT run_uuid, experiment_id, name FROM runs")}
     with Workspace.open(settings) as ws:
         cat = catalog.catalog_id(ws.db)
     subs = [(rid, f"<run {name}>") for rid, name in runs.items()]
@@ -78,6 +82,7 @@ def _normaliser(settings):
             for old, new in subs:
                 value = value.replace(old, new)
             value = re.sub(r"model_uuid: \w+", "model_uuid: <uuid>", value)
+            value = re.sub(r"\bm-[0-9a-f]{32}\b", "<logged model>", value)
             value = re.sub(r"utc_time_created: '[^']*'", "utc_time_created: <time>", value)
         return value
 
@@ -101,6 +106,8 @@ def _dump(settings) -> dict[str, list[tuple]]:
                         rec[c] = "<time>"
                 if table in ("metrics", "latest_metrics") and rec.get("key") in VARYING_METRICS:
                     rec["value"] = "<seconds>"
+                if table == "inputs":
+                    rec["input_uuid"] = "<uuid>"
                 rows.append(tuple((c, norm(rec[c])) for c in cols))
             out[table] = sorted(rows, key=repr)
     return out
@@ -140,7 +147,9 @@ def test_sqlite_mirror_writes_what_mlflow_writes(fresh_settings, tmp_path, monke
     with monkeypatch.context() as m:
         m.setattr(mlflow_sqlite.SqliteMirror, "open", classmethod(lambda cls, ws: None))
         _register_all(through_client, files)
-    assert used == ["client"] * 5 + ["client refresh"]
+    # each LoRA's registration rebuilds the pages of what it was made from ("made from this")
+    refresh = "client refresh"
+    assert used == ["client"] * 3 + [refresh] * 2 + ["client"] + [refresh] * 2 + ["client", refresh]
     used.clear()
     _register_all(direct, files)
     assert used == ["sql"] * 5  # no fallback to the client on the way
@@ -148,11 +157,28 @@ def test_sqlite_mirror_writes_what_mlflow_writes(fresh_settings, tmp_path, monke
     assert want.keys() == got.keys()
     for table in want:
         assert got[table] == want[table], table
-    assert len(got["runs"]) == 6 and len(got["model_versions"]) == 5 and len(got["latest_metrics"]) > 20
+    assert len(got["runs"]) == 7 and len(got["model_versions"]) == 5 and len(got["latest_metrics"]) > 20
     pages = {(dict(r)["name"], dict(r)["version"]): dict(r)["description"] for r in got["model_versions"]}
-    assert "| compared | [cmp](#/experiments/2/runs/<run cmp>) |" in pages["eq-base", 2]
-    assert "| training run | [<run cmp prefix>](#/experiments/2/runs/<run cmp>) |" in pages["eq-lora", 2]
+    assert "| compared | [cmp](#/experiments/2/runs/<run 2/cmp>) |" in pages["eq-base", 2]
+    assert "| training run | [training of eq-lora@2](#/experiments/3/runs/<run 3/eq-lora@2>) |" in pages["eq-lora", 2]
+    # lineage both ways: what was made from a version is linked from its page
+    assert "| made from this | [eq-lora@1](#/models/eq-lora/versions/1) (LoRA), " \
+           "[eq-lora@2](#/models/eq-lora/versions/2) (LoRA) |" in pages["eq-base", 1]
+    assert "| made from this | [eq-lora@1](#/models/eq-lora/versions/1) (extracted) |" in pages["eq-tuned", 1]
+    assert "| made from this | [eq-lora@2](#/models/eq-lora/versions/2) (fine-tuned) |" in pages["eq-lora", 1]
+    assert pages["eq-lora", 2].startswith("eq-lora@2: LoRA of eq-base@1 fine-tuned from eq-lora@1, rank 8/")
+    # every version is a logged model of its own run, the trained one of its training run too
+    models = {(dict(r)["name"], dict(r)["source_run_id"]) for r in got["logged_models"]}
+    assert models == {("eq-base@1", "<run 1/eq-base@1>"), ("eq-tuned@1", "<run 1/eq-tuned@1>"),
+                      ("eq-lora@1", "<run 1/eq-lora@1>"), ("eq-lora@2", "<run 1/eq-lora@2>"),
+                      ("eq-lora@2", "<run 3/eq-lora@2>"), ("eq-base@2", "<run 1/eq-base@2>")}
+    assert len(got["inputs"]) == 6
     assert _artifacts(direct) == _artifacts(through_client)
+    from lbm_registry.api.registry import doctor
+
+    for s in (direct, through_client):  # every page is what the catalog says, every run links its version
+        report = doctor(s)
+        assert report["ok"], report["issues"]
 
 
 def test_mlflow_reads_fast_path_versions(fresh_settings, tmp_path, tiny_base_path, monkeypatch):
@@ -186,8 +212,20 @@ def test_mlflow_reads_fast_path_versions(fresh_settings, tmp_path, tiny_base_pat
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"facts.json", "layers.csv", "weights"}
     mv = client.get_model_version("eq-lora", "2")
     assert mv.status == "READY" and mv.current_stage == "None" and mv.run_id == run.info.run_id
-    assert mv.tags["lbm.parent_ref"] == "eq-lora@1" and mv.source == f"{run.info.artifact_uri}/weights"
-    assert "**eq-lora@2**" in mv.description
+    assert mv.tags["x-lbm.parent_ref"] == "eq-lora@1" and mv.source == f"{run.info.artifact_uri}/weights"
+    assert mv.description.startswith("eq-lora@2: LoRA of eq-base@1")
+    # what the UI's Models column and run page read (MLflow 3): the run's logged model, tagged
+    # with the registered version, and listed among the run's outputs
+    [logged] = client.search_logged_models([run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert logged.status.name == "READY" and logged.name == "eq-lora@2"
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "eq-lora", "version": "2"}]
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
+    train = client.get_run(run.data.tags["lbm.train_run_id"])
+    assert train.info.run_name == "eq-lora@2" and "#/models/eq-lora/versions/2" in train.data.tags["mlflow.note.content"]
+    [trained] = client.search_logged_models([train.info.experiment_id],
+                                            filter_string=f"source_run_id = '{train.info.run_id}'")
+    assert json.loads(trained.tags["mlflow.modelVersions"]) == [{"name": "eq-lora", "version": "2"}]
     assert sorted(str(v.version) for v in client.search_model_versions("name = 'eq-lora'")) == ["1", "2"]
     assert client.get_registered_model("eq-base").tags == {"lbm.kind": "base"}
     assert "2 version(s)" in client.get_registered_model("eq-base").description

@@ -99,9 +99,11 @@ def test_ui_command_serves_this_workspace(reg_settings):
     from lbm_registry.api.registry import ui_command
 
     cmd = ui_command(reg_settings, port=5123)
-    assert cmd[1:4] == ["-m", "mlflow", "server"]
+    assert cmd[1:3] == ["-m", "lbm_registry.registry.ui"] and "--open" not in cmd
     assert cmd[cmd.index("--backend-store-uri") + 1] == reg_settings.effective_tracking_uri
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5123"
+    opened = ui_command(reg_settings, port=5123, open_browser=True)
+    assert opened[opened.index("--open") + 1] == "http://127.0.0.1:5123/#/models?workflowType=machine_learning"
 
 
 HYGIENE = """

@@ -254,7 +254,7 @@ def test_doctor_repairs_orphans_and_lost_mlflow_versions(reg_settings, make_weig
     assert client.get_run(stray.info.run_id).info.lifecycle_stage == "deleted"
     new = R.show(a.ref, s)["mlflow"]
     mv = client.get_model_version("drifty", new["model_version"])
-    assert mv.tags["lbm.sha256"] == a.sha256
+    assert mv.tags["x-lbm.sha256"] == a.sha256
     assert R.doctor(s)["ok"]
 
 

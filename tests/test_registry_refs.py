@@ -227,12 +227,12 @@ def test_mlflow_mirror_is_searchable(populated):
     shown = {n: R.show(f"relight@{n}", s) for n in (1, 2)}
     for info in shown.values():
         mv = found[int(info["mlflow"]["model_version"])]
-        assert mv.tags["lbm.sha256"] == info["sha256"]
-        assert mv.tags["lbm.base_sha256"] == base.sha256
+        assert mv.tags["x-lbm.sha256"] == info["sha256"]
+        assert mv.tags["x-lbm.base_sha256"] == base.sha256
         assert mv.run_id == info["mlflow"]["run_id"]
-    by_sha = client.search_model_versions(f"tags.`lbm.sha256` = '{l2.sha256}'")
+    by_sha = client.search_model_versions(f"tags.`x-lbm.sha256` = '{l2.sha256}'")
     assert [mv.name for mv in by_sha] == ["relight"]
-    assert by_sha[0].tags["lbm.parent_ref"] == "relight@1"
+    assert by_sha[0].tags["x-lbm.parent_ref"] == "relight@1"
     run = client.get_run(shown[1]["mlflow"]["run_id"])
     assert run.info.experiment_id == client.get_experiment_by_name("lbm-registry").experiment_id
     assert run.data.params["rank"] == "4" and run.data.params["policy"] == "fixed"

@@ -351,8 +351,8 @@ def test_remote_mlflow_mirror(remote, tmp_path, capfd):
     client = MlflowClient(tracking_uri=server.uri)
     assert {m.name for m in client.search_registered_models()} >= {"r-base", "r-lora"}
     (mv,) = client.search_model_versions("name = 'r-lora'")
-    assert mv.tags["lbm.sha256"] == lora.sha256 and mv.tags["lbm.base_sha256"] == base.sha256
-    assert mv.tags["lbm.base_ref"] == "r-base@1" and mv.tags["team"] == "vision"
+    assert mv.tags["x-lbm.sha256"] == lora.sha256 and mv.tags["x-lbm.base_sha256"] == base.sha256
+    assert mv.tags["x-lbm.base_ref"] == "r-base@1" and mv.tags["team"] == "vision"
     assert mv.source.startswith("mlflow-artifacts:") and mv.source.endswith("/weights")
     run = client.get_run(mv.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "r-lora@1"
@@ -371,7 +371,7 @@ def test_remote_mlflow_mirror(remote, tmp_path, capfd):
     exp = client.get_experiment_by_name("lbm-registry")
     runs = client.search_runs([exp.experiment_id], "tags.`lbm.name` = 'r-lora'")
     assert [r.info.run_id for r in runs] == [mv.run_id]
-    assert client.search_model_versions(f"tags.`lbm.sha256` = '{base.sha256}'")[0].name == "r-base"
+    assert client.search_model_versions(f"tags.`x-lbm.sha256` = '{base.sha256}'")[0].name == "r-base"
     # aliases and later facts are mirrored too
     R.set_alias("r-lora@1", "prod", s)
     assert client.get_model_version_by_alias("r-lora", "prod").version == mv.version
@@ -413,14 +413,14 @@ def test_remote_mlflow_doctor_remirrors_and_restores_blobs(remote, cli, tmp_path
     new = R.show("r-lora@1", s)["mlflow"]
     assert new["model_version"] != old["model_version"]
     mv = client.get_model_version("r-lora", new["model_version"])
-    assert mv.tags["lbm.sha256"] == lora.sha256
+    assert mv.tags["x-lbm.sha256"] == lora.sha256
     assert client.get_model_version_by_alias("r-lora", "prod").version == mv.version
     assert client.get_run(old["run_id"]).info.lifecycle_stage == "deleted"
     assert "weights/lora.safetensors" in {a.path for a in client.list_artifacts(mv.run_id, "weights")}
     assert R.doctor(s)["ok"]
     # the other registry's run and model version were left alone
     assert client.get_run(their_mv["run_id"]).info.lifecycle_stage == "active"
-    assert client.get_model_version("r-lora", their_mv["model_version"]).tags["lbm.sha256"] == theirs.sha256
+    assert client.get_model_version("r-lora", their_mv["model_version"]).tags["x-lbm.sha256"] == theirs.sha256
     assert R.doctor(other)["ok"]
 
 

@@ -218,9 +218,9 @@ def test_alias_fast_path_is_what_mlflow_sees(fresh_settings, make_weights):
         assert SqliteMirror.open(ws) is not None  # the fast path is the one under test
     client = MlflowClient(tracking_uri=s.effective_tracking_uri, registry_uri=s.effective_tracking_uri)
     set_alias(v1.ref, "prod", s)
-    assert client.get_model_version_by_alias("al", "prod").tags["lbm.sha256"] == v1.sha256
+    assert client.get_model_version_by_alias("al", "prod").tags["x-lbm.sha256"] == v1.sha256
     set_alias(v2.ref, "prod", s)  # moving an alias replaces the row
-    assert client.get_model_version_by_alias("al", "prod").tags["lbm.sha256"] == v2.sha256
+    assert client.get_model_version_by_alias("al", "prod").tags["x-lbm.sha256"] == v2.sha256
     assert client.get_registered_model("al").aliases == {"prod": client.get_model_version_by_alias("al", "prod").version}
     remove_alias("al", "prod", s)
     with pytest.raises(MlflowException):
@@ -239,7 +239,7 @@ def test_doctor_fast_reads_agree_with_the_mlflow_client(fresh_settings, make_wei
     gone = register_asset(make_weights(), name="dr", kind="base", settings=s)
     register_asset(make_weights(), name="dr", kind="base", settings=s)
     client = MlflowClient(tracking_uri=s.effective_tracking_uri, registry_uri=s.effective_tracking_uri)
-    mv = {m.tags["lbm.sha256"]: m for m in client.search_model_versions("name = 'dr'")}
+    mv = {m.tags["x-lbm.sha256"]: m for m in client.search_model_versions("name = 'dr'")}
     client.delete_model_version("dr", mv[gone.sha256].version)          # drift: a lost model version
     client.delete_run(mv[ok.sha256].run_id)                                # drift: a deleted run
     exp = client.get_experiment_by_name("lbm-registry").experiment_id

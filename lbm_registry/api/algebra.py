@@ -160,7 +160,7 @@ def resize(ref: str, *, rank: int | None = None, conv_rank: int | None = None, e
     try:
         from lbm_registry.lora.algebra import resize_lora
 
-        t0 = time.perf_counter()
+        t0, report_start = time.perf_counter(), time.time()
         [(asset, lora)] = _open(assets)
         base = _base_of(asset, lora)
         info = _info("resize", base, [(asset, 1.0)], register)
@@ -168,7 +168,7 @@ def resize(ref: str, *, rank: int | None = None, conv_rank: int | None = None, e
         report = AlgebraReport("resize", result, [_asset_dict(asset)], base,
                                timings={"resize_s": time.perf_counter() - t0})
         if register is not None:
-            _register(report, register, [(asset, 1.0)], settings, mode)
+            _register(report, register, [(asset, 1.0)], settings, mode, report_start)
         return report
     finally:
         _cleanup(tmpdir)
@@ -202,7 +202,7 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
     base = next((b for b in bases if b["sha256"] or b["tensor_sha256"]), bases[0])
     dest, tmpdir = _destination(output, register)
     try:
-        t0 = time.perf_counter()
+        t0, report_start = time.perf_counter(), time.time()
         pairs = [(a, w) for (a, _), (_, w) in zip(opened, weighted, strict=True)]
         info = _info("merge", base, pairs, register)
         result = merge_loras([(lo, w) for (_, lo), (_, w) in zip(opened, weighted, strict=True)], dest,
@@ -211,7 +211,7 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
         report = AlgebraReport("merge", result, [_asset_dict(a, w) for a, w in pairs], base,
                                timings={"merge_s": time.perf_counter() - t0})
         if register is not None:
-            _register(report, register, pairs, settings, mode)
+            _register(report, register, pairs, settings, mode, report_start)
         return report
     finally:
         _cleanup(tmpdir)
@@ -232,7 +232,7 @@ def _info(operation: str, base: dict[str, Any], parents: list[tuple[ResolvedAsse
 
 
 def _register(report: AlgebraReport, name: str, parents: list[tuple[ResolvedAsset, float]],
-              settings: WorkspaceSettings, probe: str) -> None:
+              settings: WorkspaceSettings, probe: str, started: float | None = None) -> None:
     from lbm_registry.api.registry import after_registration, register_asset
 
     r = report.result
@@ -265,7 +265,8 @@ def _register(report: AlgebraReport, name: str, parents: list[tuple[ResolvedAsse
         picture = lora_probe(Path(tmp), r.path, lineage["base"], settings, draw=probe == "wait")
         asset = after_registration(register_asset(r.path, name=name, kind="lora", settings=settings, facts=facts,
                                                   lineage=lineage, params=params, metrics=metrics,
-                                                  artifacts={table.name: table, **picture}), settings, probe)
+                                                  artifacts={table.name: table, **picture}, work_started=started),
+                                   settings, probe)
     report.ref = asset.ref
     report.registered_path = str(asset.path)
     report.timings["register_s"] = time.perf_counter() - t1

@@ -71,10 +71,12 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
     ``notes`` in the result say how). Returns counts of copied/sliced/padded/dropped tensors.
     """
     import tempfile
+    import time
 
     from lbm_registry.ranges import check_seed
 
     check_seed(seed)
+    started = time.time()
     cfg = _preflight(config, sdxl_unet=sdxl_unet, vae=vae, dtype=dtype, output=output, register=register,
                      settings=settings)
 
@@ -141,7 +143,8 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
             asset = register_asset(out_path, name=register, kind="base", link=output is None,
                                    settings=settings or WorkspaceSettings.resolve(),
                                    config=cfg.to_dict(), facts={"base_report": report.summary(), "seed": seed,
-                                                                "sdxl_unet": str(sdxl_unet or "")}, artifacts=probe)
+                                                                "sdxl_unet": str(sdxl_unet or "")}, artifacts=probe,
+                                   work_started=started)
         result.update(ref=f"{asset.name}@{asset.version}", sha256=asset.sha256)
         if output is None:
             out_path.unlink(missing_ok=True)

@@ -87,7 +87,7 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
                                progress=progress)
     timings["full fine-tune"] = time.perf_counter() - t0
     step("register the fine-tuned model", ["import", str(tuned_path), "--name", "tiny-relight-full", "--kind", "model",
-                                           *WAIT])
+                                           "--base", "tiny-base", *WAIT])
     tuned_path.unlink()
 
     step("extract a fixed-rank LoRA", ["extract", "--base", "tiny-base", "--tuned", "tiny-relight-full",

@@ -247,7 +247,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
         from lbm_registry.api.registry import check_name_free
 
         check_name_free(register, "lora", settings)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     pair = open_pair(base, tuned, settings)
 
     from lbm_registry.lora.extract import extract_lora
@@ -280,7 +280,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
                                timings=timings)
         if register is not None:
             t1 = time.perf_counter()
-            asset = _register_extraction(result, register, pair, settings)
+            asset = _register_extraction(result, register, pair, settings, started)
             report.ref = asset.ref
             report.registered_path = str(asset.path)
             timings["register_s"] = time.perf_counter() - t1
@@ -298,7 +298,7 @@ def _layer_facts(result: ExtractionResult) -> list[dict[str, Any]]:
 
 
 def _register_extraction(result: ExtractionResult, name: str, pair: ModelPair,
-                         settings: WorkspaceSettings) -> ResolvedAsset:
+                         settings: WorkspaceSettings, started: float | None = None) -> ResolvedAsset:
     import tempfile
 
     from lbm_registry.api.registry import register_asset
@@ -336,7 +336,7 @@ def _register_extraction(result: ExtractionResult, name: str, pair: ModelPair,
                                          lora_path=result.path, tuned_path=pair.tuned.path, kind="lora"))
         return register_asset(result.path, name=name, kind="lora", settings=settings, facts=facts,
                               lineage={"base": pair.base, "tuned": pair.tuned}, params=params, metrics=metrics,
-                              artifacts=artifacts)
+                              artifacts=artifacts, work_started=started)
 
 
 # -- validate ----------------------------------------------------------------------------------
@@ -622,5 +622,5 @@ def export(ref: str, *, fmt: str, output: str | Path, settings: WorkspaceSetting
     from lbm_registry.lora.format import read_lora
 
     lora = read_lora(asset.path)
-    paths = export_lora(lora, fmt, output)
+    paths = export_lora(lora, fmt, output, source={"sha256": asset.sha256, "ref": asset.label})
     return ExportReport(lora=_asset_dict(asset), format=fmt, paths=[str(p) for p in paths], layers=len(lora.layers))

@@ -85,7 +85,7 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
     from lbm_registry.lora.ranks import RankPolicy
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     check_name_free(name, "lora", settings)   # the cheap refusals come before torch is imported
     mode = probe_mode(probe)
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
@@ -169,6 +169,7 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
             asset = after_registration(register_asset(
                 foreign.weights_path, name=name, kind="lora", settings=settings, facts=facts,
                 lineage={"base": base_asset}, params={"source_format": "native"}, refuse_duplicate=not allow_duplicate,
+                work_started=started,
                 artifacts=lora_probe(Path(probe_dir), foreign.weights_path, base_asset, settings,
                                      draw=mode == "wait")), settings, mode)
         timings["total_s"] = time.perf_counter() - t0
@@ -206,12 +207,12 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                              for r in rows if r.get("dropped")], **facts_extra}
         t3 = time.perf_counter()
         asset = register_asset(dest, name=name, kind="lora", settings=settings, facts=facts, link=True,
-                               lineage={"base": base_asset},
+                               lineage={"base": base_asset, **_exported_from(foreign.metadata)},
                                params={"source_format": foreign.source_format, "policy": policy.describe(),
                                        **({"alpha_fix": _fix_text(clipped)} if clipped and fix_alpha else {})},
                                metrics={"mean_error": facts["mean_error"], "max_error": facts["max_error"],
                                         "converted_layers": len(dense)},
-                               refuse_duplicate=not allow_duplicate,
+                               refuse_duplicate=not allow_duplicate, work_started=started,
                                artifacts=lora_probe(staging / "probe", dest, base_asset, settings,
                                                     draw=mode == "wait"))
         after_registration(asset, settings, mode)
@@ -288,6 +289,23 @@ def _native_rows(lora: Any) -> list[dict[str, Any]]:
         rows.append({"module": m, "kind": la.kind, "shape": list(la.weight_shape), "rank": la.rank,
                      "rel_error": err, "energy": 1.0 - err**2})
     return rows
+
+
+def _exported_from(metadata: dict[str, str]) -> dict[str, Any]:
+    """``{"parent": {"sha256", "ref"}}`` when the file is an export of ours (``lbm-reg export``
+    records the LoRA it was made from), so the import links the version it came from."""
+    import json
+
+    from lbm_registry.lora.export import EXPORTED_FROM, META_KEY
+
+    try:
+        src = json.loads(metadata.get(META_KEY) or "{}").get(EXPORTED_FROM) or {}
+    except (ValueError, AttributeError):
+        return {}
+    sha = src.get("sha256") if isinstance(src, dict) else None
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        return {}
+    return {"parent": {"sha256": sha, "ref": str(src.get("ref") or "")[:200] or None}}
 
 
 def _recorded_base(path: Path, settings: WorkspaceSettings) -> tuple[str, str]:

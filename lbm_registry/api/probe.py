@@ -37,6 +37,7 @@ PROBE_ENV = "LBM_REG_PROBE"
 PROBE_FILE = "probe.png"
 MAX_RESOLUTION = 512
 PROBE_SIZE = (160, 128)  # (width, height) of the synthetic probe
+TITLE_PAD = 18  # px above the tiles for their titles
 
 
 def first_pair(shards: list[Path], *, source_key: str, target_key: str,
@@ -145,18 +146,35 @@ def _probe_config(cfg: LBMConfig) -> LBMConfig:
 
 
 def strip(columns: list[tuple[str, Image.Image]]) -> Image.Image:
-    """The images side by side, each titled."""
+    """One row of equal tiles, each titled above it: every tile takes the first one's size (the
+    pipeline's outputs already have the source's), so no tile sits higher or leaves a gap."""
     from PIL import Image, ImageDraw
 
-    w = max(img.width for _, img in columns)
-    h = max(img.height for _, img in columns)
-    pad = 18
+    w, h = columns[0][1].size
+    pad = TITLE_PAD
     out = Image.new("RGB", (w * len(columns), h + pad), "white")
     draw = ImageDraw.Draw(out)
     for i, (title, img) in enumerate(columns):
-        out.paste(img, (i * w, pad))
+        tile = img.convert("RGB")
+        if tile.size != (w, h):
+            tile = tile.resize((w, h))
+        out.paste(tile, (i * w, pad))
         draw.text((i * w + 4, 3), title, fill="black")
     return out
+
+
+def save_strip(columns: list[tuple[str, Image.Image]], path: Path) -> Path:
+    """:func:`strip` saved as a PNG that names its tiles (text chunk
+    :data:`~lbm_registry.registry.pages.PROBE_TILES_KEY`, ``"source | base | this version | tuned"``):
+    the version page captions the picture with it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from lbm_registry.registry.pages import PROBE_TILES_KEY
+
+    info = PngInfo()
+    info.add_text(PROBE_TILES_KEY, " | ".join(title for title, _ in columns))
+    strip(columns).save(path, format="PNG", pnginfo=info)
+    return path
 
 
 def probe_artifacts(dest_dir: Path, *, base_path: Path, config: LBMConfig | dict[str, Any] | None,
@@ -194,18 +212,18 @@ def draw_probe(dest_dir: Path, *, base_path: Path, config: Any, lora_path: Path 
                source: Image.Image | None = None, base_model: Any = None, label: str = "this version",
                reference: Image.Image | None = None) -> Path:
     """Draw the strip into ``dest_dir/probe.png`` (see :func:`probe_artifacts`); raises on failure."""
-    img = _probe(base_path=base_path, config=config, lora_path=lora_path, model_path=model_path,
-                 tuned_path=tuned_path, kind=kind, source=source, base_model=base_model, label=label)
+    columns = _probe(base_path=base_path, config=config, lora_path=lora_path, model_path=model_path,
+                     tuned_path=tuned_path, kind=kind, source=source, base_model=base_model, label=label)
     if reference is not None and tuned_path is None:
-        img = strip([("", img), ("target", reference.convert("RGB").resize(source.size if source else PROBE_SIZE))])
+        columns.append(("target", reference.convert("RGB")))
     dest_dir.mkdir(parents=True, exist_ok=True)
-    path = dest_dir / PROBE_FILE
-    img.save(path, format="PNG")
-    return path
+    return save_strip(columns, dest_dir / PROBE_FILE)
 
 
 def _probe(*, base_path: Path, config: Any, lora_path: Path | None, model_path: Path | None,
-           tuned_path: Path | None, kind: str, source: Image.Image | None, base_model: Any, label: str) -> Image.Image:
+           tuned_path: Path | None, kind: str, source: Image.Image | None, base_model: Any,
+           label: str) -> list[tuple[str, Image.Image]]:
+    """The titled tiles: source, then each model's output on it."""
     import torch
 
     from lbm_registry.lbm.checkpoint import CheckpointReader
@@ -252,4 +270,4 @@ def _probe(*, base_path: Path, config: Any, lora_path: Path | None, model_path: 
         columns.append((label, run(load_lbm(model_path, config, device=cpu, dtype=torch.float32))))
     if tuned_path is not None:
         columns.append(("tuned", run(load_lbm(tuned_path, config, device=cpu, dtype=torch.float32))))
-    return strip(columns)
+    return columns

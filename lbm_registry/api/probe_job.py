@@ -40,8 +40,10 @@ def draw_and_attach(settings: WorkspaceSettings, ref: str, sha256: str) -> str:
             base_asset = resolve(f"sha256:{base}", settings, ("base", "model"))
             png = draw_probe(Path(tmp), base_path=base_asset.path, config=base_asset.config, lora_path=asset.path,
                              kind="lora")
-        else:
-            png = draw_probe(Path(tmp), base_path=asset.path, config=asset.config, kind=asset.kind,
+        else:  # a model that names its base shows it too: source | base | this model
+            base = (asset.lineage.get("base") or {}).get("sha256") if asset.kind == "model" else None
+            base_path = resolve(f"sha256:{base}", settings, ("base", "model")).path if base else asset.path
+            png = draw_probe(Path(tmp), base_path=base_path, config=asset.config, kind=asset.kind,
                              model_path=asset.path, label="this base" if asset.kind == "base" else "this model")
         attach_artifact(asset, png, settings)
     return f"attached {png.name} to {asset.ref}"

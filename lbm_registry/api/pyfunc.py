@@ -8,7 +8,7 @@ which is referenced, not copied:
 
 1. through the registry (the workspace of ``$LBM_REG_HOME`` / ``--home`` settings, by sha256);
 2. else through the base version's own ``models:/NAME/N`` URI (recorded at registration; or found
-   by its ``lbm.sha256`` tag), read in place from a local artifact store or downloaded once into
+   by its ``x-lbm.sha256`` tag), read in place from a local artifact store or downloaded once into
    ``$LBM_REG_CACHE`` (default ``~/.cache/lbm-registry``).
 
 Every weight file is sha256-verified before use; verified hashes are remembered by
@@ -17,6 +17,11 @@ Every weight file is sha256-verified before use; verified hashes are remembered 
 ``predict`` takes a DataFrame with a column ``image`` (base64 of any PIL-readable image) and
 optional ``scale`` (LoRA strength, default 1), ``steps`` (default: the config's) and ``seed``
 (default 0); it returns one row per input with ``image`` = base64 PNG at the input's size.
+Bad input (not an image, ``scale: 9``, ``steps: "x"``) raises ``MlflowException`` with
+``INVALID_PARAMETER_VALUE`` and our one line, checked for every row before any image is made:
+``mlflow models serve`` answers it with a 400, not with its generic "unexpected error" and a stack.
+``predict`` carries type hints (``pd.DataFrame`` in and out) so MLflow does not warn on every load;
+the model's signature (registry/mlmodel.py) describes the columns.
 """
 
 from __future__ import annotations
@@ -26,11 +31,16 @@ import binascii
 import io
 import json
 import math
+import numbers
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from lbm_registry.errors import DataError, LBMError, RefError
@@ -98,7 +108,8 @@ def _model_uris(base: dict[str, Any]) -> list[str]:
         name = (base.get("ref") or "").partition("@")[0]
         query = f"name = '{name}'" if name else ""
         for mv in client.search_model_versions(query):
-            if (mv.tags or {}).get("lbm.sha256") == base["sha256"]:
+            tags = mv.tags or {}
+            if (tags.get("x-lbm.sha256") or tags.get("lbm.sha256")) == base["sha256"]:
                 uris.append(f"models:/{mv.name}/{mv.version}")
     except Exception:  # no registry reachable: the recorded URI is all there is
         pass
@@ -221,25 +232,14 @@ class LBMPyfuncModel(PythonModel):
                                         info={"ref": self.ref})
         self.scale = 1.0
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001  (no hints: see load_context)
-        import pandas as pd
-
-        from lbm_registry.ranges import check_scale, check_seed, check_steps
-
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame(model_input)
-        if "image" not in model_input.columns:
-            raise DataError("the input needs a column 'image' (base64 of an image)")
-        jobs = []  # every row checked (the ranges of every surface: lbm_registry.ranges) before any runs
-        for i, (_, row) in enumerate(model_input.iterrows()):
-            scale, steps, seed = _opt(row, "scale"), _opt(row, "steps"), _opt(row, "seed")
-            jobs.append((i, row["image"],
-                         check_scale(scale, f"row {i}: scale") if scale is not None else 1.0,
-                         check_steps(steps, f"row {i}: steps") if steps is not None else None,
-                         check_seed(seed, f"row {i}: seed") if seed is not None else 0))
+    def predict(self, context, model_input: pd.DataFrame,  # noqa: ANN001  (context: see load_context)
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        try:
+            rows = _requests(model_input)
+        except LBMError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         out = []
-        for i, image, scale, steps, seed in jobs:
-            img = _b64_image(image, i)
+        for img, scale, steps, seed in rows:
             rescale = None if scale == self.scale else scale  # re-merging costs a pass over the weights
             self.scale = scale
             result = self.pipe(img, steps=steps, seed=seed, scale=rescale)
@@ -247,3 +247,42 @@ class LBMPyfuncModel(PythonModel):
             result.save(buf, format="PNG")
             out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
         return pd.DataFrame({"image": out})
+
+
+def _requests(model_input: Any) -> list[tuple[Any, float, int | None, int]]:
+    """(image, scale, steps, seed) of every row, all checked before any is run (DataError /
+    LoRAError with one line naming the row)."""
+    from lbm_registry.ranges import check_scale, check_seed, check_steps
+
+    if not isinstance(model_input, pd.DataFrame):
+        model_input = pd.DataFrame(model_input)
+    if "image" not in model_input.columns:
+        raise DataError("the input needs a column 'image' (base64 of an image)")
+    rows = []
+    for i, (_, row) in enumerate(model_input.iterrows()):
+        try:
+            img = _b64_image(row["image"], i)
+        except LBMError as exc:
+            raise exc if str(exc).startswith(f"row {i}:") else type(exc)(f"row {i}: {exc}") from None
+        try:  # the ranges every surface checks (lbm_registry.ranges)
+            scale, steps, seed = (_number(row, k, i) for k in ("scale", "steps", "seed"))
+            scale = check_scale(scale, f"row {i}: scale") if scale is not None else 1.0
+            steps = check_steps(steps, f"row {i}: steps") if steps is not None else None
+            seed = check_seed(seed, f"row {i}: seed") if seed is not None else 0
+        except LBMError as exc:
+            raise exc if str(exc).startswith(f"row {i}:") else type(exc)(f"row {i}: {exc}") from None
+        rows.append((img, scale, steps, seed))
+    return rows
+
+
+def _number(row: Any, key: str, i: int) -> int | float | None:
+    """The cell as a Python number, exactly (a seed past 2**53 must not round through a float);
+    text and booleans are refused: a number in a request is a number, as ``serve`` takes it."""
+    value = _opt(row, key)
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise DataError(f"row {i}: column {key!r} must be a number, got {type(value).__name__}")
+    return value

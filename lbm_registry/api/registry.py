@@ -176,7 +176,7 @@ def register_asset(path: str | Path, *, name: str, kind: str, settings: Workspac
                    lineage: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
                    metrics: Mapping[str, Any] | None = None, artifacts: Any = None,
                    tags: Mapping[str, Any] | None = None, refuse_duplicate: bool = False,
-                   link: bool = False) -> ResolvedAsset:
+                   link: bool = False, work_started: float | None = None) -> ResolvedAsset:
     """Register ``path`` as the next version of ``name`` (all-or-nothing; see registry/register.py).
 
     kind ``lora``: ``facts`` has rank, conv_rank, policy, alpha, dtype, mean_error, max_error,
@@ -187,6 +187,8 @@ def register_asset(path: str | Path, *, name: str, kind: str, settings: Workspac
     list of files, logged to the MLflow run next to the weights. ``link``: ``path`` is a
     temporary file the caller wrote and will not touch again, so the blob may be a hard link to
     it instead of a copy (a user's own file is never linked: the blob is read-only).
+    ``work_started``: when the work that made the file began (``time.time()``): the version's MLflow
+    run spans it (default: the registration).
     """
     from lbm_registry.registry.register import register
     from lbm_registry.registry.workspace import Workspace
@@ -195,7 +197,7 @@ def register_asset(path: str | Path, *, name: str, kind: str, settings: Workspac
     with Workspace.open(_settings(settings)) as ws:
         rec = register(ws, path, name=name, kind=kind, config=config, facts=facts, lineage=lineage,
                        params=params, metrics=metrics, artifacts=artifacts, tags=tags,
-                       refuse_duplicate=refuse_duplicate, link=link)
+                       refuse_duplicate=refuse_duplicate, link=link, work_started=work_started)
         return _to_asset(ws, rec)
 
 
@@ -361,8 +363,11 @@ def check_name_free(name: str, kind: str, settings: WorkspaceSettings | None = N
 
 def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings | None = None,
                  config: str | Path | None = None, allow_duplicate: bool = False,
-                 probe: str | None = None) -> ResolvedAsset:
+                 probe: str | None = None, base: str | None = None) -> ResolvedAsset:
     """Register an existing full LBM checkpoint as a ``base`` or ``model``.
+
+    ``base`` (a model only): the registered base it was fine-tuned from, recorded as its lineage
+    (its page links it, the base's page lists the model) and drawn in its probe picture.
 
     The file must match the architecture of its config (``config`` or the ``lbm_config``
     metadata that ``save_lbm`` embeds) key for key and shape for shape, with finite weights.
@@ -375,9 +380,12 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
     default here, else ``$LBM_REG_PROBE``), ``auto`` draws it in a background process once the
     version is ready (the CLI's default), ``off`` draws none.
     """
+    import time
+
     from lbm_registry.api.probe import probe_mode
     from lbm_registry.errors import ConfigError
 
+    started = time.time()
     mode = probe_mode(probe)
 
     if kind not in ("base", "model"):
@@ -395,6 +403,10 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
 
     s = _settings(settings)
     check_name_free(name, kind, s)   # before reading gigabytes
+    if base is not None and kind != "model":
+        raise RegistryError("--base is for model and lora imports (the base a model was fine-tuned from)")
+    base_asset = resolve(base, s, ("base", "model")) if base is not None else None
+    lineage = {"base": base_asset} if base_asset is not None else None
     cfg = load_config(config) if config is not None else None
     if path.suffix in CKPT_SUFFIXES:   # a pickle: torch reads it (and it is converted below)
         from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
@@ -441,9 +453,9 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
 
             facts["source_sha256"] = sha256_file(path)
             return after_registration(register_asset(
-                converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
-                refuse_duplicate=not allow_duplicate, link=True,
-                artifacts=_import_probe(converted, cfg, kind, tmpdir / "probe", mode)), s, mode)
+                converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts, lineage=lineage,
+                refuse_duplicate=not allow_duplicate, link=True, work_started=started,
+                artifacts=_import_probe(converted, cfg, kind, tmpdir / "probe", mode, base_asset)), s, mode)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
     import shutil
@@ -452,20 +464,23 @@ def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceS
     probe_dir = Path(tempfile.mkdtemp(prefix="lbm-probe-"))
     try:
         return after_registration(register_asset(
-            path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts,
-            refuse_duplicate=not allow_duplicate, artifacts=_import_probe(path, cfg, kind, probe_dir, mode)), s, mode)
+            path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts, lineage=lineage,
+            refuse_duplicate=not allow_duplicate, work_started=started,
+            artifacts=_import_probe(path, cfg, kind, probe_dir, mode, base_asset)), s, mode)
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
 
 
-def _import_probe(path: Path, cfg: Any, kind: str, folder: Path, mode: str) -> dict[str, Path]:
-    """The probe picture of an imported base/model when it is drawn before registering (``wait``)."""
+def _import_probe(path: Path, cfg: Any, kind: str, folder: Path, mode: str,
+                  base: ResolvedAsset | None = None) -> dict[str, Path]:
+    """The probe picture of an imported base/model when it is drawn before registering (``wait``):
+    ``source | this base``, or ``source | base | this model`` when the model names its base."""
     if mode != "wait":  # no torch import at all
         return {}
     from lbm_registry.api.probe import probe_artifacts
 
-    return probe_artifacts(folder, base_path=path, config=cfg, kind=kind, model_path=path,
-                           label="this base" if kind == "base" else "this model", draw=True)
+    return probe_artifacts(folder, base_path=base.path if base is not None else path, config=cfg, kind=kind,
+                           model_path=path, label="this base" if kind == "base" else "this model", draw=True)
 
 
 def after_registration(asset: ResolvedAsset, settings: WorkspaceSettings, probe_mode: str) -> ResolvedAsset:
@@ -571,8 +586,11 @@ def registered_since(settings: WorkspaceSettings, since: float) -> list[str]:
     return [f"{r['name']}@{r['number']}" for r in rows]
 
 
-def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The ``mlflow server`` command line serving this workspace (after creating it if needed)."""
+def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1", port: int = 5000,
+               open_browser: bool = False) -> list[str]:
+    """The command line serving this workspace's MLflow UI (after creating it if needed): MLflow's
+    own app in one process, no workers or job executor (see :mod:`lbm_registry.registry.ui`).
+    ``open_browser``: the server opens :func:`ui_url` once it accepts connections."""
     import sys
 
     s = _settings(settings)
@@ -586,8 +604,47 @@ def ui_command(settings: WorkspaceSettings | None = None, host: str = "127.0.0.1
 
     check_bindable(host, port)  # a taken port: one line, and the workspace is left as it was
     init_workspace(s)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.effective_tracking_uri,
-            "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "lbm_registry.registry.ui", "--backend-store-uri", s.effective_tracking_uri,
+           "--default-artifact-root", (s.home / "artifacts").as_uri(), "--host", host, "--port", str(port)]
+    return [*cmd, "--open", ui_url(host, port)] if open_browser else cmd
+
+
+def mlflow_serve_command(ref: str, settings: WorkspaceSettings | None = None, host: str = "127.0.0.1",
+                         port: int = 5001, workers: int = 1) -> tuple[list[str], dict[str, str], str]:
+    """``mlflow models serve`` of a registered version, runnable from any shell: (command line,
+    environment, the version's ``models:/`` URI).
+
+    MLflow starts its scoring server as ``uvicorn ...`` by name, so a plain ``mlflow models serve``
+    fails with ``uvicorn: not found`` unless this environment's ``bin`` folder is on ``PATH`` (an
+    activated virtualenv). The environment returned here puts it there, and points MLflow and the
+    registry (which finds a LoRA's base) at this workspace."""
+    import os
+    import sys
+
+    s = _settings(settings)
+    info = show(ref, s)
+    if info.get("kind") == "file" or not (info.get("mlflow") or {}).get("model_version"):
+        raise RegistryError(f"{ref} is not a registered version mirrored to MLflow"
+                            + (" (run 'lbm-reg doctor --repair')" if info.get("kind") != "file" else ""))
+    from lbm_registry.net import check_bindable
+
+    check_bindable(host, port)
+    uri = f"models:/{info['name']}/{info['mlflow']['model_version']}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": s.effective_tracking_uri, "LBM_REG_HOME": str(s.home),
+           "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+    if s.catalog_url:
+        env["LBM_REG_CATALOG_URL"] = str(s.catalog_url)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--host", host,
+           "--port", str(port), "--workers", str(workers)]
+    return cmd, env, uri
+
+
+def ui_url(host: str = "127.0.0.1", port: int = 5000) -> str:
+    """Where ``lbm-reg ui`` lands: the model registry, in MLflow's machine-learning mode."""
+    from lbm_registry.registry.ui import landing_url
+
+    return landing_url(host, port)
 
 
 def remove(ref: str, *, force: bool = False, settings: WorkspaceSettings | None = None) -> dict[str, Any]:

@@ -127,8 +127,10 @@ def write_report(result: dict[str, Any], out_dir: Path, *, settings: WorkspaceSe
                  "<strong>different bases</strong>: outputs are each on their own base")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>compare {html.escape(a['ref'])} vs
 {html.escape(b['ref'])}</title><style>
-body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} tr.diff td{{background:#fff3c4}}
+body{{font-family:system-ui,sans-serif;margin:1em;max-width:1200px}}
+table{{border-collapse:collapse;margin:1em 0;max-width:100%}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}} th{{white-space:nowrap}}
+td:first-child{{overflow-wrap:anywhere}} tr.diff td{{background:#fff3c4}}
 img{{max-width:100%}} .note{{color:#666}}</style></head><body>
 <h1>{html.escape(a['ref'])} vs {html.escape(b['ref'])}</h1>
 <p>{base_note}; mean per-layer cosine of the deltas: {result['mean_cosine']:.4f}</p>

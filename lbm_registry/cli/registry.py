@@ -56,7 +56,8 @@ def import_(
     kind: str = typer.Option(..., "--kind", help="base, model or lora."),
     config: Path | None = typer.Option(None, "--config", help="LBM config YAML, ours or upstream LBM's model config "
                                        "(default: from the file's metadata, or the upstream config a .ckpt records)."),
-    base: str | None = typer.Option(None, "--base", help="lora: the base REF it applies to."),
+    base: str | None = typer.Option(None, "--base", help="lora: the base REF it applies to; model: the base it "
+                                                         "was fine-tuned from (recorded as its lineage)."),
     rank: int | None = typer.Option(None, "--rank", help="lora, LoHa/LoKr/DoRA/diff layers: rank [32]."),
     conv_rank: int | None = typer.Option(None, "--conv-rank", help="... conv-layer rank [16]."),
     energy: float | None = typer.Option(None, "--energy", help="... keep this fraction of each delta's energy."),
@@ -85,7 +86,7 @@ def import_(
 
     with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):
         asset = import_model(file, name=name, kind=kind, settings=settings(ctx), config=config,
-                             allow_duplicate=allow_duplicate, probe=mode)
+                             allow_duplicate=allow_duplicate, probe=mode, base=base)
     if as_json:
         print_json({"ref": asset.ref, "kind": asset.kind, "sha256": asset.sha256, "path": str(asset.path),
                     "size": asset.facts.get("size"), "dtype": asset.facts.get("dtype")})
@@ -392,19 +393,42 @@ def pull(ctx: typer.Context, ref: str = typer.Argument(..., help="A registered v
 
 
 def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind."),
-       port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port to listen on.")) -> None:
-    """Start the MLflow UI on this workspace."""
+       port: int = typer.Option(5000, "--port", min=1, max=65535, help="Port to listen on."),
+       open_browser: bool = typer.Option(False, "--open", help="Open the page in the browser once it is up.")) -> None:
+    """Start the MLflow UI on this workspace (one process; Ctrl-C stops it)."""
     import os
     import sys
 
-    from lbm_registry.api.registry import ui_command
+    from lbm_registry.api.registry import ui_command, ui_url
 
-    cmd = ui_command(settings(ctx), host=host, port=port)
-    console(stderr=True).print(f"MLflow UI for {settings(ctx).home} at http://{host}:{port} (Ctrl-C to stop)")
+    cmd = ui_command(settings(ctx), host=host, port=port, open_browser=open_browser)
+    console(stderr=True).print(f"MLflow UI for {settings(ctx).home}: {ui_url(host, port)} (Ctrl-C to stop)",
+                               soft_wrap=True, highlight=False)
     sys.stdout.flush()
     sys.stderr.flush()
     # Become the server (no wrapper process): signals reach it directly, nothing is orphaned.
     os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+def mlflow_serve(ctx: typer.Context, ref: str = typer.Argument(..., help="A registered version (NAME@N, NAME@ALIAS)."),
+                 host: str = typer.Option("127.0.0.1", "--host"),
+                 port: int = typer.Option(5001, "--port", min=1, max=65535),
+                 workers: int = typer.Option(1, "--workers", min=1, max=64)) -> None:
+    """Serve a version as an MLflow model (`mlflow models serve`), from any shell: no activated venv needed."""
+    import os
+    import shlex
+    import sys
+
+    from lbm_registry.api.registry import mlflow_serve_command
+
+    cmd, env, uri = mlflow_serve_command(ref, settings(ctx), host=host, port=port, workers=workers)
+    err = console(stderr=True)
+    err.print(f"serving {ref} ({uri}) at http://{host}:{port}/invocations (Ctrl-C to stop)", soft_wrap=True,
+              highlight=False)
+    err.print(f"$ {shlex.join(['mlflow', *cmd[3:]])}", soft_wrap=True, highlight=False, markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)
 
 
 def register(app: typer.Typer) -> None:
@@ -418,3 +442,4 @@ def register(app: typer.Typer) -> None:
     app.command("gc")(gc)
     app.command("pull")(pull)
     app.command("ui")(ui)
+    app.command("mlflow-serve")(mlflow_serve)

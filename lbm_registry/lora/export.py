@@ -31,6 +31,9 @@ from lbm_registry.lora.format import LoRAFile
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+META_KEY = "lbm_registry"
+#: Key of our metadata entry naming the file an export was made from.
+EXPORTED_FROM = "exported_from"
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
 
@@ -79,8 +82,9 @@ def kohya_state_dict(lora: LoRAFile) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_peft(lora: LoRAFile, out_dir: str | Path) -> list[Path]:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (each atomically)."""
+def write_peft(lora: LoRAFile, out_dir: str | Path, source: dict[str, str] | None = None) -> list[Path]:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (each atomically).
+    ``source``: see :func:`export_lora`."""
     from lbm_registry.lbm.checkpoint import atomic_path, save_safetensors
 
     out_dir = Path(out_dir)
@@ -89,15 +93,16 @@ def write_peft(lora: LoRAFile, out_dir: str | Path) -> list[Path]:
     cfg = peft_config(lora)
     meta = {DIFFUSERS_METADATA_KEY: json.dumps({k: v for k, v in cfg.items() if k != "peft_type"}, sort_keys=True),
             "format": "pt"}
-    weights = save_safetensors(peft_state_dict(lora), out_dir / PEFT_WEIGHTS, _interop_metadata(lora, meta),
+    weights = save_safetensors(peft_state_dict(lora), out_dir / PEFT_WEIGHTS, _interop_metadata(lora, meta, source),
                                hash_metadata=_hash_metadata(lora))
     with atomic_path(out_dir / PEFT_CONFIG) as tmp:
         tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return [weights, out_dir / PEFT_CONFIG]
 
 
-def write_kohya(lora: LoRAFile, dest: str | Path) -> list[Path]:
-    """One kohya-style safetensors file (atomic), keeping the ``ss_*`` metadata."""
+def write_kohya(lora: LoRAFile, dest: str | Path, source: dict[str, str] | None = None) -> list[Path]:
+    """One kohya-style safetensors file (atomic), keeping the ``ss_*`` metadata. ``source``: see
+    :func:`export_lora`."""
     from lbm_registry.lbm.checkpoint import save_safetensors
 
     dest = Path(dest)
@@ -105,14 +110,23 @@ def write_kohya(lora: LoRAFile, dest: str | Path) -> list[Path]:
         raise LoRAError(f"{dest} is a folder: give a .safetensors file name for a kohya export")
     meta = {k: v for k, v in lora.raw_metadata.items() if k.startswith("ss_") or k == "lbm_registry"}
     meta["format"] = "pt"
-    return [save_safetensors(kohya_state_dict(lora), dest, _interop_metadata(lora, meta),
+    return [save_safetensors(kohya_state_dict(lora), dest, _interop_metadata(lora, meta, source),
                              hash_metadata=_hash_metadata(lora))]
 
 
-def _interop_metadata(lora: LoRAFile, meta: dict[str, str]) -> dict[str, str]:
-    """The kohya ``ss_*`` keys (and our entry) of the source LoRA on every exported file."""
-    out = {k: v for k, v in lora.raw_metadata.items() if k.startswith("ss_") or k == "lbm_registry"}
+def _interop_metadata(lora: LoRAFile, meta: dict[str, str], source: dict[str, str] | None = None) -> dict[str, str]:
+    """The kohya ``ss_*`` keys (and our entry) of the source LoRA on every exported file; our
+    entry also names the file it was exported from (``exported_from``), when known."""
+    out = {k: v for k, v in lora.raw_metadata.items() if k.startswith("ss_") or k == META_KEY}
     out.update(meta)
+    if source and source.get("sha256"):
+        try:
+            entry = json.loads(out.get(META_KEY) or "{}")
+        except ValueError:
+            entry = {}
+        if isinstance(entry, dict):
+            entry[EXPORTED_FROM] = {k: str(v) for k, v in sorted(source.items()) if v}
+            out[META_KEY] = json.dumps(entry, separators=(",", ":"), sort_keys=True, default=str)
     return out
 
 
@@ -129,10 +143,12 @@ def _hash_metadata(lora: LoRAFile) -> Any:
     return fn
 
 
-def export_lora(lora: LoRAFile, fmt: str, output: str | Path) -> list[Path]:
-    """Write ``lora`` as ``fmt`` (``peft`` folder or ``kohya`` file); returns the paths written."""
+def export_lora(lora: LoRAFile, fmt: str, output: str | Path, source: dict[str, str] | None = None) -> list[Path]:
+    """Write ``lora`` as ``fmt`` (``peft`` folder or ``kohya`` file); returns the paths written.
+    ``source`` (``{"sha256", "ref"}`` of the file ``lora`` was read from) is recorded in the
+    export's ``lbm_registry`` entry, so importing the export back links the version it came from."""
     if fmt == "peft":
-        return write_peft(lora, output)
+        return write_peft(lora, output, source)
     if fmt == "kohya":
-        return write_kohya(lora, output)
+        return write_kohya(lora, output, source)
     raise LoRAError(f"unknown export format {fmt!r}: use {' or '.join(FORMATS)}")

@@ -17,7 +17,9 @@ What can drift, and what ``--repair`` does about it:
 - orphan blobs (no catalog row) and temp files of dead writers are deleted;
 - MLflow: a ready version whose run or model version is missing is mirrored again from the
   catalog; one whose ``weights/`` folder is no MLflow model (registered before versions were
-  models) gets its ``MLmodel`` and environment files added next to the weights; MLflow runs
+  models) gets its ``MLmodel`` and environment files added next to the weights; one whose page
+  (description, tags) is not what the catalog gives, or whose runs do not link it (a logged
+  model), gets its page rebuilt; MLflow runs
   and model versions the catalog does not know are deleted, except those tagged with another
   catalog's ``lbm.catalog_id`` (registries sharing one tracking server). In the workspace's own
   SQLite store, run folders of the artifact root that no run owns (a mirror killed before its
@@ -468,6 +470,7 @@ class Doctor:
             problem = tracker.check(rec)
             if problem is None:
                 self._check_model_folder(tracker, rec)
+                self._check_page(tracker, rec)
                 continue
             issue = self.add("mlflow_missing", rec.ref, problem)
             if self.repair:
@@ -534,6 +537,24 @@ class Doctor:
                 return
             issue.fixed, issue.action = True, "added MLmodel, pyfunc_model.py and environment files"
 
+    def _check_page(self, tracker: Any, rec: VersionRecord) -> None:
+        """A version page that is not what the catalog says (written by an older version of this
+        tool, or a page a registration could not update): rebuilt from the catalog."""
+        try:
+            problem = tracker.page_problem(rec)
+        except LBMError as exc:
+            problem = str(exc)
+        if problem is None:
+            return
+        issue = self.add("mlflow_page", rec.ref, problem)
+        if self.repair:
+            try:
+                tracker.refresh_version(rec)
+            except LBMError as exc:
+                issue.action = f"cannot rebuild the page: {exc}"
+                return
+            issue.fixed, issue.action = True, "page rebuilt from the catalog"
+
     def _in_flight_version(self, version_id: str) -> bool:
         try:
             rec = catalog.version_by_id(self.ws.db, int(version_id))
@@ -572,6 +593,10 @@ class Doctor:
                 tracker.set_alias(fresh, alias)
         if old_run and old_run != run_id:
             tracker.discard(rec.name, old_run, None)
+        from lbm_registry.registry.register import refresh_lineage_pages
+
+        fresh = catalog.version_by_id(self.ws.db, rec.id) or fresh
+        refresh_lineage_pages(self.ws, tracker, fresh, children=True)  # they link its new model version
         return f"mirrored again (run {run_id[:12]}, model version {mv}; extra artifacts of the first run are lost)"
 
     # -- entry points ----------------------------------------------------------------------

@@ -27,8 +27,16 @@ from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.workspace import Workspace
 
 TAG_PREFIX = "lbm."
-#: Run/model-version tag naming the catalog that mirrored it (registries may share a server).
+#: Run tag naming the catalog that mirrored it (registries may share a server); model versions
+#: carry it as ``x-lbm.catalog_id`` (pages.ID_PREFIX), or ``lbm.catalog_id`` when mirrored earlier.
 CATALOG_TAG = "lbm.catalog_id"
+MV_CATALOG_TAG = f"{pages.ID_PREFIX}catalog_id"
+
+
+def version_sha256(tags: Mapping[str, str] | None) -> str | None:
+    """The sha256 a model version's tags record (``x-lbm.sha256``, or the older ``lbm.sha256``)."""
+    tags = tags or {}
+    return tags.get(f"{pages.ID_PREFIX}sha256") or tags.get("lbm.sha256")
 LAYER_FIELDS = ("module", "kind", "shape", "rank", "rel_error", "energy")
 _PARAM_MAX = 6000
 _TAG_MAX = 5000
@@ -101,9 +109,12 @@ def layer_files(layers: list[dict[str, Any]]) -> dict[str, str]:
             "layers.txt": "".join(f"{r['module']}\n" for r in layers)}
 
 
+TRAIN_RUN_TAG = "lbm.train_run_id"
+
+
 def shown_user_tags(user_tags: Mapping[str, str]) -> dict[str, str]:
     """User tags for the version page; ids that the description links instead are left out."""
-    return {k: v for k, v in user_tags.items() if k not in ("lbm.train_run_id",)}
+    return {k: v for k, v in user_tags.items() if k not in (TRAIN_RUN_TAG,)}
 
 
 @dataclass
@@ -124,7 +135,7 @@ class MirrorContent:
     texts: dict[str, str]
     files: dict[str, Path]
     version_tags: dict[str, str]
-    has_probe: bool
+    probe: str | None  # the probe picture's tile names ("" unknown), None: no picture
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -132,12 +143,49 @@ class MirrorContent:
     def create_tags(self) -> dict[str, str]:
         return {k: v for k, v in self.run_tags.items() if k.startswith(TAG_PREFIX)}
 
+    @property
+    def train_run(self) -> str | None:
+        """The training run that produced the version (linked both ways by the mirror)."""
+        return self.user_tags.get(TRAIN_RUN_TAG) or None
+
     def finish(self, description: str, started: float | None) -> None:
         """The version page (known once the run id is) and the total registration time."""
         self.description = description
         self.run_tags["mlflow.note.content"] = description
         if started is not None:
             self.metrics["register_seconds"] = time.time() - started
+
+
+def run_times(started: float | None, work_started: float | None) -> int:
+    """The start time (ms) of a version's run: when the work that made the file began (extraction,
+    conversion...), else when its registration began, else now. Its end is when it is mirrored."""
+    t = work_started if work_started is not None else started
+    return int((t if t is not None else time.time()) * 1000)
+
+
+def logged_model_tags(rec: VersionRecord, version: str | int, run_id: str) -> dict[str, str]:
+    """The tags of a logged model standing for the registered version: ``mlflow.modelVersions``
+    (what MLflow 3's UI reads to show the registered version in a run's Models column and on its
+    page) and the ids that find it again (``lbm.run_id``: the version's own run)."""
+    return {"mlflow.modelVersions": json.dumps([{"name": rec.name, "version": str(version)}]),
+            "lbm.sha256": rec.sha256, "lbm.ref": rec.ref, "lbm.run_id": run_id}
+
+
+def logged_model_type(rec: VersionRecord) -> str:
+    return f"lbm-{rec.kind}"
+
+
+def page_difference(description: str, tags: Mapping[str, str], want_description: str,
+                    want_tags: Mapping[str, str], linked: bool) -> str | None:
+    """Why a version's page (as stored) is not the one the catalog gives, or None (``doctor``)."""
+    if description != want_description:
+        return "its page is out of date (description)"
+    if any(tags.get(k) != v for k, v in want_tags.items()) or any(
+            pages.managed_tag(k) and k not in want_tags for k in tags):
+        return "its page is out of date (tags)"
+    if not linked:
+        return "its run does not link it (no logged model)"
+    return None
 
 
 def mirror_content(ws: Workspace, rec: VersionRecord, *, weights: Path, edges: list[dict[str, Any]],
@@ -157,7 +205,14 @@ def mirror_content(ws: Workspace, rec: VersionRecord, *, weights: Path, edges: l
     return MirrorContent(rec=rec, edges=edges, lora=lora, user_tags=user_tags, params=params, metrics=metrics,
                          run_tags=tags, texts=texts, files=files,
                          version_tags=pages.version_tags(rec, edges, lora, shown_user_tags(user_tags), catalog_id),
-                         has_probe=pages.PROBE_IMAGE in (extra_artifacts or {}))
+                         probe=probe_caption((extra_artifacts or {}).get(pages.PROBE_IMAGE)))
+
+
+def probe_caption(path: Path | str | None) -> str | None:
+    """The tile names of a probe picture file ("" when it names none), None without a picture."""
+    if path is None:
+        return None
+    return pages.probe_tiles(Path(path)) or ""
 
 
 def model_texts(ws: Workspace, rec: VersionRecord, run_id: str | None) -> dict[str, str]:
@@ -208,19 +263,31 @@ class VersionPages:
     experiment_id: str
 
     def version_description(self, rec: VersionRecord, edges: list[dict[str, Any]], lora: dict[str, Any] | None,
-                            run_id: str | None, user_tags: Mapping[str, str], *, has_probe: bool) -> str:
+                            run_id: str | None, user_tags: Mapping[str, str], *, probe: str | None) -> str:
         """The markdown of the version page (see registry/pages.py), with the runs it links to."""
         extra: list[tuple[str, str | None]] = []
-        train_run = user_tags.get("lbm.train_run_id")
+        train_run = user_tags.get(TRAIN_RUN_TAG)
         if train_run:
-            extra.append((f"training run:{train_run[:12]}", pages.run_link(self._experiment_of(train_run), train_run)))
+            extra.append((f"training run:{training_label(rec)}", pages.run_link(self._experiment_of(train_run),
+                                                                                train_run)))
         for label, exp_id, rid in self._compare_runs(rec):
             extra.append((f"compared:{label}", pages.run_link(exp_id, rid)))
         return pages.version_description(self.ws, rec, edges, lora, run_id=run_id, experiment_id=self.experiment_id,
-                                         has_probe=has_probe, extra_runs=extra)
+                                         probe=probe, extra_runs=extra)
 
     def _experiment_of(self, run_id: str) -> str | None:
         raise NotImplementedError
 
     def _compare_runs(self, rec: VersionRecord) -> list[tuple[str, str, str]]:
         raise NotImplementedError
+
+
+def training_label(rec: VersionRecord) -> str:
+    """The link text of a version's training run: what it trained, not a hex id."""
+    steps = (rec.facts or {}).get("steps")
+    return f"training of {rec.ref}" + (f" ({steps} steps)" if isinstance(steps, int) else "")
+
+
+def training_run_name(rec: VersionRecord) -> str:
+    """A training run that registered its LoRA is named after the version it produced."""
+    return rec.ref

@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlparse
 from lbm_registry.registry import catalog
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import sqlite_path
-from lbm_registry.registry.mirror import CATALOG_TAG, VersionPages
+from lbm_registry.registry.mirror import CATALOG_TAG, MV_CATALOG_TAG, VersionPages
 from lbm_registry.registry.workspace import Workspace
 
 #: MLflow SQL-store schema revisions whose tables this module reads and writes (MLflow 3.17).
@@ -64,7 +64,7 @@ class CatalogOwnership:
     def owns(self, tags: Mapping[str, str] | None) -> bool:
         """Was this run/model version mirrored by our catalog? Untagged ones (made before
         catalog ids existed, or by hand) count as ours; another catalog's never do."""
-        owner = (tags or {}).get(CATALOG_TAG)
+        owner = (tags or {}).get(MV_CATALOG_TAG) or (tags or {}).get(CATALOG_TAG)
         return owner is None or owner == self.catalog_id
 
 
@@ -132,8 +132,9 @@ class SqliteMirror(CatalogOwnership, VersionPages):
                               "AND current_stage <> ?", (WORKSPACE, rec.name, version, DELETED_STAGE)).fetchone()
             if mv is None:
                 return f"MLflow model version {rec.name}/{rec.mlflow_version} is missing"
-            sha = conn.execute("SELECT value FROM model_version_tags WHERE workspace = ? AND name = ? "
-                               "AND version = ? AND key = 'lbm.sha256'", (WORKSPACE, rec.name, version)).fetchone()
+            sha = conn.execute("SELECT value FROM model_version_tags WHERE workspace = ? AND name = ? AND version = ? "
+                               "AND key IN ('x-lbm.sha256', 'lbm.sha256') ORDER BY key DESC",
+                               (WORKSPACE, rec.name, version)).fetchone()
             if not sha or sha[0] != rec.sha256:
                 return f"MLflow model version {rec.name}/{rec.mlflow_version} has another sha256"
             run = conn.execute("SELECT lifecycle_stage FROM runs WHERE run_uuid = ?", (rec.mlflow_run_id,)).fetchone()
@@ -235,19 +236,16 @@ class SqliteMirror(CatalogOwnership, VersionPages):
         """Our experiment's artifact location when it is a plain local folder (``file:///...``)."""
         row = conn.execute("SELECT artifact_location FROM experiments WHERE experiment_id = ?",
                            (int(self.experiment_id),)).fetchone()
-        loc = (row[0] if row else None) or ""
-        parsed = urlparse(loc)
-        if parsed.scheme != "file" or parsed.netloc or parsed.query or parsed.params or parsed.fragment:
-            return None
-        return loc.rstrip("/")
+        return _plain_file_uri((row[0] if row else None) or "")
 
     def mirror(self, rec: VersionRecord, *, weights: Path, edges: list[dict[str, Any]],
                lora: dict[str, Any] | None, layers: list[dict[str, Any]], user_tags: Mapping[str, str],
                extra_artifacts: Mapping[str, Path] | None = None, started: float | None = None,
-               on_run: Callable[[str], None] | None = None) -> tuple[str, str]:
+               on_run: Callable[[str], None] | None = None, work_started: float | None = None) -> tuple[str, str]:
         """:meth:`Tracker.mirror <lbm_registry.registry.tracking.Tracker.mirror>` in one SQLite
         transaction: the same rows MLflow's SQL stores write for ``create_run``, ``log_batch``,
-        ``create_registered_model``, ``create_model_version``, ``set_terminated`` and
+        ``create_registered_model``, ``create_model_version``, ``create_logged_model``,
+        ``finalize_logged_model``, ``log_outputs``, ``set_tag``, ``set_terminated`` and
         ``update_registered_model`` (mlflow/store/{tracking,model_registry}/sqlalchemy_store.py),
         and the same artifact files. Content MLflow would change or refuse (odd keys, over-long
         values, an artifact location that is not a local folder) goes through the Tracker
@@ -260,11 +258,12 @@ class SqliteMirror(CatalogOwnership, VersionPages):
         run_id = uuid.uuid4().hex
         with self._connect(self.path) as conn:
             root = self._artifact_root(conn)
-            c.finish(self._page(conn, rec, edges, lora, run_id, user_tags, has_probe=c.has_probe), started)
-        if root is None or not _fits(rec.name, c):
+            c.finish(self._page(conn, rec, edges, lora, run_id, user_tags, probe=c.probe), started)
+            train_ok = self._train_link(conn, c.train_run) is not False
+        if root is None or not train_ok or not _fits(rec.name, c):
             return Tracker(self.ws).mirror(rec, weights=weights, edges=edges, lora=lora, layers=layers,
                                            user_tags=user_tags, extra_artifacts=extra_artifacts, started=started,
-                                           on_run=on_run)
+                                           on_run=on_run, work_started=work_started)
         if on_run is not None:
             on_run(run_id)
         artifact_uri = f"{root}/{run_id}/artifacts"
@@ -272,7 +271,8 @@ class SqliteMirror(CatalogOwnership, VersionPages):
         with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}", self.path), self._connect(self.path) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                version = self._write_version(conn, rec, c, run_id, artifact_uri)
+                version = self._write_version(conn, rec, c, run_id, artifact_uri,
+                                              m.run_times(started, work_started))
                 m.write_local(local, {**c.texts, **m.model_texts(self.ws, rec, run_id)}, c.files)
                 conn.commit()
             except BaseException:
@@ -282,10 +282,9 @@ class SqliteMirror(CatalogOwnership, VersionPages):
         return run_id, str(version)
 
     def _write_version(self, conn: sqlite3.Connection, rec: VersionRecord, c: Any, run_id: str,
-                       artifact_uri: str) -> int:
+                       artifact_uri: str, start: int) -> int:
         from lbm_registry.registry.pages import registered_model_description
 
-        start = _now_ms()
         # create_run: the run (RUNNING, user "unknown": no mlflow.user tag) and its name tag
         conn.execute("INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id, status, "
                      "start_time, end_time, source_version, lifecycle_stage, artifact_uri, experiment_id, "
@@ -327,6 +326,7 @@ class SqliteMirror(CatalogOwnership, VersionPages):
                      (rec.name, version, now, now, c.description, source, run_id, source, WORKSPACE))
         conn.executemany("INSERT INTO model_version_tags (key, value, name, version, workspace) VALUES (?, ?, ?, ?, ?)",
                          [(k, v, rec.name, version, WORKSPACE) for k, v in c.version_tags.items()])
+        self._link_runs(conn, rec, run_id, version, c.train_run)
         # set_terminated, then the registered model's description
         conn.execute("UPDATE runs SET status = 'FINISHED', end_time = ? WHERE run_uuid = ?", (_now_ms(), run_id))
         self._describe_model(conn, rec.name, extra_ready=rec.number)
@@ -377,13 +377,78 @@ class SqliteMirror(CatalogOwnership, VersionPages):
                                (run_id,)).fetchone()
         return _local_dir(row[0] or "") if row is not None else None
 
+    # -- runs <-> versions (Tracker._link_runs) ------------------------------------------------
+    def _train_link(self, conn: sqlite3.Connection, train_run: str | None) -> tuple[str, str] | None | bool:
+        """(experiment id, artifact root) of the training run to link, None when there is none to
+        link (no such run, or not active), False when its experiment's artifact location is not a
+        plain local folder (the client must write it)."""
+        if not train_run:
+            return None
+        row = conn.execute("SELECT r.experiment_id, r.lifecycle_stage, e.artifact_location FROM runs r JOIN "
+                           "experiments e ON e.experiment_id = r.experiment_id WHERE r.run_uuid = ?",
+                           (train_run,)).fetchone()
+        if row is None or row[1] != "active":
+            return None
+        root = _plain_file_uri(row[2] or "")
+        return (str(row[0]), root) if root is not None else False
+
+    def _link_runs(self, conn: sqlite3.Connection, rec: VersionRecord, run_id: str, version: int | str,
+                   train_run: str | None) -> None:
+        """What ``Tracker._link_runs`` writes, in the caller's transaction."""
+        from lbm_registry.registry import pages
+        from lbm_registry.registry.mirror import training_run_name
+
+        root = self._artifact_root(conn)
+        assert root is not None
+        self._ensure_logged_model(conn, self.experiment_id, root, run_id, rec, version, run_id)
+        train = self._train_link(conn, train_run)
+        if not train or not train_run:
+            return
+        exp_id, train_root = train
+        self._ensure_logged_model(conn, exp_id, train_root, train_run, rec, version, run_id)
+        note = pages.training_run_note(rec, pages.model_link(rec.name, version), pages.run_link(self.experiment_id,
+                                                                                                   run_id))
+        conn.execute("UPDATE runs SET name = ? WHERE run_uuid = ?", (training_run_name(rec), train_run))
+        conn.executemany("INSERT OR REPLACE INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
+                         [("mlflow.runName", training_run_name(rec), train_run),
+                          ("mlflow.note.content", note, train_run), ("lbm.registered_as", rec.ref, train_run)])
+
+    @staticmethod
+    def _ensure_logged_model(conn: sqlite3.Connection, experiment_id: str, root: str, source_run: str,
+                             rec: VersionRecord, version: int | str, run_id: str) -> None:
+        """``create_logged_model`` (PENDING), ``finalize_logged_model`` (READY) and ``log_outputs``
+        of ``Tracker._ensure_logged_model``, unless the run has that logged model already."""
+        from lbm_registry.registry import pages
+        from lbm_registry.registry.mirror import logged_model_tags, logged_model_type
+
+        found = conn.execute("SELECT 1 FROM logged_models m JOIN logged_model_tags t ON t.model_id = m.model_id "
+                             "AND t.tag_key = 'lbm.run_id' WHERE m.experiment_id = ? AND m.source_run_id = ? AND "
+                             "m.lifecycle_stage = 'active' AND t.tag_value = ?",
+                             (int(experiment_id), source_run, run_id)).fetchone()
+        if found:
+            return
+        model_id = f"m-{uuid.uuid4().hex}"
+        now = _now_ms()
+        conn.execute("INSERT INTO logged_models (model_id, experiment_id, name, artifact_location, "
+                     "creation_timestamp_ms, last_updated_timestamp_ms, status, lifecycle_stage, model_type, "
+                     "source_run_id, status_message) VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, NULL)",
+                     (model_id, int(experiment_id), pages.logged_model_name(rec), f"{root}/models/{model_id}/artifacts",
+                      now, now, LOGGED_MODEL_PENDING, logged_model_type(rec), source_run))
+        conn.executemany("INSERT INTO logged_model_tags (model_id, experiment_id, tag_key, tag_value) "
+                         "VALUES (?, ?, ?, ?)", [(model_id, int(experiment_id), k, v)
+                                                 for k, v in logged_model_tags(rec, version, run_id).items()])
+        conn.execute("UPDATE logged_models SET status = ?, last_updated_timestamp_ms = ? WHERE model_id = ?",
+                     (LOGGED_MODEL_READY, _now_ms(), model_id))
+        conn.execute("INSERT INTO inputs (input_uuid, source_type, source_id, destination_type, destination_id, step) "
+                     "VALUES (?, 'RUN_OUTPUT', ?, 'MODEL_OUTPUT', ?, 0)", (uuid.uuid4().hex, source_run, model_id))
+
     # -- the version page (Tracker.refresh_version) ----------------------------------------------
     def _page(self, conn: sqlite3.Connection, rec: VersionRecord, edges: list[dict[str, Any]],
               lora: dict[str, Any] | None, run_id: str | None, user_tags: Mapping[str, str], *,
-              has_probe: bool) -> str:
+              probe: str | None) -> str:
         self._conn = conn
         try:
-            return self.version_description(rec, edges, lora, run_id, user_tags, has_probe=has_probe)
+            return self.version_description(rec, edges, lora, run_id, user_tags, probe=probe)
         finally:
             self._conn = None
 
@@ -407,52 +472,102 @@ class SqliteMirror(CatalogOwnership, VersionPages):
             "ORDER BY r.start_time DESC, r.run_uuid LIMIT 10", (exp[0], f"%{rec.sha256[:16]}%")).fetchall()
         return [(name or rid[:12], str(exp[0]), rid) for rid, name in rows]
 
+    def _page_state(self, conn: sqlite3.Connection, rec: VersionRecord) -> tuple[str, dict[str, str]] | None:
+        """(description, model version tags) the version's page should have, or None when this
+        store cannot tell (its run or model version is gone, or its artifacts are not local)."""
+        from lbm_registry.registry import pages
+        from lbm_registry.registry.mirror import probe_caption, shown_user_tags
+        from lbm_registry.registry.tracking import _local_dir, mirror_inputs
+
+        if not rec.mlflow_run_id or not rec.mlflow_version:
+            return None
+        run = conn.execute("SELECT artifact_uri, lifecycle_stage FROM runs WHERE run_uuid = ?",
+                           (rec.mlflow_run_id,)).fetchone()
+        mv = conn.execute("SELECT 1 FROM model_versions WHERE workspace = ? AND name = ? AND version = ? AND "
+                          "current_stage <> ?", (WORKSPACE, rec.name, int(rec.mlflow_version), DELETED_STAGE)).fetchone()
+        local = _local_dir(run[0] or "") if run is not None else None
+        if local is None or mv is None or run[1] != "active":
+            return None
+        edges, lora, _, user_tags = mirror_inputs(self.ws, rec)
+        picture = local / pages.PROBE_IMAGE
+        description = self._page(conn, rec, edges, lora, rec.mlflow_run_id, user_tags,
+                                 probe=probe_caption(picture if picture.is_file() else None))
+        tags = pages.version_tags(rec, edges, lora, shown_user_tags(user_tags), self.catalog_id)
+        return description, tags
+
+    def page_problem(self, rec: VersionRecord) -> str | None:
+        """Why the version's page differs from what the catalog says (as ``Tracker.page_problem``)."""
+        from lbm_registry.registry.mirror import page_difference
+
+        if not rec.mlflow_run_id or not rec.mlflow_version:
+            return None
+        with self._connect(self.path) as conn:
+            want = self._page_state(conn, rec)
+            if want is None:
+                from lbm_registry.registry.tracking import Tracker
+
+                return Tracker(self.ws).page_problem(rec)
+            row = conn.execute("SELECT description FROM model_versions WHERE workspace = ? AND name = ? AND "
+                               "version = ?", (WORKSPACE, rec.name, int(rec.mlflow_version))).fetchone()
+            tags = dict(conn.execute("SELECT key, value FROM model_version_tags WHERE workspace = ? AND name = ? AND "
+                                     "version = ?", (WORKSPACE, rec.name, int(rec.mlflow_version))).fetchall())
+            linked = conn.execute("SELECT 1 FROM logged_models m JOIN logged_model_tags t ON t.model_id = m.model_id "
+                                  "AND t.tag_key = 'lbm.run_id' WHERE m.source_run_id = ? AND m.lifecycle_stage = "
+                                  "'active' AND t.tag_value = ?", (rec.mlflow_run_id, rec.mlflow_run_id)).fetchone()
+        return page_difference((row[0] if row else "") or "", tags, want[0], want[1], bool(linked))
+
     def refresh_version(self, rec: VersionRecord) -> None:
-        """Rebuild a mirrored version's page (description, model version tags, the run's note)
-        from the catalog and the run's artifact folder, as ``Tracker.refresh_version`` does."""
-        from lbm_registry.registry.pages import PROBE_IMAGE
-        from lbm_registry.registry.tracking import Tracker, _local_dir, mirror_inputs
+        """Rebuild a mirrored version's page (description, model version tags with stale ones of
+        ours dropped, the run's note) from the catalog and the run's artifact folder, and make
+        sure its runs link it, as ``Tracker.refresh_version`` does."""
+        from lbm_registry.registry import pages
+        from lbm_registry.registry.mirror import TRAIN_RUN_TAG
+        from lbm_registry.registry.tracking import Tracker
 
         if not rec.mlflow_run_id or not rec.mlflow_version:
             return
-        edges, lora, _, user_tags = mirror_inputs(self.ws, rec)
         version = int(rec.mlflow_version)
+        fallback = True
         with self.write_lock(), self._connect(self.path) as conn:
-            run = conn.execute("SELECT artifact_uri, lifecycle_stage FROM runs WHERE run_uuid = ?",
-                               (rec.mlflow_run_id,)).fetchone()
-            mv = conn.execute("SELECT 1 FROM model_versions WHERE workspace = ? AND name = ? AND version = ? AND "
-                              "current_stage <> ?", (WORKSPACE, rec.name, version, DELETED_STAGE)).fetchone()
-            local = _local_dir(run[0] or "") if run is not None else None
-            if local is None or mv is None or run[1] != "active":
-                fallback = True
-            else:
-                fallback = False
-                names = {p.name for p in local.iterdir()} if local.is_dir() else set()
-                description = self._page(conn, rec, edges, lora, rec.mlflow_run_id, user_tags,
-                                         has_probe=PROBE_IMAGE in names)
-                tags = self._pages_tags(rec, edges, lora, user_tags)
-                if not _fits(rec.name, None, [("mlflow.note.content", description, 8000)]
-                             + [(k, v, 100_000) for k, v in tags.items()]):
-                    fallback = True
-                else:
+            want = self._page_state(conn, rec)
+            train = catalog.tags(self.ws.db, rec.id).get(TRAIN_RUN_TAG)
+            if want is not None and self._train_link(conn, train) is not False and self._artifact_root(conn):
+                description, tags = want
+                if _fits(rec.name, None, [("mlflow.note.content", description, 8000)]
+                         + [(k, v, 100_000) for k, v in tags.items()]):
+                    fallback = False
+                    current = dict(conn.execute("SELECT key, value FROM model_version_tags WHERE workspace = ? AND "
+                                                "name = ? AND version = ?", (WORKSPACE, rec.name, version)).fetchall())
                     with conn:
                         conn.execute("UPDATE model_versions SET description = ?, last_updated_time = ? WHERE "
                                      "workspace = ? AND name = ? AND version = ?",
                                      (description, _now_ms(), WORKSPACE, rec.name, version))
-                        conn.executemany("INSERT OR REPLACE INTO model_version_tags (key, value, name, version, "
-                                         "workspace) VALUES (?, ?, ?, ?, ?)",
-                                         [(k, v, rec.name, version, WORKSPACE) for k, v in tags.items()])
+                        changed = [(k, v) for k, v in tags.items() if current.get(k) != v]
+                        for k, v in changed:  # set_model_version_tag: each one touches the version
+                            conn.execute("INSERT OR REPLACE INTO model_version_tags (key, value, name, version, "
+                                         "workspace) VALUES (?, ?, ?, ?, ?)", (k, v, rec.name, version, WORKSPACE))
+                        stale = [k for k in sorted(set(current) - set(tags)) if pages.managed_tag(k)]
+                        conn.executemany("DELETE FROM model_version_tags WHERE workspace = ? AND name = ? AND "
+                                         "version = ? AND key = ?", [(WORKSPACE, rec.name, version, k) for k in stale])
+                        if changed or stale:
+                            conn.execute("UPDATE model_versions SET last_updated_time = ? WHERE workspace = ? AND "
+                                         "name = ? AND version = ?", (_now_ms(), WORKSPACE, rec.name, version))
                         conn.execute("INSERT OR REPLACE INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
                                      ("mlflow.note.content", description, rec.mlflow_run_id))
+                        self._link_runs(conn, rec, rec.mlflow_run_id, rec.mlflow_version, train)
         if fallback:
             Tracker(self.ws).refresh_version(rec)
 
-    def _pages_tags(self, rec: VersionRecord, edges: list[dict[str, Any]], lora: dict[str, Any] | None,
-                    user_tags: Mapping[str, str]) -> dict[str, str]:
-        from lbm_registry.registry import pages
-        from lbm_registry.registry.mirror import shown_user_tags
 
-        return pages.version_tags(rec, edges, lora, shown_user_tags(user_tags), self.catalog_id)
+LOGGED_MODEL_PENDING, LOGGED_MODEL_READY = 1, 2  # LoggedModelStatus.to_int()
+
+
+def _plain_file_uri(loc: str) -> str | None:
+    """``loc`` without a trailing slash when it is a plain local ``file:///`` URI, else None."""
+    parsed = urlparse(loc)
+    if parsed.scheme != "file" or parsed.netloc or parsed.query or parsed.params or parsed.fragment:
+        return None
+    return loc.rstrip("/")
 
 
 _KEY_RE = re.compile(r"^[/\w.\- :]*$")

@@ -252,8 +252,11 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
              facts: Mapping[str, Any] | None = None, lineage: Mapping[str, Any] | None = None,
              params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
              artifacts: Any = None, tags: Mapping[str, Any] | None = None,
-             refuse_duplicate: bool = False, link: bool = False) -> VersionRecord:
+             refuse_duplicate: bool = False, link: bool = False, work_started: float | None = None) -> VersionRecord:
     """Register ``path`` as the next version of ``name`` (see the module docstring).
+
+    ``work_started``: when the work that made the file began (``time.time()``), e.g. an
+    extraction: the version's MLflow run starts then, so its duration is the real work's.
 
     ``link``: ``path`` is a temporary file of ours, so the blob may be a hard link to it; a
     user's file is copied (see registry/blobs.py: the blob is read-only).
@@ -348,7 +351,7 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
         edge_rows, lora, layer_table, tag_map = mirror_inputs(ws, rec)
         state["run_id"], state["mv"] = tracker.mirror(
             rec, weights=blob, edges=edge_rows, lora=lora, layers=layer_table, user_tags=tag_map,
-            extra_artifacts=extra, started=started, on_run=on_run)
+            extra_artifacts=extra, started=started, on_run=on_run, work_started=work_started)
         pause("mlflow_version")
         _check_uploaded(ws, rec, state["run_id"])
         with_retries(lambda: _flip_ready(ws, rec, state["run_id"], state["mv"], how), f"registering {rec.ref}")
@@ -358,7 +361,32 @@ def register(ws: Workspace, path: str | Path, *, name: str, kind: str, config: A
     pause("ready")
     out = catalog.version_by_id(ws.db, vid)
     assert out is not None
+    refresh_lineage_pages(ws, tracker, out)
     return out
+
+
+def refresh_lineage_pages(ws: Workspace, tracker: Any, rec: VersionRecord, *, children: bool = False) -> None:
+    """The pages of the versions ``rec`` was made from (its base, tuned model, parents) list what
+    was made from them: rebuild them now that ``rec`` is (or no longer is) there; with
+    ``children``, the pages of the versions made from ``rec`` too (they link it: after a re-mirror
+    its model version number changed). Best effort: the version is registered either way, and
+    ``doctor --repair`` rebuilds a page left behind."""
+    done: set[int] = set()
+    targets = [e.get("target_version_id") for e in catalog.edges(ws.db, rec.id)] \
+        if catalog.version_by_id(ws.db, rec.id) else []
+    if children:
+        targets += [k["version_id"] for k in catalog.children(ws.db, rec.id)]
+    for target in targets:
+        if not target or target in done:
+            continue
+        done.add(target)
+        parent = catalog.version_by_id(ws.db, target)
+        if parent is None or parent.status != "ready":
+            continue
+        try:
+            tracker.refresh_version(parent)
+        except Exception:  # noqa: BLE001  (a page is a nicety: never fail the registration for it)
+            continue
 
 
 def _check_uploaded(ws: Workspace, rec: VersionRecord, run_id: str | None) -> None:

@@ -52,6 +52,7 @@ def remove_version(ws: Workspace, ref: str, *, force: bool = False) -> Removal:
 
     tracker = Tracker(ws)
     out = Removal(ref=target.ref, kind=target.kind, sha256=target.sha256)
+    made_from: list[int] = []  # the versions whose pages link this one (made from it, or its children)
 
     def txn() -> Any:
         with ws.db.transaction() as tx:
@@ -74,6 +75,8 @@ def remove_version(ws: Workspace, ref: str, *, force: bool = False) -> Removal:
                                     cli=f"{msg} (use --force to remove it anyway)")
             out.aliases_removed = [f"{rec.name}@{a}" for a in aliases]
             out.detached = [f"{k['name']}@{k['number']}" for k in kids]
+            made_from.extend(e["target_version_id"] for e in catalog.edges(tx, rec.id) if e.get("target_version_id"))
+            made_from.extend(k["version_id"] for k in kids)  # their lineage row loses its link
             catalog.delete_version(tx, rec.id)  # aliases, lineage, facts, layers, tags; detaches children
             catalog.delete_empty_assets(tx)
             catalog.log_event(tx, "rm", name=rec.name, number=rec.number, sha256=rec.sha256, actor=actor(),
@@ -89,6 +92,14 @@ def remove_version(ws: Workspace, ref: str, *, force: bool = False) -> Removal:
                 out.mlflow = tracker.discard(rec.name, rec.mlflow_run_id, rec.mlflow_version)
         except Exception as exc:  # the catalog is the truth: doctor --repair removes the orphan
             out.warnings.append(f"MLflow cleanup failed ({type(exc).__name__}: {exc}); run 'lbm-reg doctor --repair'")
+        for vid in dict.fromkeys(made_from):
+            parent = catalog.version_by_id(ws.db, vid)
+            try:
+                if parent is not None and parent.status == "ready":
+                    tracker.refresh_version(parent)  # no link to the removed version any more
+            except Exception:  # noqa: BLE001  (doctor --repair rebuilds a page left behind)
+                out.warnings.append(f"the page of {parent.ref if parent else vid} was not updated; "
+                                    "run 'lbm-reg doctor --repair'")
         if rec.sha256 not in catalog.referenced_shas(ws.db):
             path = blob_path(ws.blobs_dir, rec.sha256)
             if path.exists():

@@ -218,8 +218,9 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
     def mirror(self, rec: VersionRecord, *, weights: Path, edges: list[dict[str, Any]],
                lora: dict[str, Any] | None, layers: list[dict[str, Any]], user_tags: Mapping[str, str],
                extra_artifacts: Mapping[str, Path] | None = None, started: float | None = None,
-               on_run: Callable[[str], None] | None = None) -> tuple[str, str]:
-        """Create the run (params, metrics, tags, artifacts) and the model version.
+               on_run: Callable[[str], None] | None = None, work_started: float | None = None) -> tuple[str, str]:
+        """Create the run (params, metrics, tags, artifacts, start/end = the work's), the model
+        version, and the links from the runs that made it (:meth:`_link_runs`).
 
         ``on_run(run_id)`` is called as soon as the run exists, so the catalog can record it
         before anything else can fail. Returns (run id, model version)."""
@@ -228,11 +229,12 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
         c = mirror.mirror_content(self.ws, rec, weights=weights, edges=edges, lora=lora, layers=layers,
                                   user_tags=user_tags, extra_artifacts=extra_artifacts, catalog_id=self.catalog_id)
         with self.write_lock(), mlflow_errors(f"mirror of {rec.ref}", sqlite_path(self.uri) if self.is_sqlite else None):
-            run = self.client.create_run(self.experiment_id, run_name=rec.ref, tags=c.create_tags)
+            run = self.client.create_run(self.experiment_id, start_time=mirror.run_times(started, work_started),
+                                         run_name=rec.ref, tags=c.create_tags)
             run_id = run.info.run_id
             if on_run is not None:
                 on_run(run_id)
-            c.finish(self.version_description(rec, edges, lora, run_id, user_tags, has_probe=c.has_probe), started)
+            c.finish(self.version_description(rec, edges, lora, run_id, user_tags, probe=c.probe), started)
             ts = int(time.time() * 1000)
             self._log_batch(run_id, [Metric(k, v, ts, 0) for k, v in c.metrics.items()],
                             [Param(k, v) for k, v in c.params.items()], [RunTag(k, v) for k, v in c.run_tags.items()])
@@ -241,9 +243,69 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
             mv = self.client.create_model_version(
                 rec.name, source=f"{run.info.artifact_uri}/weights", run_id=run_id, tags=c.version_tags,
                 description=c.description, await_creation_for=0)
+            self._link_runs(rec, run_id, str(mv.version), c.train_run)
             self.client.set_terminated(run_id, "FINISHED")
             self._describe_model(rec.name, extra_ready=rec.number)
         return run_id, str(mv.version)
+
+    # -- runs <-> versions, the MLflow 3 way ------------------------------------------------
+    def _link_runs(self, rec: VersionRecord, run_id: str, version: str, train_run: str | None) -> None:
+        """The version's own run, and its training run when it has one, each get a logged model
+        standing for the registered version (tag ``mlflow.modelVersions``, the run's output): the
+        UI then shows the version in the run's **Models** column and on the run page. The
+        training run is also named after the version and described with links to it."""
+        self._ensure_logged_model(self.experiment_id, run_id, rec, version, run_id)
+        exp = self._experiment_of(train_run) if train_run else None
+        if train_run and exp is not None and self._active(train_run):
+            self._ensure_logged_model(exp, train_run, rec, version, run_id)
+            note = pages.training_run_note(rec, pages.model_link(rec.name, version),
+                                           pages.run_link(self.experiment_id, run_id))
+            self.client.set_tag(train_run, "mlflow.runName", mirror.training_run_name(rec))
+            self._log_batch(train_run, [], [], [_tag("mlflow.note.content", note), _tag("lbm.registered_as", rec.ref)])
+
+    def _active(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:
+            return False
+
+    def _logged_models(self, experiment_id: str, source_run: str) -> list[Any]:
+        return list(self.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{source_run}'",
+                                                     max_results=100))
+
+    def _ensure_logged_model(self, experiment_id: str, source_run: str, rec: VersionRecord, version: str,
+                             run_id: str) -> None:
+        """A READY logged model of ``source_run`` for the version whose own run is ``run_id``
+        (created once: a rebuild finds it by its ``lbm.run_id`` tag)."""
+        from mlflow.entities import LoggedModelOutput
+
+        if any(m.tags.get("lbm.run_id") == run_id for m in self._logged_models(experiment_id, source_run)):
+            return
+        model = self.client.create_logged_model(experiment_id, name=pages.logged_model_name(rec),
+                                                source_run_id=source_run, model_type=mirror.logged_model_type(rec),
+                                                tags=mirror.logged_model_tags(rec, version, run_id))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(source_run, [LoggedModelOutput(model.model_id, 0)])
+
+    def _discard_logged_models(self, run_id: str) -> list[str]:
+        """Delete the logged models standing for the version of run ``run_id`` (its own run's and
+        its training run's)."""
+        done = []
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return done
+        sources = [(run.info.experiment_id, run_id)]
+        train = run.data.tags.get(mirror.TRAIN_RUN_TAG)
+        exp = self._experiment_of(train) if train else None
+        if train and exp is not None:
+            sources.append((exp, train))
+        for exp_id, source in sources:
+            for m in self._logged_models(exp_id, source):
+                if m.tags.get("lbm.run_id") == run_id:
+                    self.client.delete_logged_model(m.model_id)
+                    done.append(f"deleted MLflow logged model {m.name} ({m.model_id})")
+        return done
 
     def _experiment_of(self, run_id: str) -> str | None:
         try:
@@ -264,22 +326,57 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
         return [(r.data.tags.get("mlflow.runName") or r.info.run_id[:12], exp.experiment_id, r.info.run_id)
                 for r in found]
 
-    def refresh_version(self, rec: VersionRecord) -> None:
-        """Rebuild a mirrored version's page (tags, description) and its model's description
-        from the catalog, e.g. after ``validate`` recorded new errors or a compare run judged it."""
-        from mlflow.entities import RunTag
+    def page(self, rec: VersionRecord) -> tuple[str, dict[str, str]]:
+        """(description, model version tags) the version's page should have, from the catalog and
+        the run's artifacts (the probe picture names its tiles)."""
+        edges, lora, _, user_tags = mirror_inputs(self.ws, rec)
+        with mlflow_errors(f"page of {rec.ref}"):
+            names = {Path(a.path).name for a in self.client.list_artifacts(rec.mlflow_run_id)}
+            probe = self._probe_caption(rec.mlflow_run_id) if pages.PROBE_IMAGE in names else None
+            description = self.version_description(rec, edges, lora, rec.mlflow_run_id, user_tags, probe=probe)
+        return description, pages.version_tags(rec, edges, lora, mirror.shown_user_tags(user_tags), self.catalog_id)
 
+    def _probe_caption(self, run_id: str) -> str:
+        """The tile names of the run's probe picture: read in place from a local store, else from
+        a downloaded copy (a few kB)."""
+        import tempfile
+
+        local = _local_dir(self.client.get_run(run_id).info.artifact_uri)
+        if local is not None:
+            return mirror.probe_caption(local / pages.PROBE_IMAGE) or ""
+        with tempfile.TemporaryDirectory(prefix="lbm-page-") as tmp:
+            return mirror.probe_caption(self.client.download_artifacts(run_id, pages.PROBE_IMAGE, tmp)) or ""
+
+    def page_problem(self, rec: VersionRecord) -> str | None:
+        """Why the version's page differs from what the catalog says it should be, or None."""
+        if not rec.mlflow_run_id or not rec.mlflow_version:
+            return None
+        description, tags = self.page(rec)
+        with mlflow_errors(f"page of {rec.ref}"):
+            mv = self.client.get_model_version(rec.name, rec.mlflow_version)
+            models = self._logged_models(self.experiment_id, rec.mlflow_run_id)
+        return mirror.page_difference(mv.description or "", dict(mv.tags or {}), description, tags,
+                                      any(m.tags.get("lbm.run_id") == rec.mlflow_run_id for m in models))
+
+    def refresh_version(self, rec: VersionRecord) -> None:
+        """Rebuild a mirrored version's page (description, tags: stale ones of ours dropped) and its
+        model's description from the catalog, e.g. after ``validate`` recorded new errors, a compare
+        run judged it or a version made from it was registered; and make sure its runs link it."""
         if not rec.mlflow_run_id or not rec.mlflow_version:
             return
-        edges, lora, _, user_tags = mirror_inputs(self.ws, rec)
+        description, tags = self.page(rec)
+        user_tags = catalog.tags(self.ws.db, rec.id)
         with self.write_lock(), mlflow_errors(f"update of {rec.ref}"):
-            names = {Path(a.path).name for a in self.client.list_artifacts(rec.mlflow_run_id)}
-            description = self.version_description(rec, edges, lora, rec.mlflow_run_id, user_tags,
-                                                   has_probe=pages.PROBE_IMAGE in names)
+            current = self.client.get_model_version(rec.name, rec.mlflow_version)
             self.client.update_model_version(rec.name, rec.mlflow_version, description=description)
-            for k, v in pages.version_tags(rec, edges, lora, mirror.shown_user_tags(user_tags), self.catalog_id).items():
-                self.client.set_model_version_tag(rec.name, rec.mlflow_version, k, v)
-            self._log_batch(rec.mlflow_run_id, [], [], [RunTag("mlflow.note.content", description)])
+            for k, v in tags.items():
+                if current.tags.get(k) != v:
+                    self.client.set_model_version_tag(rec.name, rec.mlflow_version, k, v)
+            for k in sorted(set(current.tags or {}) - set(tags)):
+                if pages.managed_tag(k):
+                    self.client.delete_model_version_tag(rec.name, rec.mlflow_version, k)
+            self._log_batch(rec.mlflow_run_id, [], [], [_tag("mlflow.note.content", description)])
+            self._link_runs(rec, rec.mlflow_run_id, str(rec.mlflow_version), user_tags.get(mirror.TRAIN_RUN_TAG))
 
     def _describe_model(self, name: str, extra_ready: int | None = None) -> None:
         """The registered model's description (kind, base, versions, aliases). Best effort."""
@@ -405,6 +502,8 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
                     self.client.delete_model_version(model, v)
                     done.append(f"deleted MLflow model version {model}/{v}")
             if run_id:
+                with contextlib.suppress(MlflowException):
+                    done += self._discard_logged_models(run_id)
                 run_found = False
                 with contextlib.suppress(MlflowException):
                     run = self.client.get_run(run_id)
@@ -439,7 +538,7 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
             mv = self.client.get_model_version(rec.name, rec.mlflow_version)
         except MlflowException:
             return f"MLflow model version {rec.name}/{rec.mlflow_version} is missing"
-        if mv.tags.get("lbm.sha256") != rec.sha256:
+        if mirror.version_sha256(mv.tags) != rec.sha256:
             return f"MLflow model version {rec.name}/{rec.mlflow_version} has another sha256"
         try:
             run = self.client.get_run(rec.mlflow_run_id)
@@ -491,6 +590,12 @@ class Tracker(CatalogOwnership, mirror.VersionPages):
             return list(self.client.search_model_versions(f"name = '{name}'"))
         except MlflowException:
             return []
+
+
+def _tag(key: str, value: str) -> Any:
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
 
 
 def mirror_inputs(ws: Workspace, rec: VersionRecord) -> tuple[list[dict[str, Any]], dict[str, Any] | None,
