@@ -214,3 +214,56 @@ def test_bad_calibration_options_are_one_line(args, needle, tiny_base_path, awar
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "home").exists()
+
+
+def test_stats_file_round_trips_exactly(tmp_path):
+    from lbm_registry.lbm.checkpoint import save_safetensors
+    from lbm_registry.lora.calibrate import META_KEY, CalibrationStats, GroupStats, StatsFile
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 40, generator=g)
+    c = x @ x.T / 40
+    c = (c + c.T) / 2
+    stats = CalibrationStats({"a": GroupStats(["a", "a2"], "full", 40, c),
+                              "b": GroupStats(["b"], "diag", 12, torch.rand(5, generator=g))},
+                             {"model_sha256": "ab" * 32, "images": ["cd" * 32]})
+    p1 = stats.save(tmp_path / "s1.safetensors")
+    p2 = stats.save(tmp_path / "s2.safetensors")
+    assert p1.read_bytes() == p2.read_bytes()                       # reproducible bytes
+    assert p1.stat().st_size < 4 * 49 + 4096                         # the full matrix is stored once (packed)
+    back = StatsFile(p1).load()
+    assert back.info == stats.info and set(back.groups) == {"a", "b"}
+    for name, gs in stats.groups.items():
+        assert torch.equal(back.groups[name].moment, gs.moment) and back.groups[name].members == gs.members
+        assert back.groups[name].n == gs.n and back.groups[name].mode == gs.mode
+    assert StatsFile(p1).group_of("a2") == "a" and StatsFile(p1).group_of("zz") is None
+    # damaged files: one clear LoRAError each
+    import json
+
+    meta = {META_KEY: json.dumps(stats.header())}
+    save_safetensors({"a.full": torch.zeros(3)}, tmp_path / "bad.safetensors", meta)
+    with pytest.raises(LoRAError, match="statistics of b are missing"):
+        StatsFile(tmp_path / "bad.safetensors")
+    save_safetensors({"a.full": torch.zeros(3), "b.diag": torch.zeros(5)}, tmp_path / "bad2.safetensors", meta)
+    with pytest.raises(LoRAError, match="expected 28"):
+        StatsFile(tmp_path / "bad2.safetensors").stats("a")
+    save_safetensors({"x": torch.zeros(3)}, tmp_path / "plain.safetensors", {})
+    with pytest.raises(LoRAError, match="not a calibration statistics file"):
+        StatsFile(tmp_path / "plain.safetensors")
+
+
+def test_calibration_options_are_checked_before_torch(tiny_base_path, aware_images, tmp_path, cli_probe_many):
+    """Bad calibration options answer in a fraction of a second: no torch, no model."""
+    from lbm_registry.api import calibration
+    from lbm_registry.lora import calibrate, whiten
+
+    assert calibration.DEFAULT_MEMORY == calibrate.DEFAULT_MEMORY
+    assert calibration.DEFAULT_DAMPING == whiten.DEFAULT_DAMPING
+    common = ["--home", str(tmp_path / "h"), "extract", "--base", str(tiny_base_path), "--tuned", str(tiny_base_path),
+              "--output", str(tmp_path / "x.safetensors")]
+    runs = cli_probe_many([common + ["--calibrate", str(aware_images["calibration"]), "--damping", "0"],
+                           common + ["--calibrate", str(tmp_path / "nothing-here")],
+                           common + ["--stats-output", str(tmp_path / "s.safetensors")]])
+    for r in runs:
+        assert r["rc"] == 2 and len(r["err"].strip().splitlines()) == 1, r
+        assert "torch" not in r["heavy"], r

@@ -39,7 +39,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 SHARD_SUFFIXES = {".tar", ".tgz"}
 DEFAULT_SAMPLES = 32
 STATS_ARTIFACT = "calibration/stats.safetensors"
-DEFAULT_MEMORY = 2 * 10**9   # lora.calibrate.DEFAULT_MEMORY, named without importing torch
+DEFAULT_MEMORY = 3 * 10**9   # lora.calibrate.DEFAULT_MEMORY, named without importing torch
 DEFAULT_DAMPING = 0.01       # lora.whiten.DEFAULT_DAMPING
 SOURCE_KEY = "source.jpg"
 

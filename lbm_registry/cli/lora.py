@@ -83,7 +83,7 @@ def extract(
     calibration_resolution: int | None = typer.Option(
         None, "--calibration-resolution", help="Bucket size for calibration images [default: the model's inference size]."),
     calibration_memory: str | None = typer.Option(
-        None, "--calibration-memory", help="Memory for full covariances, e.g. 2GB [default]; the rest are diagonal."),
+        None, "--calibration-memory", help="Memory for full covariances [default 3GB]; wider layers get diagonal ones."),
     damping: float | None = typer.Option(None, "--damping",
                                          help="Regularisation: C + damping * mean(diag C) * I [default 0.01]."),
     stats_output: Path | None = typer.Option(None, "--stats-output", help="Also write the statistics file here."),

@@ -16,13 +16,17 @@ Layers fed the very same tensor (``to_q``/``to_k``/``to_v`` of an attention bloc
 statistic: groups are found with a small probe forward pass (identity of the input tensors).
 
 Memory: a ``full`` statistic costs ``4 d^2`` bytes, a ``diag`` one ``4 d``. Groups take
-``full`` in order of increasing ``d`` while the total stays within ``memory`` (default 2 GB) and
-``d <= full_max_dim``; the rest are ``diag``. On the tiny twin everything is ``full``; at full
-LBM size (24 GB if all were full) the default keeps every attention/projection input up to 2560
-wide full and sends the 5120-wide feed-forward outputs and the wide 3x3 convolutions to ``diag``.
+``full`` in order of increasing ``d`` while the total stays within ``memory`` (default 3 GB) and
+``d <= full_max_dim``; the rest are ``diag``. Narrow first because a statistic's cost grows as
+``d^2`` while the number of layers it serves does not: the narrow groups are most of the layers.
+On the tiny twin everything is ``full`` (0.15 GB); at full LBM size (24 GB if all were full) the
+default keeps every input up to 2880 wide full (all attention projections and 1x1 convs, the
+320-channel 3x3 convs: 703 of 792 layers, 2.96 GB) and sends the 5120-wide feed-forward outputs
+(``ff.net.2``) and the 3x3 convs of 1280+ input channels to ``diag``.
 
 File: a safetensors file (reproducible bytes: :func:`lbm_registry.lbm.checkpoint.save_safetensors`)
-with one tensor per group, ``<group>.full`` (d, d) or ``<group>.diag`` (d,), fp32, and a
+with one fp32 tensor per group, ``<group>.full`` (the lower triangle of the symmetric d x d
+matrix, row by row: half the bytes) or ``<group>.diag`` (d,), and a
 ``lbm_calibration`` metadata entry (format, groups with members/mode/n, and the provenance the
 caller adds: model hashes, the calibration inputs' hashes, resolution, steps).
 """
@@ -45,7 +49,7 @@ from lbm_registry.lora.whiten import InputStats, StatsMode
 
 META_KEY = "lbm_calibration"
 FORMAT_VERSION = 1
-DEFAULT_MEMORY = 2 * 10**9
+DEFAULT_MEMORY = 3 * 10**9
 FULL_MAX_DIM = 8192
 """Above this many inputs a full statistic is not used whatever the budget: its Cholesky
 (d^3 / 3) and the product dW L (m d^2) would cost more than the whole plain extraction."""
@@ -100,7 +104,7 @@ class CalibrationStats:
         """Write the statistics atomically, with reproducible bytes."""
         from lbm_registry.lbm.checkpoint import save_safetensors
 
-        tensors = {f"{g}.{gs.mode}": gs.moment.detach().float().cpu().contiguous() for g, gs in self.groups.items()}
+        tensors = {f"{g}.{gs.mode}": pack(gs.moment) for g, gs in self.groups.items()}
         meta = {META_KEY: json.dumps(self.header(), sort_keys=True, separators=(",", ":"))}
         return save_safetensors(tensors, dest, meta)
 
@@ -138,8 +142,16 @@ class StatsFile:
 
     def stats(self, group: str) -> InputStats:
         spec = self.groups[group]
-        moment = self.reader.read(f"{group}.{spec['mode']}").float()
-        return InputStats(spec["mode"], moment, int(spec["n"]))
+        return InputStats(spec["mode"], self._moment(group), int(spec["n"]))
+
+    def _moment(self, group: str) -> torch.Tensor:
+        spec = self.groups[group]
+        raw = self.reader.read(f"{group}.{spec['mode']}").float()
+        d = int(spec["dim"])
+        want = d * (d + 1) // 2 if spec["mode"] == "full" else d
+        if raw.ndim != 1 or raw.numel() != want:
+            raise LoRAError(f"{self.path}: statistics of {group} have {raw.numel()} values, expected {want}")
+        return unpack(raw, d) if spec["mode"] == "full" else raw
 
     def modes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -149,9 +161,27 @@ class StatsFile:
 
     def load(self) -> CalibrationStats:
         """Everything in memory (tests, small models)."""
-        groups = {g: GroupStats(list(spec["members"]), spec["mode"], int(spec["n"]),
-                                self.reader.read(f"{g}.{spec['mode']}").float()) for g, spec in self.groups.items()}
+        groups = {g: GroupStats(list(spec["members"]), spec["mode"], int(spec["n"]), self._moment(g))
+                  for g, spec in self.groups.items()}
         return CalibrationStats(groups, dict(self.info))
+
+
+def pack(moment: torch.Tensor) -> torch.Tensor:
+    """A symmetric matrix's lower triangle, row by row (a diagonal passes through), fp32 CPU."""
+    m = moment.detach().float().cpu()
+    if m.ndim == 1:
+        return m.contiguous()
+    rows, cols = torch.tril_indices(m.shape[0], m.shape[0])
+    return m[rows, cols].contiguous()
+
+
+def unpack(values: torch.Tensor, d: int) -> torch.Tensor:
+    """The symmetric d x d matrix :func:`pack` stored."""
+    rows, cols = torch.tril_indices(d, d)
+    out = torch.zeros(d, d, dtype=values.dtype)
+    out[rows, cols] = values
+    out[cols, rows] = values
+    return out
 
 
 # -- which layers get which statistic --------------------------------------------------------
