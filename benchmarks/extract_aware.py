@@ -94,6 +94,37 @@ def _heldout(setup: dict[str, Path], lora_path: Path, which: str = "heldout") ->
             "psnr": hc.psnr, "base_psnr": hc.base_psnr, "images": hc.images}
 
 
+def full_size_diag_groups() -> set[str]:
+    """Module names whose statistic the default 3 GB rule makes diagonal at FULL LBM size."""
+    from lbm_registry.lbm.config import load_config
+    from lbm_registry.lbm.model import build_model, weight_layers
+    from lbm_registry.lora.calibrate import DEFAULT_MEMORY, StatsCollector, input_dim, plan_modes, probe_input
+
+    tiny = build_model(load_config(ROOT / "configs" / "lbm-tiny.yaml"), seed=0)
+    col = StatsCollector(tiny.denoiser, weight_layers(tiny.denoiser))
+    with col:
+        x, s = probe_input(tiny)
+        col.discover(lambda: tiny.velocity(x, s))
+    full = weight_layers(build_model(load_config(ROOT / "configs" / "lbm-relighting.yaml"), meta=True).denoiser)
+    modes = plan_modes({g: input_dim(full[g]) for g in col.members}, DEFAULT_MEMORY)
+    return {m for g, mode in modes.items() if mode == "diag" for m in col.members[g]}
+
+
+def restrict_stats(src: Path, dest: Path, to_diag) -> Path:
+    """A copy of a statistics file whose groups ``to_diag(member names)`` keep only their diagonal."""
+    import torch
+
+    from lbm_registry.lora.calibrate import CalibrationStats, GroupStats, StatsFile
+
+    stats = StatsFile(src).load()
+    groups = {}
+    for g, gs in stats.groups.items():
+        if gs.mode == "full" and to_diag(gs.members):
+            gs = GroupStats(gs.members, "diag", gs.n, torch.diagonal(gs.moment).clone())
+        groups[g] = gs
+    return CalibrationStats(groups, stats.info).save(dest)
+
+
 def run_tiny(json_out: Path | None) -> dict:
     import torch
 
@@ -157,9 +188,18 @@ def run_tiny(json_out: Path | None) -> dict:
             row = run(f"calibrated-damping-{damping}", rank=8, conv_rank=4, calibration_stats=str(stats),
                       damping=damping)
             extras.append({"what": f"damping {damping:g} (default 0.01), 8/4", **_clean(row)})
-        row = run("calibrated-diag-8-4", rank=8, conv_rank=4, calibrate=[str(setup["calibration"])],
-                  calibration_samples=CALIBRATION_IMAGES, calibration_resolution=RESOLUTION, calibration_memory=1)
-        extras.append({"what": "diagonal statistics only (--calibration-memory 1), 8/4", **_clean(row)})
+        diag_full = full_size_diag_groups()
+        variants = (
+            ("diagonal statistics everywhere", lambda ms: True),
+            ("diagonal for the layers the full-size 3 GB rule makes diagonal (ff.net.2, 3x3 convs of 640+ "
+             "input channels)", lambda ms: any(m in diag_full for m in ms)),
+            ("diagonal for every conv, full for the linear layers", lambda ms: any("conv" in m for m in ms)),
+            ("diagonal for every linear layer, full for the convs", lambda ms: not any("conv" in m for m in ms)),
+        )
+        for i, (what, pred) in enumerate(variants):
+            path = restrict_stats(stats, tmp / f"variant{i}.safetensors", pred)
+            row = run(f"calibrated-variant{i}", rank=8, conv_rank=4, calibration_stats=str(path))
+            extras.append({"what": f"{what}, 8/4", **_clean(row)})
         budget = plain84["size_bytes"]
         for name, opts in (("plain-budget", {}), ("calibrated-budget", {"calibration_stats": str(stats)})):
             row = run(name, budget=budget, **opts)

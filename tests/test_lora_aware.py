@@ -262,3 +262,15 @@ def test_calibration_options_are_checked_before_torch(tiny_base_path, aware_imag
     for r in runs:
         assert r["rc"] == 2 and len(r["err"].strip().splitlines()) == 1, r
         assert "torch" not in r["heavy"], r
+
+
+def test_memory_rule_gives_full_statistics_to_the_narrow_layers():
+    from lbm_registry.lora.calibrate import plan_modes
+
+    dims = {"a": 10, "b": 100, "c": 1000, "d": 100}
+    assert plan_modes(dims, 10**9) == {"a": "full", "b": "full", "c": "full", "d": "full"}
+    # room for the diagonals and the two 100-wide ones, not for the 1000-wide one
+    budget = 4 * (10 + 100 + 1000 + 100) + 4 * (10 * 10 + 100 * 100 * 2)
+    assert plan_modes(dims, budget) == {"a": "full", "b": "full", "c": "diag", "d": "full"}
+    assert set(plan_modes(dims, 1).values()) == {"diag"}
+    assert plan_modes(dims, 10**9, full_max_dim=100)["c"] == "diag"

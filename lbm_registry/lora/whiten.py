@@ -39,6 +39,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from lbm_registry.errors import LoRAError
 from lbm_registry.lora.extract import LayerFactors, choose_energy_rank, factorize
 from lbm_registry.lora.stream import LayerDelta
 from lbm_registry.lora.svd import SVDResult, SVDSettings, top_singular_values, truncated_svd
@@ -322,7 +323,8 @@ class Whitener:
         if group not in self._factors:
             stats = self.source.stats(group)
             if stats.dim != dim:
-                raise ValueError(f"calibration statistics of {module} have {stats.dim} inputs, the layer {dim}")
+                raise LoRAError(f"calibration statistics of {module} have {stats.dim} inputs, the layer has {dim}: "
+                                "statistics of another architecture")
             self._factors[group] = whitening(stats, self.damping)
             while len(self._factors) > CACHE_GROUPS:
                 self._factors.popitem(last=False)
