@@ -478,6 +478,9 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
             notes.append(f"comparing with {tuned_asset.label}, not the model the LoRA was extracted from")
     modules, _ = denoiser_layers(base_reader)
     check_lora_targets(lora, modules)
+    if heldout_inputs is not None and (tuned_asset is None or config is None):
+        raise LoRAError("--images compares base + LoRA with the tuned model: it needs --tuned (or a LoRA that "
+                        "records it) and an LBM config")
 
     checks = None
     summary: dict[str, Any] = {}
@@ -512,8 +515,7 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
         notes.append("no tuned model known: per-layer and functional errors need --tuned")
     held = None
     if heldout_inputs is not None:
-        if tuned_asset is None or config is None:
-            raise LoRAError("--images compares with the tuned model: it needs --tuned (or a lineage) and an LBM config")
+        assert tuned_asset is not None and config is not None
         held = _held_out(heldout_inputs, lora, base_asset, tuned_asset, config, samples, resolution, notes, progress)
     elif (lora.info.get("calibration") or {}).get("images"):
         notes.append("this LoRA was calibrated on images: pass --images with other images to measure it on held-out data")
