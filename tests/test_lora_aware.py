@@ -96,7 +96,7 @@ def test_calibrated_beats_plain_on_every_layer_of_the_calibration_batch(aware_st
     assert rep.calibration["mean_out_error"] < 0.8 * rep.calibration["mean_plain_out_error"]
 
 
-def test_reuse_is_reproducible_and_other_ranks_are_cheap(aware_stats, aware_tuned, tiny_base_path, lora_settings,
+def test_reused_statistics_give_the_same_factors(aware_stats, aware_tuned, tiny_base_path, lora_settings,
                                                          tmp_path):
     rep, stats_path = aware_stats
     again = extract(str(tiny_base_path), str(aware_tuned), rank=4, conv_rank=2, dtype="fp32",
@@ -109,7 +109,11 @@ def test_reuse_is_reproducible_and_other_ranks_are_cheap(aware_stats, aware_tune
     assert cal["reused_from"] == str(stats_path)
     assert cal["stats_sha256"] == rep.calibration["stats_sha256"]
     assert cal["inputs_sha256"] == rep.calibration["inputs_sha256"]
-    # another policy from the same statistics: energy on the whitened (output) spectrum
+
+
+@pytest.mark.slow
+def test_energy_policy_reads_the_output_spectrum(aware_stats, aware_tuned, tiny_base_path, lora_settings, tmp_path):
+    _, stats_path = aware_stats
     en = extract(str(tiny_base_path), str(aware_tuned), energy=0.8, output=tmp_path / "e.safetensors",
                  settings=lora_settings, calibration_stats=str(stats_path))
     assert all(r.out_error <= r.plain_out_error for r in en.result.layers)
