@@ -296,6 +296,9 @@ def main() -> None:
     ap.add_argument("--no-original", action="store_true", help="skip the original method")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--reuse", type=Path, help="take the 'ours' runs from this earlier --json output")
+    ap.add_argument("--aware", action="store_true",
+                    help="activation-aware vs plain on a trained tiny fine-tune (benchmarks/extract_aware.py)")
+    ap.add_argument("--aware-full", action="store_true", help="calibrated extraction's cost at full size")
     ap.add_argument("--_original", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--tuned", help=argparse.SUPPRESS)
@@ -306,6 +309,15 @@ def main() -> None:
     args = ap.parse_args()
     if args._original:
         original_worker(args)
+        return
+    if args.aware or args.aware_full:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import extract_aware
+
+        if args.aware:
+            print(extract_aware.markdown_tiny(extract_aware.run_tiny(args.json)))
+        if args.aware_full:
+            print(extract_aware.markdown_full(extract_aware.run_full(args.json)))
         return
 
     config = ROOT / "configs" / ("lbm-tiny.yaml" if args.quick else "lbm-relighting.yaml")

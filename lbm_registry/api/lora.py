@@ -211,21 +211,32 @@ class ExtractReport(WrittenLoRAReport):
     ref: str | None = None          # name@N when registered
     registered_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None   # provenance and per-layer outcome of --calibrate
 
     def to_dict(self, layers: bool = True) -> dict[str, Any]:
-        return self._to_dict(layers, base=self.base, tuned=self.tuned)
+        extra = {"calibration": self.calibration} if self.calibration is not None else {}
+        return self._to_dict(layers, base=self.base, tuned=self.tuned, **extra)
 
 
 def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | None = None,
             energy: float | None = None, budget: str | int | None = None, max_rank: int | None = None,
             alpha: float | None = None, dtype: str = "bf16", output: str | Path | None = None,
             register: str | None = None, settings: WorkspaceSettings | None = None,
-            progress: ProgressFn | None = None, svd: SVDSettings | None = None) -> ExtractReport:
+            progress: ProgressFn | None = None, svd: SVDSettings | None = None,
+            calibrate: str | list[str] | None = None, calibration_samples: int | None = None,
+            calibration_stats: str | None = None, calibration_resolution: int | None = None,
+            calibration_memory: str | int | None = None, damping: float | None = None,
+            stats_output: str | Path | None = None, calibration_model: str = "tuned") -> ExtractReport:
     """Extract a LoRA of ``tuned - base`` over every denoiser weight layer.
 
     Writes ``output`` (atomically, at the end) and/or registers the LoRA as ``register`` with
     its lineage, per-layer facts and a spectrum plot. Every bad input raises one LBMError
     before anything is written.
+
+    ``calibrate`` (images, folders, shards) or ``calibration_stats`` (a statistics file, or a
+    LoRA extracted with them) make the extraction activation-aware: each layer keeps what
+    matters for its output on real inputs (see :mod:`lbm_registry.lora.whiten` and
+    :mod:`lbm_registry.api.calibration`).
     """
     import tempfile
 
@@ -242,6 +253,11 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     from lbm_registry.fileio import check_output_file
 
     check_output_file(output, LoRAError)
+    from lbm_registry.api.calibration import CalibrationPlan
+
+    calib = CalibrationPlan.from_options(calibrate, samples=calibration_samples, stats=calibration_stats,
+                                         resolution=calibration_resolution, memory=calibration_memory,
+                                         damping=damping, stats_output=stats_output, model=calibration_model)
     settings = _settings(settings)
     if register is not None:
         from lbm_registry.api.registry import check_name_free
@@ -271,24 +287,43 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     }
     if register is not None:
         info["title"] = register
+    scratch = Path(tempfile.mkdtemp(prefix="lbm-calib-")) if calib is not None else None
     try:
+        whitener, header_bytes, stats_path = None, 0, None
+        if calib is not None and scratch is not None:
+            from lbm_registry.lora.calibrate import StatsFile
+            from lbm_registry.lora.whiten import Whitener
+
+            run = calib.prepare(pair, scratch, settings, progress)
+            if calib.sources is not None:   # the model ran (reused statistics cost a read)
+                timings["calibrate_s"] = run.seconds
+            stats_path = run.path
+            info["calibration"] = {**run.info, "damping": calib.damping}
+            header_bytes = len(json.dumps(info["calibration"]))
+            whitener = Whitener(StatsFile(stats_path), calib.damping)
         result = extract_lora(pair.base_reader, pair.tuned_reader, pair.modules, dest, policy=policy, alpha=alpha,
                               dtype=dtype, settings=svd or SVDSettings(), info=info, other_keys=pair.other_keys,
-                              prefix=PREFIX, progress=progress)
+                              prefix=PREFIX, progress=progress, whitener=whitener, header_bytes=header_bytes)
         timings["extract_s"] = result.seconds
         report = ExtractReport(result=result, base=_asset_dict(pair.base), tuned=_asset_dict(pair.tuned),
                                timings=timings)
+        if whitener is not None:
+            outs = [(r.out_error, r.plain_out_error or 0.0) for r in result.layers if r.out_error is not None]
+            report.calibration = {**info["calibration"], "outcome": dict(sorted(whitener.counts.items())),
+                                  "mean_out_error": sum(o for o, _ in outs) / max(len(outs), 1),
+                                  "mean_plain_out_error": sum(p for _, p in outs) / max(len(outs), 1)}
         if register is not None:
             t1 = time.perf_counter()
-            asset = _register_extraction(result, register, pair, settings, started)
+            asset = _register_extraction(result, register, pair, settings, stats_path, report.calibration, started)
             report.ref = asset.ref
             report.registered_path = str(asset.path)
             timings["register_s"] = time.perf_counter() - t1
     finally:
-        if tmpdir is not None:
-            import shutil
+        import shutil
 
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        for folder in (tmpdir, scratch):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     return report
 
 
@@ -298,7 +333,8 @@ def _layer_facts(result: ExtractionResult) -> list[dict[str, Any]]:
 
 
 def _register_extraction(result: ExtractionResult, name: str, pair: ModelPair,
-                         settings: WorkspaceSettings, started: float | None = None) -> ResolvedAsset:
+                         settings: WorkspaceSettings, stats_path: Path | None = None,
+                         calibration: dict[str, Any] | None = None, started: float | None = None) -> ResolvedAsset:
     import tempfile
 
     from lbm_registry.api.registry import register_asset
@@ -317,10 +353,15 @@ def _register_extraction(result: ExtractionResult, name: str, pair: ModelPair,
         "uncaptured": result.uncaptured,
         "rank_histogram": {str(k): v for k, v in result.rank_histogram().items()},
     }
+    if calibration is not None:
+        facts["calibration"] = calibration
     params = {"policy": policy.kind, **{k: v for k, v in policy.to_dict().items() if k != "kind"},
               "alpha": result.alpha if result.alpha is not None else "rank", "dtype": result.dtype}
     metrics = {"mean_error": result.mean_error, "max_error": result.max_error, "size_bytes": result.size_bytes,
                "layers": len(result.layers), "skipped": len(result.skipped), "extract_seconds": result.seconds}
+    if calibration is not None:   # the per-layer output errors, and what plain SVD would have had
+        metrics["mean_out_error"] = calibration["mean_out_error"]
+        metrics["mean_plain_out_error"] = calibration["mean_plain_out_error"]
     with tempfile.TemporaryDirectory(prefix="lbm-lora-art-") as tmp:
         artifacts: dict[str, Path] = {}
         png = plot_spectra(result.layers, Path(tmp) / "spectrum.png", title=f"{name}: {policy.describe()}")
@@ -330,6 +371,10 @@ def _register_extraction(result: ExtractionResult, name: str, pair: ModelPair,
         table.write_text(json.dumps({"layers": [r.to_dict(spectrum=True) for r in result.layers],
                                      "skipped": facts["skipped"], "uncaptured": result.uncaptured}, indent=1))
         artifacts["extraction.json"] = table
+        if stats_path is not None:
+            from lbm_registry.api.calibration import STATS_ARTIFACT
+
+            artifacts[STATS_ARTIFACT] = stats_path
         from lbm_registry.api.probe import probe_artifacts
 
         artifacts.update(probe_artifacts(Path(tmp), base_path=pair.base.path, config=pair.config,
@@ -349,6 +394,7 @@ class ValidateReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     functional: dict[str, Any] | None = None
+    held_out: dict[str, Any] | None = None      # validate --images: base + LoRA vs tuned on real images
     notes: list[str] = field(default_factory=list)
     layers_file: str | None = None
     recorded: bool = False
@@ -398,17 +444,28 @@ def _resolve_role(explicit: str | None, lora_asset: ResolvedAsset, info: dict[st
 
 def validate(ref: str, *, base: str | None = None, tuned: str | None = None, layers_file: str | Path | None = None,
              functional: bool = True, latent_size: int = 32, settings: WorkspaceSettings | None = None,
-             progress: ProgressFn | None = None) -> ValidateReport:
+             progress: ProgressFn | None = None, images: str | list[str] | None = None,
+             samples: int | None = None, resolution: int | None = None) -> ValidateReport:
     """Check base + LoRA against the tuned model, per layer and on denoiser outputs.
 
     Without a tuned model (e.g. a trained LoRA) only coverage and fit are checked. When the
-    LoRA is a registered version, the results are recorded on it.
+    LoRA is a registered version, the results are recorded on it. ``images`` (files, folders,
+    shards) adds the check on real images, held out: images the LoRA was calibrated on are left
+    out (a note says how many), and only calibration images is refused.
     """
+    from lbm_registry.api.calibration import check_resolution, check_samples, list_inputs
     from lbm_registry.api.registry import resolve
     from lbm_registry.fileio import check_output_file
 
     check_output_file(layers_file, LoRAError, "--layers-file")
     settings = _settings(settings)
+    heldout_inputs = None
+    if images is not None and images != []:
+        check_samples(samples, "--samples")
+        check_resolution(resolution, None, "--resolution")
+        heldout_inputs = list_inputs(images, what="--images")
+    elif samples is not None or resolution is not None:
+        raise LoRAError(("--samples" if samples is not None else "--resolution") + " applies to --images")
     lora_asset = resolve(ref, settings, ("lora",))   # an unknown reference fails before torch loads
 
     from lbm_registry.lbm.checkpoint import CheckpointReader
@@ -436,6 +493,10 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     from lbm_registry.lora.alpha import clipped_alpha_of
 
     clipped = clipped_alpha_of(lora)
+
+    if heldout_inputs is not None and (tuned_asset is None or config is None):
+        raise LoRAError("--images compares base + LoRA with the tuned model: it needs --tuned (or a LoRA that "
+                        "records it) and an LBM config")
 
     checks = None
     summary: dict[str, Any] = {}
@@ -472,6 +533,12 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
         notes.append("no tuned model known: per-layer and functional errors need --tuned")
     if clipped:
         notes.append(_alpha_note(clipped, checks))
+    held = None
+    if heldout_inputs is not None:
+        assert tuned_asset is not None and config is not None
+        held = _held_out(heldout_inputs, lora, base_asset, tuned_asset, config, samples, resolution, notes, progress)
+    elif (lora.info.get("calibration") or {}).get("images"):
+        notes.append("this LoRA was calibrated on images: pass --images with other images to measure it on held-out data")
     cov = asdict(coverage(lora, checks, modules))
 
     written = None
@@ -487,7 +554,7 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
         tuned=_asset_dict(tuned_asset) if tuned_asset is not None else None,
         coverage=cov,  # complete lists: JSON readers get every module
         layers=[{**c.to_dict(), **_alpha_cause(c, clipped)} for c in checks] if checks is not None else [],
-        summary=summary, functional=func, notes=notes, layers_file=written,
+        summary=summary, functional=func, held_out=held, notes=notes, layers_file=written,
     )
     if lora_asset.kind == "lora" and lora_asset.version is not None:
         from lbm_registry.registry.workspace import read_only_home
@@ -521,6 +588,32 @@ def _alpha_note(clipped: Any, checks: list[Any] | None) -> str:
     return f"{line}. Their error is alpha's: mean {now:.4g} as stored, {fixed:.4g} with alpha = rank"
 
 
+def _held_out(inputs: list[Any], lora: Any, base: ResolvedAsset, tuned: ResolvedAsset, config: LBMConfig,
+              samples: int | None, resolution: int | None, notes: list[str],
+              progress: ProgressFn | None) -> dict[str, Any]:
+    """The held-out image check: calibration images (by content hash) left out first."""
+    from lbm_registry.api.calibration import DEFAULT_SAMPLES, check_resolution, image_tensor, take
+    from lbm_registry.lora.validate import heldout_check
+
+    check_resolution(resolution, config, "--resolution")
+    calibration = set((lora.info.get("calibration") or {}).get("images") or [])
+    chosen, excluded = take(inputs, samples or DEFAULT_SAMPLES, frozenset(calibration))
+    if not chosen:
+        raise LoRAError(f"all {excluded} image(s) given are calibration images of this LoRA: pass held-out images")
+    if excluded:
+        notes.append(f"{excluded} of the images given were calibration images of this LoRA: left out")
+    tensors = [image_tensor(data, item.label, config, resolution) for item, data in chosen]
+    if progress:
+        progress("held-out", 0, 1)
+    hc = heldout_check(base.path, tuned.path, lora, config, tensors, labels=[item.label for item, _ in chosen])
+    if progress:
+        progress("held-out", 1, 1)
+    out = asdict(hc)
+    out.update(resolution=resolution or config.inference.base_resolution, calibration_images_excluded=excluded,
+               images_sha256=[item.sha256 for item, _ in chosen])
+    return out
+
+
 def _total_energy(checks: list[Any]) -> float:
     """Share of the whole model's ||dW||^2 the LoRA keeps (layers weighted by their delta)."""
     tot = sum(c.delta_norm**2 for c in checks)
@@ -539,6 +632,8 @@ def _record_validation(asset: ResolvedAsset, report: ValidateReport, settings: W
         "coverage": {k: v for k, v in report.coverage.items() if k != "changed_not_covered"},
         **{k: v for k, v in report.summary.items() if k != "worst"},
         "functional": report.functional,
+        "held_out": ({k: v for k, v in report.held_out.items() if k != "per_image"}
+                     if report.held_out is not None else None),
         "notes": report.notes,
         "validated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -551,6 +646,11 @@ def _record_validation(asset: ResolvedAsset, report: ValidateReport, settings: W
         for row in report.functional.get("per_sigma") or []:  # what validate prints, per sigma
             metrics[f"functional_error_sigma_{row['sigma']:.3g}"] = row["error"]
             metrics[f"functional_base_error_sigma_{row['sigma']:.3g}"] = row["base_error"]
+    if report.held_out is not None:
+        metrics["held_out_functional_error"] = report.held_out["functional_error"]
+        metrics["held_out_psnr"] = report.held_out["psnr"]
+        metrics["held_out_base_psnr"] = report.held_out["base_psnr"]
+        metrics["held_out_recovered"] = report.held_out["recovered"]
     if report.summary:
         metrics["validation_mean_error"] = report.summary["mean_error"]
         metrics["validation_max_error"] = report.summary["max_error"]

@@ -262,6 +262,35 @@ def attach_artifact(asset: ResolvedAsset, path: str | Path, settings: WorkspaceS
         _attach(ws, rec, Path(path))
 
 
+def fetch_artifact(asset: ResolvedAsset, rel: str, scratch: str | Path,
+                   settings: WorkspaceSettings | None = None) -> Path:
+    """One file of a registered version's MLflow run (e.g. a LoRA's calibration statistics):
+    read in place from a local artifact store, downloaded into ``scratch`` from a server."""
+    from lbm_registry.registry import catalog
+    from lbm_registry.registry.mlflow_sqlite import SqliteMirror
+    from lbm_registry.registry.tracking import Tracker, _local_dir, mlflow_errors
+
+    if asset.kind == "file" or not asset.name or asset.version is None:
+        raise RegistryError(f"{asset.ref} is not a registered version")
+    with open_existing(settings) as ws:
+        rec = catalog.version(ws.db, asset.name, asset.version)
+        if rec is None or not rec.mlflow_run_id:
+            raise RegistryError(f"{asset.ref} has no MLflow run (run 'lbm-reg doctor --repair')")
+        fast = SqliteMirror.open(ws)
+        folder = fast.artifact_folder(rec.mlflow_run_id) if fast is not None else None
+        if folder is None:
+            tracker = Tracker(ws)
+            with mlflow_errors(f"artifacts of {rec.ref}"):
+                folder = _local_dir(tracker.client.get_run(rec.mlflow_run_id).info.artifact_uri)
+                if folder is None:
+                    Path(scratch).mkdir(parents=True, exist_ok=True)
+                    return Path(tracker.client.download_artifacts(rec.mlflow_run_id, rel, str(scratch)))
+        path = folder / rel
+        if not path.is_file():
+            raise RegistryError(f"{rec.ref} has no artifact {rel}")
+        return path
+
+
 def list_assets(settings: WorkspaceSettings | None = None, kind: str | None = None) -> list[dict[str, Any]]:
     """Every asset with its latest ready version (name, kind, latest, versions, sha256, size,
     dtype, created_at, aliases, and LoRA rank/policy/mean_error)."""

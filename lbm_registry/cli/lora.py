@@ -14,7 +14,8 @@ from lbm_registry.cli._common import JSON_OPTION, LazyProgress, console, print_j
 from lbm_registry.units import format_size
 
 _PHASES = {"spectra": "spectra (budget pass 1)", "refine": "deeper spectra", "extract": "extracting",
-           "layers": "per-layer check", "functional": "functional check"}
+           "layers": "per-layer check", "functional": "functional check", "calibrate": "calibration images",
+           "held-out": "held-out images"}
 
 
 class _ProgressBar:
@@ -72,6 +73,20 @@ def extract(
     dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype: bf16, fp16, fp32."),
     register: str | None = typer.Option(None, "--register", help="Register the LoRA under this name."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the LoRA file here."),
+    calibrate: list[str] | None = typer.Option(
+        None, "--calibrate", help="Activation-aware: images, folders or .tar shards to run the tuned model on "
+        "(repeatable); each layer keeps what matters for its output."),
+    calibration_samples: int | None = typer.Option(None, "--calibration-samples",
+                                                   help="Calibration images to use [default 32]."),
+    calibration_stats: str | None = typer.Option(
+        None, "--calibration-stats", help="Reuse statistics: a LoRA REF extracted with --calibrate, or a stats file."),
+    calibration_resolution: int | None = typer.Option(
+        None, "--calibration-resolution", help="Bucket size for calibration images [default: the model's inference size]."),
+    calibration_memory: str | None = typer.Option(
+        None, "--calibration-memory", help="Memory for full covariances [default 3GB]; wider layers get diagonal ones."),
+    damping: float | None = typer.Option(None, "--damping",
+                                         help="Regularisation: C + damping * mean(diag C) * I [default 0.01]."),
+    stats_output: Path | None = typer.Option(None, "--stats-output", help="Also write the statistics file here."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Extract a LoRA: SVD of (tuned - base) over all 792 denoiser weight layers."""
@@ -80,7 +95,10 @@ def extract(
     with _ProgressBar() as bar:
         report = api.extract(base, tuned, rank=rank, conv_rank=conv_rank, energy=energy, budget=budget,
                              max_rank=max_rank, alpha=alpha, dtype=dtype, output=output, register=register,
-                             settings=settings(ctx), progress=bar)
+                             settings=settings(ctx), progress=bar, calibrate=calibrate or None,
+                             calibration_samples=calibration_samples, calibration_stats=calibration_stats,
+                             calibration_resolution=calibration_resolution, calibration_memory=calibration_memory,
+                             damping=damping, stats_output=stats_output)
     data = report.to_dict(layers=as_json)
     if as_json:
         print_json(data)
@@ -116,6 +134,9 @@ def _render_extract(d: dict[str, Any]) -> None:
                                                                                       if notes else ""))
     for i, w in enumerate(d["worst"][:5]):
         t.add_row("worst layers" if i == 0 else "", f"{w['rel_error']:.4f}  r{w['rank']}  {w['module']}")
+    cal = d.get("calibration")
+    if cal:
+        _render_calibration(t, cal)
     if d["uncaptured"]:
         finite = [u for u in d["uncaptured"] if u["rel_change"] != float("inf")]
         from_zero = len(d["uncaptured"]) - len(finite)
@@ -132,12 +153,32 @@ def _render_extract(d: dict[str, Any]) -> None:
     con.print(f"[green]wrote[/] {where}  ({format_size(d['size_bytes'])})")
 
 
+def _render_calibration(t: Any, cal: dict[str, Any]) -> None:
+    where = f"reused from {cal['reused_from']}" if cal.get("reused_from") else f"{cal.get('samples')} images"
+    modes = ", ".join(f"{n} {m}" for m, n in sorted((cal.get("modes") or {}).items()))
+    t.add_row("calibration", f"{where} through the {cal.get('model', 'tuned')} model at {cal.get('resolution')} px, "
+                             f"{cal.get('steps')} step(s); statistics: {modes}; damping {cal.get('damping'):g}")
+    t.add_row("", f"inputs sha256 {str(cal.get('inputs_sha256'))[:12]}, statistics sha256 "
+                  f"{str(cal.get('stats_sha256'))[:12]}")
+    outcome = cal.get("outcome") or {}
+    t.add_row("layers", "; ".join(f"{n} {what}" for what, n in outcome.items()))
+    if cal.get("mean_out_error") is not None:
+        t.add_row("output error", f"mean {cal['mean_out_error']:.4f} vs {cal['mean_plain_out_error']:.4f} for plain "
+                                  "SVD (||(dW - BA) X|| / ||dW X|| per layer, on the calibration statistics)")
+
+
 def validate(
     ctx: typer.Context,
     ref: str = typer.Argument(..., help="LoRA REF."),
     base: str | None = typer.Option(None, "--base", help="Base REF (default: from the lineage)."),
     tuned: str | None = typer.Option(None, "--tuned", help="Tuned REF (default: from the lineage)."),
     layers_file: Path | None = typer.Option(None, "--layers-file", help="Write the layer-name list here."),
+    images: list[str] | None = typer.Option(
+        None, "--images", help="Also compare on these images (files, folders, .tar shards; repeatable); "
+        "the LoRA's calibration images are left out."),
+    samples: int | None = typer.Option(None, "--samples", help="Images to use from --images [default 32]."),
+    resolution: int | None = typer.Option(None, "--resolution",
+                                          help="Bucket size for --images [default: the model's inference size]."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Check base + LoRA ~ tuned, per layer and on denoiser outputs."""
@@ -145,7 +186,7 @@ def validate(
 
     with _ProgressBar() as bar:
         report = api.validate(ref, base=base, tuned=tuned, layers_file=layers_file, settings=settings(ctx),
-                              progress=bar)
+                              progress=bar, images=images or None, samples=samples, resolution=resolution)
     if as_json:
         print_json(report.to_dict())
         return
@@ -185,6 +226,14 @@ def _render_validate(d: dict[str, Any]) -> None:
                                       f"base alone: {f['base_error']:.5f})")
         t.add_row("effect recovered", f"{f['recovered']:.2%} of the fine-tune's change in output")
         t.add_row("per sigma", "  ".join(f"{p['sigma']:g}: {p['error']:.5f}" for p in f["per_sigma"]))
+    h = d.get("held_out")
+    if h:
+        t.add_row("held-out images", f"{h['images']} at {h['resolution']} px, {h['steps']} step(s)"
+                                     + (f" ({h['calibration_images_excluded']} calibration images left out)"
+                                        if h["calibration_images_excluded"] else ""))
+        t.add_row("  functional error", f"{h['functional_error']:.5f}  (base alone: {h['base_error']:.5f}; "
+                                        f"recovered {h['recovered']:.2%})")
+        t.add_row("  PSNR vs tuned", f"{h['psnr']:.2f} dB  (base alone: {h['base_psnr']:.2f} dB)")
     for note in d["notes"]:
         t.add_row("note", note)
     if d["layers_file"]:

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -71,12 +71,17 @@ class LayerResult:
     norm: float
     seconds: float
     spectrum: list[float] = field(default_factory=list, repr=False)
+    out_error: float | None = None         # calibrated: ||(dW - BA) X|| / ||dW X|| (lora/whiten.py)
+    plain_out_error: float | None = None   # the same for plain SVD at this rank
 
     def to_dict(self, spectrum: bool = False) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
         if not spectrum:
             d.pop("spectrum")
+        if self.out_error is None:
+            d.pop("out_error")
+            d.pop("plain_out_error")
         return d
 
 
@@ -157,6 +162,23 @@ class LayerFactors:
     rel_error: float
     method: str
     spectrum: torch.Tensor | None = None   # singular values the SVD produced (None at full rank)
+    out_error: float | None = None         # calibrated extraction only (lora/whiten.py)
+    plain_out_error: float | None = None
+
+
+class LayerWhitener(Protocol):
+    """Calibrated extraction's per-layer hook (:class:`lbm_registry.lora.whiten.Whitener`):
+    the spectra the rank policies read (of ``dW L``: output error) and the stored factors."""
+
+    def top_values(self, d: LayerDelta, depth: int, settings: SVDSettings,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, bool]: ...
+
+    def energy_rank(self, d: LayerDelta, fraction: float, limit: int, settings: SVDSettings,
+                    generator: torch.Generator | None) -> tuple[int, SVDResult | None]: ...
+
+    def factorize(self, d: LayerDelta, rank: int, *, alpha: float | None, dtype: torch.dtype,
+                  settings: SVDSettings, generator: torch.Generator | None, svd: SVDResult | None = None,
+                  scratch: torch.Tensor | None = None) -> LayerFactors: ...
 
 
 def _shape_factors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +288,8 @@ def compare_other_tensors(base: CheckpointReader, tuned: CheckpointReader, keys:
 
 def _spectra_pass(base: CheckpointReader, tuned: CheckpointReader, modules: Mapping[str, tuple[int, ...]],
                   depths: Mapping[str, int], policy: RankPolicy, settings: SVDSettings, prefix: str,
-                  phase: str, progress: ProgressFn | None) -> tuple[dict[str, LayerSpectrum], dict[str, float]]:
+                  phase: str, progress: ProgressFn | None,
+                  whitener: LayerWhitener | None = None) -> tuple[dict[str, LayerSpectrum], dict[str, float]]:
     spectra: dict[str, LayerSpectrum] = {}
     norms: dict[str, float] = {}
     with DeltaStream(base, tuned, modules, prefix=prefix) as stream:
@@ -276,8 +299,11 @@ def _spectra_pass(base: CheckpointReader, tuned: CheckpointReader, modules: Mapp
                 m, n = d.matrix.shape
                 limit = policy.limit(d.shape)
                 with single_thread_below(m * n, SMALL_LAYER_NUMEL):
-                    vals, complete = top_singular_values(d.matrix, depths[d.module], settings,
-                                                         settings.generator(d.module))
+                    if whitener is None:
+                        vals, complete = top_singular_values(d.matrix, depths[d.module], settings,
+                                                             settings.generator(d.module))
+                    else:   # the spectrum of dW L: output error per byte
+                        vals, complete = whitener.top_values(d, depths[d.module], settings, settings.generator(d.module))
                 spectra[d.module] = LayerSpectrum(vals.cpu(), m + n, limit, complete or len(vals) >= limit)
             if progress:
                 progress(phase, i, len(modules))
@@ -286,7 +312,8 @@ def _spectra_pass(base: CheckpointReader, tuned: CheckpointReader, modules: Mapp
 
 def plan_budget_ranks(base: CheckpointReader, tuned: CheckpointReader, modules: Mapping[str, tuple[int, ...]],
                       policy: RankPolicy, dtype: str, settings: SVDSettings, prefix: str = "denoiser.",
-                      progress: ProgressFn | None = None) -> dict[str, int]:
+                      progress: ProgressFn | None = None, whitener: LayerWhitener | None = None,
+                      header_bytes: int = 0) -> dict[str, int]:
     """Pass 1 of ``--budget``: per-layer spectra, then the greedy allocation.
 
     Spectra start as randomized top-64 sketches (exact ``svdvals`` for small layers); a layer
@@ -295,12 +322,12 @@ def plan_budget_ranks(base: CheckpointReader, tuned: CheckpointReader, modules: 
     allocation only ever relies on estimated singular values, never on a truncated spectrum.
     """
     bpp = DTYPE_BYTES[dtype]
-    budget_params = (policy.budget_bytes - lora_header_overhead(modules)) // bpp
+    budget_params = (policy.budget_bytes - lora_header_overhead(modules) - header_bytes) // bpp
     if budget_params <= 0:
         raise LoRAError(f"--budget {format_size(policy.budget_bytes or 0)} is smaller than the file's header "
                         f"(~{lora_header_overhead(modules)} bytes for {len(modules)} layers)")
     depths = {m: min(policy.limit(s), BUDGET_START_DEPTH) for m, s in modules.items()}
-    spectra, _ = _spectra_pass(base, tuned, modules, depths, policy, settings, prefix, "spectra", progress)
+    spectra, _ = _spectra_pass(base, tuned, modules, depths, policy, settings, prefix, "spectra", progress, whitener)
     alloc = allocate_budget(spectra, budget_params)
     for _ in range(8):
         if not alloc.saturated:
@@ -308,7 +335,7 @@ def plan_budget_ranks(base: CheckpointReader, tuned: CheckpointReader, modules: 
         deeper = {m: modules[m] for m in alloc.saturated}
         for m in deeper:
             depths[m] = min(spectra[m].limit, depths[m] * 4)
-        more, _ = _spectra_pass(base, tuned, deeper, depths, policy, settings, prefix, "refine", progress)
+        more, _ = _spectra_pass(base, tuned, deeper, depths, policy, settings, prefix, "refine", progress, whitener)
         spectra.update(more)
         alloc = allocate_budget(spectra, budget_params)
     min_cost = min((sp.cost for sp in spectra.values()), default=0)
@@ -322,13 +349,17 @@ def extract_lora(base: CheckpointReader, tuned: CheckpointReader, modules: Mappi
                  output: str | Path, *, policy: RankPolicy, alpha: float | None = None, dtype: str = "bf16",
                  settings: SVDSettings = SVDSettings(), info: Mapping[str, Any] | None = None,
                  other_keys: Iterable[str] = (), prefix: str = "denoiser.",
-                 progress: ProgressFn | None = None) -> ExtractionResult:
+                 progress: ProgressFn | None = None, whitener: LayerWhitener | None = None,
+                 header_bytes: int = 0) -> ExtractionResult:
     """Extract a LoRA of ``tuned - base`` over ``modules`` (name -> weight shape) into ``output``.
 
     The caller has checked that both checkpoints have these layers. Layers whose delta is
     exactly zero are skipped and listed; under ``--budget`` so are layers that get no
     component. NaN/Inf anywhere raises before anything appears at ``output`` (written
     atomically at the end). ``info`` is merged into the file's ``lbm_registry`` metadata.
+    ``whitener`` (calibration statistics, :mod:`lbm_registry.lora.whiten`) makes every policy
+    work on the output error ``||(dW - BA) X||`` instead of the weight error. ``header_bytes``:
+    metadata in ``info`` beyond what :func:`lora_header_overhead` allows for, held back from a budget.
     """
     t0 = time.perf_counter()
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
@@ -337,14 +368,16 @@ def extract_lora(base: CheckpointReader, tuned: CheckpointReader, modules: Mappi
     uncaptured = compare_other_tensors(base, tuned, other_keys)
     planned: dict[str, int] | None = None
     if policy.kind == "budget":
-        planned = plan_budget_ranks(base, tuned, modules, policy, dtype, settings, prefix, progress)
+        planned = plan_budget_ranks(base, tuned, modules, policy, dtype, settings, prefix, progress, whitener,
+                                    header_bytes)
     results: list[LayerResult] = []
     skipped: list[SkippedLayer] = []
     scratch = torch.empty(max((math.prod(s) for s in modules.values()), default=0), dtype=torch.float32)
     with LoRAWriter(output, torch_dtype) as writer:
         with DeltaStream(base, tuned, modules, prefix=prefix) as stream:
             for i, d in enumerate(stream, 1):
-                _extract_one(d, policy, planned, alpha, torch_dtype, settings, scratch, writer, results, skipped)
+                _extract_one(d, policy, planned, alpha, torch_dtype, settings, scratch, writer, results, skipped,
+                             whitener)
                 if progress:
                     progress("extract", i, len(modules))
         if not results:
@@ -359,36 +392,45 @@ def extract_lora(base: CheckpointReader, tuned: CheckpointReader, modules: Mappi
 
 def _extract_one(d: LayerDelta, policy: RankPolicy, planned: Mapping[str, int] | None, alpha: float | None,
                  dtype: torch.dtype, settings: SVDSettings, scratch: torch.Tensor, writer: LoRAWriter,
-                 results: list[LayerResult], skipped: list[SkippedLayer]) -> None:
+                 results: list[LayerResult], skipped: list[SkippedLayer], whitener: LayerWhitener | None = None) -> None:
     if d.sq_norm == 0.0:
         skipped.append(SkippedLayer(d.module, "zero delta (unchanged by the fine-tune)"))
         return
     t = time.perf_counter()
     with single_thread_below(d.matrix.numel(), SMALL_LAYER_NUMEL):
-        _extract_layer(d, policy, planned, alpha, dtype, settings, scratch, writer, results, skipped, t)
+        _extract_layer(d, policy, planned, alpha, dtype, settings, scratch, writer, results, skipped, t, whitener)
 
 
 def _extract_layer(d: LayerDelta, policy: RankPolicy, planned: Mapping[str, int] | None, alpha: float | None,
                    dtype: torch.dtype, settings: SVDSettings, scratch: torch.Tensor, writer: LoRAWriter,
-                   results: list[LayerResult], skipped: list[SkippedLayer], t: float) -> None:
+                   results: list[LayerResult], skipped: list[SkippedLayer], t: float,
+                   whitener: LayerWhitener | None = None) -> None:
     gen = settings.generator(d.module)
     svd = None
     if policy.kind == "fixed":
         rank = policy.fixed_rank(d.shape)
     elif policy.kind == "energy":
-        rank, svd = choose_energy_rank(d.matrix, d.sq_norm, float(policy.energy), policy.limit(d.shape), settings, gen)
+        if whitener is None:
+            rank, svd = choose_energy_rank(d.matrix, d.sq_norm, float(policy.energy), policy.limit(d.shape), settings, gen)
+        else:   # a share of the output energy ||dW L||^2
+            rank, svd = whitener.energy_rank(d, float(policy.energy), policy.limit(d.shape), settings, gen)
     else:
         rank = (planned or {}).get(d.module, 0)
         if rank == 0:
             skipped.append(SkippedLayer(d.module, "budget: no component worth its bytes", rel_error=1.0))
             return
-    f = factorize(d.matrix, d.shape, rank, sq_norm=d.sq_norm, alpha=alpha, dtype=dtype, settings=settings,
-                  generator=gen, svd=svd, scratch=scratch)
+    if whitener is not None:
+        f = whitener.factorize(d, rank, alpha=alpha, dtype=dtype, settings=settings, generator=gen, svd=svd,
+                               scratch=scratch)
+    else:
+        f = factorize(d.matrix, d.shape, rank, sq_norm=d.sq_norm, alpha=alpha, dtype=dtype, settings=settings,
+                      generator=gen, svd=svd, scratch=scratch)
     writer.add(LoRALayer(d.module, f.down, f.up, f.alpha))
     results.append(LayerResult(
         module=d.module, kind=layer_kind(d.shape), shape=tuple(d.shape), rank=f.rank, rel_error=f.rel_error,
         energy=1.0 - f.rel_error**2, method=f.method, norm=d.norm, seconds=time.perf_counter() - t,
         spectrum=[] if f.spectrum is None else f.spectrum[:256].tolist(),
+        out_error=f.out_error, plain_out_error=f.plain_out_error,
     ))
 
 

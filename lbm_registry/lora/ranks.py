@@ -10,6 +10,11 @@ Three policies, all capped by ``max_rank`` and by each layer's smaller side:
   error and costs ``(m + n)`` parameters, so components are taken greedily in decreasing order
   of ``s_i^2 / (m + n)``; within a layer that ratio only decreases, so the greedy choice is a
   prefix of each layer's spectrum, and it is optimal for this knapsack up to the last item.
+
+With calibration statistics (``extract --calibrate``, :mod:`lbm_registry.lora.whiten`) the same
+three policies run on the whitened delta ``dW L`` (``C = X X^T / n = L L^T``), whose singular
+values measure OUTPUT error: ``energy`` keeps a fraction of ``||dW X||^2``, and ``budget``
+allocates by output error per byte. Nothing here changes: only the spectra fed in.
 """
 
 from __future__ import annotations
