@@ -343,7 +343,7 @@ def test_fuzz_lora_layouts_of_every_format(tiny_modules, tiny_base_path, tmp_pat
     try:
         foreign = read_foreign(path, tiny_modules)
         check_against_base(foreign, tiny_modules)
-        rows, _ = write_native(foreign, tiny_modules, CheckpointReader(tiny_base_path), folder / "native.safetensors",
+        rows, *_ = write_native(foreign, tiny_modules, CheckpointReader(tiny_base_path), folder / "native.safetensors",
                                RankPolicy.from_options(rank=4, conv_rank=4), {"base_sha256": "0" * 64})
     except LBMError as exc:
         note(str(exc))

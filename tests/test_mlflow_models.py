@@ -101,12 +101,13 @@ def test_pyfunc_by_version_and_alias_equals_infer(mlflow_env, source_image, tmp_
     assert np.abs(_decode(out["image"][0]) - half).max() <= 1
     plain = _infer(mlflow_env, "relight@1", source_image, tmp_path / "plain.png")
     assert np.abs(_decode(out["image"][1]) - plain).max() <= 1
-    # the ranges of every surface (issue 22, item 8): steps=0 was accepted (a black image)
-    from lbm_registry.errors import RangeError
+    # the ranges of every surface (issue 22, item 8): steps=0 was accepted (a black image); the
+    # refusal is MLflow's INVALID_PARAMETER_VALUE with the ranges' line (issue 23, item 9)
+    from mlflow.exceptions import MlflowException
 
     for row, needle in (({"steps": [0]}, "row 0: steps must be from 1 to 1000"), ({"scale": [float("inf")]}, "scale"),
                         ({"seed": [-1]}, "row 0: seed")):
-        with pytest.raises(RangeError, match=needle):
+        with pytest.raises(MlflowException, match=needle):
             by_alias.predict(pd.DataFrame({"image": [_b64(source_image)], **row}))
 
 
@@ -125,7 +126,7 @@ def test_pyfunc_refuses_bad_rows_in_one_line_and_loads_without_warnings(mlflow_e
     assert not [w for w in caught if "type hint" in str(w.message).lower()], [str(w.message) for w in caught]
     good = _b64(source_image)
     for rows, message in (({"image": ["bm90IGFuIGltYWdl"]}, "row 0: "),
-                          ({"image": [good, good], "scale": [1.0, 9.0]}, "row 1: scale 9.0 is outside")):
+                          ({"image": [good, good], "scale": [1.0, 9.0]}, "row 1: scale 9 is outside")):
         with pytest.raises(MlflowException) as info:
             model.predict(pd.DataFrame(rows))
         assert info.value.error_code == "INVALID_PARAMETER_VALUE" and info.value.get_http_status_code() == 400
@@ -262,7 +263,7 @@ def test_mlflow_models_serve_answers_invocations(mlflow_env, source_image, tmp_p
         assert np.abs(_decode(rows[0]["image"]) - expected).max() <= 1
         # bad input: a 400 with our one line, no stack trace (in the answer or the server's log)
         for record, line in (({"image": "bm90IGFuIGltYWdl"}, "row 0: "),
-                             ({"image": _b64(source_image), "scale": 9}, "row 0: scale 9.0 is outside")):
+                             ({"image": _b64(source_image), "scale": 9}, "row 0: scale 9 is outside")):
             body = json.dumps({"dataframe_records": [record]}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})

@@ -74,7 +74,7 @@ def extract(
     register: str | None = typer.Option(None, "--register", help="Register the LoRA under this name."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the LoRA file here."),
     calibrate: list[str] | None = typer.Option(
-        None, "--calibrate", help="Activation-aware: images, folders or .tar shards to run the tuned model on "
+        None, "--calibrate", metavar="SRC", help="Activation-aware: images, folders or .tar shards to run the tuned model on "
         "(repeatable); each layer keeps what matters for its output."),
     calibration_samples: int | None = typer.Option(None, "--calibration-samples",
                                                    help="Calibration images to use [default 32]."),
@@ -174,7 +174,7 @@ def validate(
     tuned: str | None = typer.Option(None, "--tuned", help="Tuned REF (default: from the lineage)."),
     layers_file: Path | None = typer.Option(None, "--layers-file", help="Write the layer-name list here."),
     images: list[str] | None = typer.Option(
-        None, "--images", help="Also compare on these images (files, folders, .tar shards; repeatable); "
+        None, "--images", metavar="SRC", help="Also compare on these images (files, folders, .tar shards; repeatable); "
         "the LoRA's calibration images are left out."),
     samples: int | None = typer.Option(None, "--samples", help="Images to use from --images [default 32]."),
     resolution: int | None = typer.Option(None, "--resolution",

@@ -411,9 +411,10 @@ def ui(ctx: typer.Context, host: str = typer.Option("127.0.0.1", "--host", help=
 
 
 def mlflow_serve(ctx: typer.Context, ref: str = typer.Argument(..., help="A registered version (NAME@N, NAME@ALIAS)."),
-                 host: str = typer.Option("127.0.0.1", "--host"),
-                 port: int = typer.Option(5001, "--port", min=1, max=65535),
-                 workers: int = typer.Option(1, "--workers", min=1, max=64)) -> None:
+                 host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind."),
+                 port: int = typer.Option(5001, "--port", min=1, max=65535, help="Port to listen on."),
+                 workers: int = typer.Option(1, "--workers", min=1, max=64,
+                                             help="MLflow model server workers (each loads the model).")) -> None:
     """Serve a version as an MLflow model (`mlflow models serve`), from any shell: no activated venv needed."""
     import os
     import shlex
