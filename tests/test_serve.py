@@ -183,6 +183,18 @@ def test_batched_path_equals_the_loop(tiny_config, torch_single_thread, dtype):
         assert not auto.uses_batched(plan_batch([[(f, 1.0)], [(f, 1.0)]]))
 
 
+def test_auto_rule_keeps_the_loop_on_cpu_and_batches_on_gpus():
+    """The measured rule (README, "Mixed-LoRA path"): a CPU never takes the batched path (the two
+    were within noise there and the loop copies nothing); a GPU takes it from 2 distinct LoRAs;
+    a device without its own entry follows the GPU rule."""
+    from lbm_registry.serve.multilora import batched_is_faster
+
+    assert not any(batched_is_faster("cpu", n) for n in (1, 2, 4, 8, 64))
+    assert [batched_is_faster("cuda", n) for n in (1, 2, 8)] == [False, True, True]
+    assert [batched_is_faster("cuda:0", n) for n in (1, 2)] == [False, True]
+    assert [batched_is_faster("mps", n) for n in (1, 2)] == [False, True]
+
+
 def test_batcher_groups_by_key_and_a_failing_request_fails_alone():
     from lbm_registry.serve.batcher import Batcher
 

@@ -164,20 +164,22 @@ def plan_batch(samples: Sequence[Sequence[tuple[LoRAFactors, float]]], *,
 
 Mode = Literal["auto", "loop", "batched"]
 
-BATCHED_MIN_DISTINCT = {"cuda": 2, "cpu": 4}
-"""The auto rule: the batched path when a batch uses at least this many different LoRAs.
-
-Measured, not guessed (README, "Serving"): on CPU the loop's per-group matmuls cost nothing
-extra per call and stacking the factors is a real copy, so the batched path only pays off once
-the groups are many and small (``benchmarks/serve.py``); on a GPU each small kernel costs
-launch latency, so two groups already mean more launches than the batched path's fixed few
-(``benchmarks/device_check.py`` measures both). Other devices follow the GPU rule."""
+BATCHED_MIN_DISTINCT: dict[str, int | None] = {"cpu": None, "cuda": 2}
+"""The auto rule: the batched path when a batch uses at least this many different LoRAs (None:
+never). Measured, not guessed (README, "Serving"). On CPU the two paths were within noise of
+each other at every count (tiny twin, and full-size layer shapes with 8 samples: the low-rank
+terms cost 5-10% of ``W x`` either way; the batched path's stacked copies and grouped 3x3 convs
+cost what the loop's extra calls do), so the CPU keeps the loop, which copies nothing. On a GPU
+each small kernel costs launch latency, so two groups already make more launches than the
+batched path's fixed few; ``benchmarks/device_check.py`` measures 1, 2, 4 and 8 to confirm.
+Other devices follow the GPU rule."""
 
 
 def batched_is_faster(device: torch.device | str, distinct: int) -> bool:
     """Whether the batched path is the faster one for a batch of ``distinct`` LoRAs."""
     kind = torch.device(device).type
-    return distinct >= BATCHED_MIN_DISTINCT.get(kind, BATCHED_MIN_DISTINCT["cuda"])
+    threshold = BATCHED_MIN_DISTINCT.get(kind, BATCHED_MIN_DISTINCT["cuda"])
+    return threshold is not None and distinct >= threshold
 
 
 class MultiLoRA:
