@@ -52,6 +52,27 @@ def test_extract_layers_validate_export(make_tuned, tiny_base_path, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "k.safetensors").is_file()
 
 
+def test_plain_files_get_the_base_tensor_hash_beside_their_file_hashes(make_tuned, tiny_base_path, tmp_path):
+    """Two plain files: open_pair hashes the base's tensor bytes together with both files (not in
+    a third read after them), and that is the hash the LoRA records for its base."""
+    from lbm_registry.api.lora import open_pair, tensor_sha_of
+    from lbm_registry.lora.format import read_lora
+    from lbm_registry.registry.blobs import sha256_file
+    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.safetensors_layout import tensor_sha256
+
+    tuned = make_tuned(rank=2, seed=5)
+    pair = open_pair(str(tiny_base_path), str(tuned), WorkspaceSettings.resolve(home=tmp_path / "home"))
+    assert pair.base.facts["tensor_sha256"] == tensor_sha256(tiny_base_path) == tensor_sha_of(pair.base)
+    assert (pair.base.sha256, pair.tuned.sha256) == (sha256_file(tiny_base_path), sha256_file(tuned))
+    assert "tensor_sha256" not in (pair.tuned.facts or {})
+    out = tmp_path / "l.safetensors"
+    res = run("--home", str(tmp_path / "home"), "extract", "--base", str(tiny_base_path), "--tuned", str(tuned),
+              "--rank", "2", "--output", str(out))
+    assert res.exit_code == 0, res.output
+    assert read_lora(out).info["base_tensor_sha256"] == tensor_sha256(tiny_base_path)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tiny_base_path, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     with pytest.raises(SystemExit) as exc:

@@ -128,6 +128,81 @@ def test_mixed_batch_is_one_pass_and_equals_merging_each(tiny_config, torch_sing
         assert not torch.allclose(plain[0], mixed[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_path_equals_the_loop(tiny_config, torch_single_thread, dtype):
+    """The batched path (factors stacked per sample, one bmm / grouped conv down, one baddbmm
+    up per layer) gives the loop's result within the dtype's rounding: stacked LoRAs, samples
+    without one, convs (3x3 and 1x1), ranks padded (4, 2, 3), a LoRA on a subset of layers, and
+    LoRAs with different alpha / r on the same layer. In bf16 both are compared with the fp32
+    result: the batched path may be no further from it than the loop (plus a little)."""
+    from lbm_registry.lbm.model import build_model, weight_layers
+    from lbm_registry.lora.format import LoRAFile, LoRALayer
+    from lbm_registry.serve.multilora import MultiLoRA, batched_is_faster, factors_from_lora, plan_batch
+
+    model = build_model(tiny_config, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    layers = weight_layers(model.denoiser)
+    assert {m.kernel_size for m in layers.values() if isinstance(m, torch.nn.Conv2d)} == {(3, 3), (1, 1)}
+
+    def lora(rank: int, alpha: float | None = None, every: int = 1) -> LoRAFile:
+        out = {}
+        for i, (n, m) in enumerate(layers.items()):
+            if i % every:
+                continue
+            w = m.weight
+            down = torch.randn(rank, *w.shape[1:], generator=g) * 0.05
+            up = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.05
+            out[n] = LoRALayer(n, down, up, float(alpha if alpha is not None else rank))
+        return LoRAFile(out)
+
+    files = {"a": lora(4), "b": lora(2, alpha=1.0), "c": lora(3, every=3)}
+    x = torch.randn(6, 4, 16, 16, generator=g)
+    sigma = torch.full((6,), 0.6)
+
+    def run(mode: str, dt: torch.dtype) -> tuple[torch.Tensor, MultiLoRA]:
+        f = {k: factors_from_lora(v, k, device="cpu", dtype=dt) for k, v in files.items()}
+        samples = [[(f["a"], 1.0)], [], [(f["b"], 0.7), (f["a"], 0.3)], [(f["c"], 1.0)], [(f["a"], 0.5)],
+                   [(f["b"], 1.5), (f["c"], 0.5)]]
+        plan = plan_batch(samples)
+        assert len(plan.levels) == 2 and plan.levels[1].slots.count(None) == 4
+        with torch.no_grad(), MultiLoRA(model.denoiser.to(dt), mode=mode) as multi, multi.apply(plan):
+            return model.velocity(x.to(dt), sigma.to(dt)).float(), multi
+
+    loop, _ = run("loop", dtype)
+    batched, multi = run("batched", dtype)
+    assert multi.forward_passes == 1 and multi.batched_passes == 1
+    with torch.no_grad():
+        plain = model.velocity(x.to(dtype), sigma.to(dtype)).float()
+    if dtype == torch.float32:
+        assert float((batched - loop).abs().max()) <= 1e-5
+        tol = 1e-5
+    else:
+        exact, _ = run("loop", torch.float32)
+        loop_err = float((loop - exact).abs().max())
+        assert float((batched - exact).abs().max()) <= 1.5 * loop_err + 1e-3
+        tol = 2 * loop_err
+    assert float((plain - loop)[0].abs().max()) > 5 * tol          # the LoRAs do change the result
+    assert float((plain - batched)[1].abs().max()) <= tol           # the sample without a LoRA
+    f = factors_from_lora(files["a"], "a", device="cpu", dtype=torch.float32)
+    with MultiLoRA(model.denoiser.float()) as auto:                  # the auto rule decides per batch
+        many = plan_batch([[(factors_from_lora(files[k], k, device="cpu", dtype=torch.float32), 1.0)]
+                           for k in files])
+        assert auto.uses_batched(many) == batched_is_faster("cpu", 3)
+        assert not auto.uses_batched(plan_batch([[(f, 1.0)], [(f, 1.0)]]))
+
+
+def test_auto_rule_keeps_the_loop_on_cpu_and_batches_on_gpus():
+    """The measured rule (README, "Mixed-LoRA path"): a CPU never takes the batched path (the two
+    were within noise there and the loop copies nothing); a GPU takes it from 2 distinct LoRAs;
+    a device without its own entry follows the GPU rule."""
+    from lbm_registry.serve.multilora import batched_is_faster
+
+    assert not any(batched_is_faster("cpu", n) for n in (1, 2, 4, 8, 64))
+    assert [batched_is_faster("cuda", n) for n in (1, 2, 8)] == [False, True, True]
+    assert [batched_is_faster("cuda:0", n) for n in (1, 2)] == [False, True]
+    assert [batched_is_faster("mps", n) for n in (1, 2)] == [False, True]
+
+
 def test_batcher_groups_by_key_and_a_failing_request_fails_alone():
     from lbm_registry.serve.batcher import Batcher
 
@@ -260,6 +335,107 @@ def test_request_errors_in_process(server, images):
     finally:
         server.options.max_pixels = old
     assert server.run(big).image.size == (10, 10)    # the server keeps serving
+
+
+class _SlowLoRAs:
+    """Test-only resolver: the registry's, except that ``slow`` names sv-b@1's bytes arriving
+    through a FIFO (a real file whose reads block until the test writes), ``damaged`` names
+    sv-b@1's blob under a wrong sha256 and ``misfit`` a LoRA file whose shapes fit no layer."""
+
+    def __init__(self, inner, fifo, misfit) -> None:
+        self.inner, self.fifo, self.misfit = inner, fifo, misfit
+
+    def __call__(self, ref: str):
+        from dataclasses import replace
+
+        from lbm_registry.registry.blobs import sha256_file
+
+        if ref == "slow":
+            return replace(self.inner("sv-b@1"), ref="slow", path=self.fifo)
+        if ref == "damaged":
+            return replace(self.inner("sv-b@1"), ref="damaged", sha256="0" * 64)
+        if ref == "misfit":
+            return replace(self.inner("sv-b@1"), ref="misfit", sha256=sha256_file(self.misfit), path=self.misfit)
+        return self.inner(ref)
+
+
+def _open_writer(fifo, deadline_s: float = 60.0) -> int:
+    """Open the FIFO for writing once its reader (the loader thread) has opened it."""
+    import os
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:   # ENXIO: no reader yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def slow_server(serve_registry, tiny_base_path, tmp_path):
+    import os
+
+    from lbm_registry.api.serve import Server
+    from lbm_registry.lora.format import LoRAFile, LoRALayer, write_lora
+
+    fifo = tmp_path / "slow.safetensors"
+    os.mkfifo(fifo)
+    misfit = write_lora(LoRAFile({"conv_in": LoRALayer("conv_in", torch.zeros(2, 5, 3, 3), torch.zeros(32, 2, 1, 1), 2.0)}),
+                        tmp_path / "misfit.safetensors", dtype=torch.float32)
+    with Server("sv-base@1", settings=serve_registry, device="cpu", dtype="fp32", preload=["sv-a@1"],
+                max_wait_ms=0) as srv:
+        srv.resolver = _SlowLoRAs(srv.resolver, fifo, misfit)
+        yield srv, fifo
+
+
+def test_warm_requests_run_while_a_new_lora_loads(slow_server, serve_registry, images, infer_ref):
+    """A new LoRA's bytes arrive slowly (a FIFO): its request waits on the loader thread while a
+    request for a warm LoRA completes; then the slow one completes with the right pixels, its
+    bytes verified against the registered sha256 as they were read."""
+    import os
+
+    from lbm_registry.api.registry import resolve
+
+    srv, fifo = slow_server
+    blob = resolve("sv-b@1", serve_registry).path.read_bytes()
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(srv.run, images["wide"], lora="slow", seed=4)
+        fd = _open_writer(fifo)                    # the loader is reading the file now
+        try:
+            os.set_blocking(fd, True)
+            os.write(fd, blob[: len(blob) // 2])
+            warm = srv.run(images["wide"], lora="sv-a@1", seed=5)      # completes meanwhile
+            assert not slow.done()                                        # still loading
+            assert srv.cache.entries()[-1]["ref"] == "sv-a@1" and len(srv.loras()) == 1
+            os.write(fd, blob[len(blob) // 2:])
+        finally:
+            os.close(fd)
+        got = slow.result(timeout=120)
+    assert np.abs(_arr(warm.image) - infer_ref(images["wide"], "sv-a@1", seed=5)).max() <= 1
+    assert np.abs(_arr(got.image) - infer_ref(images["wide"], "sv-b@1", seed=4)).max() <= 1
+    assert got.loras[0]["ref"] == "slow" and srv.metrics.total("lora_cache_misses_total") == 2
+
+
+def test_http_errors_of_a_background_load(slow_server, images, http_server):
+    """A load that fails on the loader thread answers its request with the error's HTTP code and
+    one line: damaged bytes 500 (a server-side fault, naming doctor), a LoRA that does not fit the
+    served model 409; the server keeps serving."""
+    from lbm_registry.serve.app import create_app
+
+    srv, _ = slow_server
+    http = http_server(create_app(srv, close_engine=False))
+    body = {"image": base64.b64encode(images["wide"]).decode()}
+    status, js = http.request("POST", "/v1/images", {**body, "lora": "damaged"})
+    assert status == 500 and "sha256" in js["error"] and "doctor" in js["error"]
+    status, js = http.request("POST", "/v1/images", {**body, "lora": "misfit"})
+    assert status == 409 and js["error"].startswith("misfit: ") and "conv_in" in js["error"]
+    status, js = http.request("POST", "/v1/loras", {"ref": "misfit"})
+    assert status == 409
+    status, js = http.request("POST", "/v1/images", {**body, "lora": "sv-a@1"})
+    assert status == 200 and js["lora"] == "sv-a@1"
+    assert [e["ref"] for e in srv.loras()] == ["sv-a@1"]           # nothing half-loaded was cached
 
 
 def test_full_queue_is_overloaded_and_others_still_succeed(serve_registry, images):

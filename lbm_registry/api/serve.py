@@ -59,7 +59,7 @@ class RegistryResolver:
         if msg:
             raise BaseMismatchError(f"{msg}, the base this server holds")
         return LoRASource(ref=asset.label, sha256=asset.sha256, load=lambda: _verified_lora(asset),
-                          size=int((asset.facts or {}).get("size") or asset.path.stat().st_size))
+                          size=int((asset.facts or {}).get("size") or asset.path.stat().st_size), path=asset.path)
 
 
 def _verify_sha(asset: ResolvedAsset) -> None:

@@ -37,6 +37,7 @@ from lbm_registry.lora.ranks import (
 )
 from lbm_registry.lora.stream import DeltaStream, LayerDelta
 from lbm_registry.lora.svd import SVDResult, SVDSettings, top_singular_values, truncated_svd
+from lbm_registry.lora.svd import sq_norm as frobenius_sq
 from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.units import format_size
 
@@ -203,7 +204,7 @@ def stored_error(a: torch.Tensor, sq_norm: float, up: torch.Tensor, down: torch.
         resid = torch.addmm(a, up, down, alpha=-scale, out=scratch[: m * n].view(m, n))
     else:
         resid = torch.addmm(a, up, down, alpha=-scale)
-    return float(torch.linalg.vector_norm(resid)) / math.sqrt(sq_norm)
+    return math.sqrt(frobenius_sq(resid) / sq_norm)
 
 
 def factorize(a: torch.Tensor, shape: tuple[int, ...], rank: int, *, sq_norm: float | None = None,
@@ -219,7 +220,7 @@ def factorize(a: torch.Tensor, shape: tuple[int, ...], rank: int, *, sq_norm: fl
     small = min(m, n)
     if rank <= 0:
         raise LoRAError(f"rank must be positive, got {rank}")
-    sq = float(sq_norm) if sq_norm is not None else float(torch.linalg.vector_norm(a)) ** 2
+    sq = float(sq_norm) if sq_norm is not None else frobenius_sq(a)
     norm = math.sqrt(sq)
     if rank >= small:
         # Full rank: dW itself times an identity. Exact up to the storage dtype, no SVD.
@@ -232,7 +233,7 @@ def factorize(a: torch.Tensor, shape: tuple[int, ...], rank: int, *, sq_norm: fl
         eye = torch.eye(r, dtype=dtype)
         up, down = (eye, stored) if m <= n else (stored, eye)
         recon = stored.float() if al == r else stored.float() * (al / r)
-        err = float(torch.linalg.vector_norm(a - recon)) / norm if norm > 0 else 0.0
+        err = math.sqrt(frobenius_sq(a - recon)) / norm if norm > 0 else 0.0
         up, down = _shape_factors(up, down, shape)
         return LayerFactors(down, up, al, r, err, "full")
     res = svd if svd is not None else truncated_svd(a, rank, settings, generator)

@@ -407,16 +407,68 @@ def factor_dtype(lora: LoRAFile) -> str | None:
 
 def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
     """Read and validate a native LoRA file (keys complete, shapes consistent, rank > 0, finite)."""
-    from lbm_registry.lbm.checkpoint import CheckpointReader, all_finite
+    from lbm_registry.lbm.checkpoint import CheckpointReader
 
     reader = CheckpointReader(path)
     if len(reader) == 0:
         raise LoRAError(f"{path}: empty file, not a LoRA")
-    modules = parse_lora_keys(reader.keys(), path)
+    return _lora_from(reader.get, reader.keys(), reader.metadata, path, check_finite)
+
+
+def lora_from_bytes(data: torch.Tensor, source: str | Path, *, check_finite: bool = True) -> LoRAFile:
+    """A native LoRA from its file's bytes already in memory (a flat uint8 tensor, e.g. pinned for
+    a device copy); the factors are views of ``data``, nothing is copied. Same checks as
+    :func:`read_lora`. For bytes already verified against a known sha256 (the serving loader
+    reads, hashes and parses in one pass), so the header gets bounds checks, not a full audit."""
+    import struct
+
+    from lbm_registry.lbm.checkpoint import SAFETENSORS_DTYPES
+
+    flat = data.reshape(-1)
+    total = flat.numel()
+    try:
+        (n,) = struct.unpack("<Q", bytes(flat[:8].numpy()))
+        if not 0 < n <= total - 8:
+            raise ValueError("bad header length")
+        header = json.loads(bytes(flat[8:8 + n].numpy()))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise LoRAError(f"{source}: not a safetensors file ({exc})") from None
+    metadata = dict(header.pop("__metadata__", None) or {})
+    start = 8 + n
+
+    def get(key: str) -> torch.Tensor:
+        info = header[key]
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = (start + int(v) for v in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise LoRAError(f"{source}: corrupt safetensors header at {key!r}") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not start <= begin <= end <= total or end - begin != math.prod(shape) * itemsize:
+            raise LoRAError(f"{source}: corrupt safetensors header at {key!r}")
+        raw = flat[begin:end]
+        if begin % itemsize:          # unaligned for a view as this dtype: copy these bytes
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
+
+    if not header:
+        raise LoRAError(f"{source}: empty file, not a LoRA")
+    return _lora_from(get, list(header), metadata, source, check_finite)
+
+
+def _lora_from(get: Any, keys: list[str], metadata: dict[str, str], path: str | Path,
+               check_finite: bool) -> LoRAFile:
+    """The layers and ``lbm_registry`` entry of a native LoRA whose tensors ``get(key)`` returns."""
+    from lbm_registry.lbm.checkpoint import all_finite
+
+    modules = parse_lora_keys(keys, path)
     layers: dict[str, LoRALayer] = {}
     for m in modules:
         key = PREFIX + m
-        down, up, alpha = reader.get(key + DOWN), reader.get(key + UP), reader.get(key + ALPHA)
+        down, up, alpha = get(key + DOWN), get(key + UP), get(key + ALPHA)
         r = down.shape[0] if down.ndim else 0
         if r == 0 or down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != r:
             raise LoRAError(f"{path}: module {m!r} has inconsistent shapes down {tuple(down.shape)} up {tuple(up.shape)}")
@@ -432,10 +484,10 @@ def read_lora(path: str | Path, *, check_finite: bool = True) -> LoRAFile:
                     raise LoRAError(f"{path}: module {m!r} {part} contains NaN or Inf")
         layers[m] = LoRALayer(m, down, up, float(alpha.float().item()))
     info: dict[str, Any] = {}
-    raw = reader.metadata.get(META_KEY)
+    raw = metadata.get(META_KEY)
     if raw:
         try:
             info = json.loads(raw)
         except json.JSONDecodeError:
             raise LoRAError(f"{path}: corrupt {META_KEY} metadata") from None
-    return LoRAFile(layers=layers, info=info, raw_metadata=dict(reader.metadata))
+    return LoRAFile(layers=layers, info=info, raw_metadata=dict(metadata))

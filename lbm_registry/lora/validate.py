@@ -26,6 +26,7 @@ from lbm_registry.lbm.checkpoint import CheckpointReader
 from lbm_registry.lbm.config import LBMConfig
 from lbm_registry.lora.format import LoRAFile, layer_kind
 from lbm_registry.lora.stream import DeltaStream
+from lbm_registry.lora.svd import sq_norm
 from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
 DEFAULT_SIGMAS = (0.25, 0.5, 0.75, 1.0)
@@ -90,7 +91,7 @@ def layer_checks(base: CheckpointReader, tuned: CheckpointReader, lora: LoRAFile
             layer = lora.layers.get(d.module)
             with single_thread_below(a.numel(), SMALL_LAYER_NUMEL):
                 resid = a - layer.delta(torch.float32).reshape(a.shape) if layer is not None else a
-                rn = float(torch.linalg.vector_norm(resid))
+                rn = math.sqrt(sq_norm(resid))
                 mean_a = float(a.abs().mean())
                 mean_r = float(resid.abs().mean())
             an = math.sqrt(d.sq_norm)

@@ -1,11 +1,13 @@
 """The serving engine: one warm base, a LoRA cache, a batcher, mixed-LoRA forward passes.
 
 It knows no registry: LoRA references are turned into :class:`LoRASource` by a resolver
-callable (``lbm_registry.api.serve`` passes one that resolves through the registry, checks the
-base and verifies the blob's sha256). Everything a request needs that can fail on bad input
-(decoding the image, the pixel limit, resolving references, loading a LoRA) happens in the
-caller's thread in :meth:`Engine.submit`, so errors reach the caller at once and the batch worker
-only ever runs validated requests.
+callable (``lbm_registry.api.serve`` passes one that resolves through the registry and checks the
+base; the blob's sha256 is verified as the loader reads it). Everything a request needs that can
+fail on bad input (decoding the image, the pixel limit, resolving references, loading a LoRA) is
+done before :meth:`Engine.submit` returns, so errors reach the caller at once and the batch
+worker only ever runs validated requests. A new LoRA loads on the loader thread
+(:mod:`lbm_registry.serve.loader`) while the requesting thread waits: warm requests and the batch
+worker carry on meanwhile.
 
 The pixels are those of ``lbm-reg infer``: the same :func:`prepare_image` / :func:`translate` /
 :func:`finish_image` code, with each sample's own seeded generator. What differs is how LoRAs
@@ -28,8 +30,9 @@ from lbm_registry.errors import LoRAError, RangeError, RefError, abbreviate
 from lbm_registry.ranges import check_scale, check_seed, check_steps
 from lbm_registry.serve.batcher import Batcher
 from lbm_registry.serve.cache import LoRACache
+from lbm_registry.serve.loader import LoRALoader, LoRASource
 from lbm_registry.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, Metrics
-from lbm_registry.serve.multilora import LoRAFactors, MultiLoRA, factors_from_lora, plan_batch
+from lbm_registry.serve.multilora import LoRAFactors, MultiLoRA, plan_batch
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -40,15 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoRASource:
-    """What a resolver returns for a LoRA reference."""
-
-    ref: str                          # canonical, e.g. ``relight@3``
-    sha256: str                       # content address: the cache key
-    load: Callable[[], LoRAFile]      # read (and verify) the file; called once per cache load
-    size: int = 0
-
+__all__ = ["Engine", "ImageResult", "LoRASource", "Resolver", "ServeOptions", "check_scale"]
 
 Resolver = Callable[[str], LoRASource]
 """Reference -> LoRASource. Raises RefError (unknown), BaseMismatchError (another base), LBMError."""
@@ -65,6 +60,8 @@ class ServeOptions:
     max_stack: int = 4     # LoRAs one request may apply (``lora`` plus ``loras``)
     sample_latent: bool = True    # upstream's posterior sample (False: the posterior's mean)
     tiled_decode: bool = True     # upstream's tiled VAE decode over 128 latents (False: whole)
+    loader_threads: int = 1       # 0: load a new LoRA in the requesting thread (the old way)
+    mixed_lora: str = "auto"      # auto | loop | batched (serve.multilora)
 
 
 @dataclass
@@ -104,7 +101,8 @@ class Engine:
         self.options = options or ServeOptions()
         self.base = dict(base or {})
         self.metrics = self._make_metrics()
-        self.multi = MultiLoRA(model.denoiser)
+        self.multi = MultiLoRA(model.denoiser, mode=self.options.mixed_lora)  # type: ignore[arg-type]
+        self.loader = LoRALoader(device, dtype, self._check, threads=self.options.loader_threads)
         self.cache = LoRACache(self.options.max_loras, on_event=self._cache_event)
         self.batcher: Batcher[_Item] = Batcher(self._run_batch, max_batch=self.options.max_batch,
                                                max_wait_ms=self.options.max_wait_ms,
@@ -133,18 +131,18 @@ class Engine:
                           "eviction": "lora_cache_evictions_total"}[name])
 
     # -- LoRAs ---------------------------------------------------------------------------
-    def _load(self, src: LoRASource) -> LoRAFactors:
-        lora = src.load()
+    def _check(self, lora: LoRAFile, src: LoRASource) -> None:
         try:
             self.multi.check(lora)
         except LoRAError as exc:
             from lbm_registry.errors import BaseMismatchError
 
             raise BaseMismatchError(f"{src.ref}: {exc}") from None
-        return factors_from_lora(lora, src.sha256, device=self.device, dtype=self.dtype)
 
     def factors(self, src: LoRASource, *, pin: bool | None = None) -> LoRAFactors:
-        return self.cache.get(src.sha256, lambda: self._load(src), ref=src.ref, size=src.size, pin=pin)
+        """The cached factors of ``src``; a miss is loaded on the loader thread while this one
+        waits (warm requests and the batch worker go on meanwhile)."""
+        return self.cache.get(src.sha256, lambda: self.loader.load(src), ref=src.ref, size=src.size, pin=pin)
 
     def load_lora(self, ref: str, *, pin: bool | None = None) -> dict[str, Any]:
         """Resolve and cache ``ref``; ``pin`` True keeps it from eviction, False unpins, None
@@ -265,6 +263,7 @@ class Engine:
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued request, then stop (new requests get OverloadedError)."""
         self.batcher.close(timeout)
+        self.loader.close()
 
     def __enter__(self) -> Engine:
         return self
