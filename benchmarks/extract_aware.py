@@ -18,7 +18,8 @@
    gap to held-out is what a benchmark on calibration data would overstate), and ``--budget`` at
    the plain file's size.
 
-``--aware-full`` (cost, full-size LBM, synthetic pair of benchmarks/extract.py), each in its own
+``--aware-full`` (cost, full-size LBM, synthetic pair of benchmarks/extract.py, the tuned file with a
+seeded VAE added once, cached as ``lbm-relighting-<v>-tuned-vae.safetensors``), each in its own
 subprocess: plain ``extract --rank 32 --conv-rank 16``; ``--calibrate`` on a few small images
 (forward passes included; statistics written with ``--stats-output``); and the same
 extraction again reusing those statistics (``--calibration-stats FILE``: the extraction alone).
