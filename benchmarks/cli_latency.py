@@ -105,7 +105,7 @@ def _workspace(home: Path, files: Path) -> dict[str, Path | str]:
     from lbm_registry.lbm.config import load_config
     from lbm_registry.lbm.loading import save_lbm
     from lbm_registry.lbm.model import build_model
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     s = WorkspaceSettings(home=home)
     files.mkdir(parents=True, exist_ok=True)

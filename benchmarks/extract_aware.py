@@ -129,10 +129,10 @@ def run_tiny(json_out: Path | None) -> dict:
     import torch
 
     from lbm_registry.api.lora import extract
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     # One thread: the tiny twin's ops are small, and on a shared machine two OpenMP threads spin
-    # against each other (see lbm_registry/lora/threads.py): 10x the CPU time for the same work.
+    # against each other (see lbm_registry/lbm/threads.py): 10x the CPU time for the same work.
     torch.set_num_threads(1)
     setup = tiny_setup()
     results: dict = {"model": "lbm-tiny", "finetune_steps": FINETUNE_STEPS, "lr": FINETUNE_LR,

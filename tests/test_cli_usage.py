@@ -252,7 +252,7 @@ def test_read_and_maintenance_commands_refuse_a_missing_home(cli, tmp_path, args
 def test_missing_home_error_is_neutral_in_python(tmp_path):
     from lbm_registry.api.registry import gc
     from lbm_registry.errors import RegistryError
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     with pytest.raises(RegistryError) as info:
         gc(WorkspaceSettings.resolve(home=tmp_path / "nope"))
@@ -444,7 +444,7 @@ def test_a_failed_first_command_leaves_no_half_made_workspace(cli, tmp_path):
 
     from lbm_registry.api.registry import init_workspace
     from lbm_registry.errors import RegistryError
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     gone = f"http://127.0.0.1:{free_port()}"
     new, empty, used = tmp_path / "new", tmp_path / "empty", tmp_path / "used"

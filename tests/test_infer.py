@@ -326,7 +326,7 @@ def test_a_pipeline_call_checks_the_shared_ranges(kw, base_pipe, image):
 @pytest.fixture(scope="module")
 def base_pipe(tiny_base_path, tmp_path_factory):
     from lbm_registry.api.infer import load
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     return load(str(tiny_base_path), device="cpu", dtype="fp32",
                 settings=WorkspaceSettings.resolve(home=tmp_path_factory.mktemp("ranges") / "home"))

@@ -28,7 +28,7 @@ def models_ws(tmp_path_factory, mlflow_template, tiny_base_path, make_tuned):
     them, alias prod) and relight@2 (another extraction), registered through the real API."""
     from lbm_registry.api.lora import extract
     from lbm_registry.api.registry import import_model, init_workspace, set_alias
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     s = WorkspaceSettings(home=tmp_path_factory.mktemp("models") / "home")
     s.home.mkdir(parents=True)

@@ -22,8 +22,8 @@ from PIL import Image
 from lbm_registry.api import registry as R
 from lbm_registry.errors import RegistryError
 from lbm_registry.registry import catalog
-from lbm_registry.registry.settings import WorkspaceSettings
 from lbm_registry.registry.workspace import Workspace
+from lbm_registry.settings import WorkspaceSettings
 
 
 @pytest.fixture(scope="module", autouse=True)

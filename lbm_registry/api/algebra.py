@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lbm_registry.api._report import WrittenLoRAReport
 from lbm_registry.errors import LoRAError, RangeError, abbreviate
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from lbm_registry.api.registry import ResolvedAsset
@@ -219,7 +219,7 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
 
 def _info(operation: str, base: dict[str, Any], parents: list[tuple[ResolvedAsset, float]],
           register: str | None) -> dict[str, Any]:
-    from lbm_registry import __version__
+    from lbm_registry.version import __version__
 
     info: dict[str, Any] = {
         "base_sha256": base["sha256"], "base_tensor_sha256": base["tensor_sha256"], "base_ref": base["ref"],

@@ -71,7 +71,7 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
         f"train_shards={[Path(p).name for p in train_shards]}, steps={finetune_steps}, output=\"{tuned_out.name}\")'")
     t0 = time.perf_counter()
     from lbm_registry.api.registry import resolve
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     every = max(1, finetune_steps // 10)
 
@@ -166,8 +166,8 @@ def serve_requests(home: Path, image: Path, refs: list[str | None]) -> list[str]
     import uvicorn
 
     from lbm_registry.api.serve import Server
-    from lbm_registry.registry.settings import WorkspaceSettings
     from lbm_registry.serve.app import create_app
+    from lbm_registry.settings import WorkspaceSettings
 
     engine = Server("tiny-base", preload=[r for r in refs if r], settings=WorkspaceSettings.resolve(home),
                     device="cpu", max_batch=8, max_wait_ms=500)

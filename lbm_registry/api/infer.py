@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lbm_registry.errors import BaseMismatchError, ConfigError, LoRAError, RangeError, RefError, abbreviate
 from lbm_registry.lbm.header import CKPT_SUFFIXES, SafetensorsHeader, config_from_metadata
 from lbm_registry.ranges import MAX_SCALE, check_scale, check_seed, check_steps
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     from lbm_registry.api.registry import ResolvedAsset

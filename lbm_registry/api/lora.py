@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lbm_registry.api._report import WrittenLoRAReport
 from lbm_registry.errors import ArchitectureError, LoRAError, RefError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from lbm_registry.api.registry import ResolvedAsset
@@ -240,8 +240,8 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     """
     import tempfile
 
-    from lbm_registry import __version__
     from lbm_registry.lora.ranks import RankPolicy
+    from lbm_registry.version import __version__
 
     # Every check that needs no torch comes first: a wrong option answers in a fraction of a second.
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)

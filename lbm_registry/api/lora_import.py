@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.errors import LoRAError, RegistryError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     import torch
@@ -357,13 +357,13 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
     """
     import torch
 
+    from lbm_registry.lbm.threads import single_thread_below
     from lbm_registry.lora.alpha import ClippedAlpha, clipped_alpha
     from lbm_registry.lora.convert import dense_delta, plain_factors
     from lbm_registry.lora.extract import choose_energy_rank, factorize
     from lbm_registry.lora.format import LoRALayer, LoRAWriter, layer_kind
     from lbm_registry.lora.ranks import DTYPE_BYTES, LayerSpectrum, allocate_budget, lora_header_overhead
     from lbm_registry.lora.svd import SVDSettings, top_singular_values
-    from lbm_registry.lora.threads import single_thread_below
 
     dtype = _dtype_of(foreign)
     dtype_name = _SHORT[str(dtype).removeprefix("torch.")]

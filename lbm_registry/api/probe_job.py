@@ -20,7 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 
 def draw_and_attach(settings: WorkspaceSettings, ref: str, sha256: str) -> str:

@@ -86,7 +86,7 @@ def verify_sha256(path: Path, sha256: str) -> Path:
 def _from_registry(sha256: str) -> tuple[Path, dict[str, Any] | None] | None:
     """The base's blob and config from the workspace of the current settings, if it has it."""
     from lbm_registry.api.registry import resolve
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     try:
         settings = WorkspaceSettings.resolve()

@@ -48,7 +48,7 @@ def deployment(base: str | None = None, *, home: str | None = None, catalog_url:
     class LBMLoRADeployment:
         def __init__(self) -> None:
             from lbm_registry.api.serve import Server
-            from lbm_registry.registry.settings import WorkspaceSettings
+            from lbm_registry.settings import WorkspaceSettings
 
             settings = WorkspaceSettings.resolve(home, catalog_url, tracking_uri)
             self.server = Server(base, settings=settings, device=device, dtype=dtype,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lbm_registry.errors import RefError, RegistryError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 
 @dataclass

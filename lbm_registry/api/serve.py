@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.errors import BaseMismatchError, DataError, RefError, RegistryError
-from lbm_registry.registry.settings import WorkspaceSettings
 from lbm_registry.serve.engine import Engine, LoRASource, ServeOptions
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     from lbm_registry.api.registry import ResolvedAsset

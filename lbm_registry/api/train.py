@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     import torch
@@ -404,10 +404,16 @@ def train_lora(config: TrainConfig | str | Path, overrides: Mapping[str, Any] | 
     err_console = err_console or console
     if launched_world_size() <= 1 and cfg.num_processes > 1:
         from lbm_registry.train.launch import launch_local
+        from lbm_registry.train.loop import check_output_dir
 
         for note in cfg.notes:
             _note(err_console, note)
-        return launch_local(cfg, settings=settings, resume=resume, json_output=json_output)
+        folder = run_folder(cfg, settings, resume)
+        check_output_dir(folder, resume)
+        cfg = cfg.model_copy(update={"output_dir": str(folder)})
+        check_training(cfg, settings)  # bad references, data or options: one line now, not from N workers
+        return launch_local(cfg, settings=settings, entry=f"{__name__}:train_lora", resume=resume,
+                            json_output=json_output)
     dist = init_distributed(cfg.device)
     if dist.is_main:
         for note in cfg.notes:

@@ -11,9 +11,9 @@ from typing import Any, NoReturn
 
 import typer
 
-from lbm_registry import __version__
 from lbm_registry.cli import algebra, base, compare, demo, infer, lora, registry, remove, serve, train
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
+from lbm_registry.version import __version__
 
 app = typer.Typer(
     name="lbm-reg",

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from lbm_registry.errors import LoRAError
+from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.lora.format import LoRAFile, LoRALayer
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
 BLOCK_BYTES = 4 << 20
 """fp32 scratch per row block for low-precision weights on CPU: fits in L2/L3 with the factors."""

@@ -26,6 +26,7 @@ import torch
 
 from lbm_registry.errors import LoRAError
 from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
+from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.lora.format import LoRALayer, LoRAWriter, layer_kind
 from lbm_registry.lora.ranks import (
     DTYPE_BYTES,
@@ -37,7 +38,6 @@ from lbm_registry.lora.ranks import (
 )
 from lbm_registry.lora.stream import DeltaStream, LayerDelta
 from lbm_registry.lora.svd import SVDResult, SVDSettings, top_singular_values, truncated_svd
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.units import format_size
 
 ProgressFn = Callable[[str, int, int], None]

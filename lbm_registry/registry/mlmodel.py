@@ -25,10 +25,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lbm_registry import __version__
 from lbm_registry.registry import catalog
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.workspace import Workspace
+from lbm_registry.version import __version__
 
 MLMODEL = "MLmodel"
 CODE_FILE = "pyfunc_model.py"
