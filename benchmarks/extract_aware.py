@@ -80,7 +80,7 @@ def tiny_setup() -> dict[str, Path]:
 
 
 def _heldout(setup: dict[str, Path], lora_path: Path, which: str = "heldout") -> dict:
-    from lbm_registry.api.calibration import image_tensor, list_inputs, take
+    from lbm_registry.api.assets.calibration import image_tensor, list_inputs, take
     from lbm_registry.lbm.config import load_config
     from lbm_registry.lora.format import read_lora
     from lbm_registry.lora.validate import heldout_check
@@ -128,7 +128,7 @@ def restrict_stats(src: Path, dest: Path, to_diag) -> Path:
 def run_tiny(json_out: Path | None) -> dict:
     import torch
 
-    from lbm_registry.api.lora import extract
+    from lbm_registry.api.assets.lora import extract
     from lbm_registry.settings import WorkspaceSettings
 
     # One thread: the tiny twin's ops are small, and on a shared machine two OpenMP threads spin

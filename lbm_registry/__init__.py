@@ -18,10 +18,10 @@ def load(ref: str, **kwargs: Any) -> LBMPipeline:
 
     The workspace is ``settings=`` (a :class:`~lbm_registry.settings.WorkspaceSettings`)
     when given, else ``$LBM_REG_HOME`` (default ``./mlruns``) with ``$LBM_REG_CATALOG_URL`` and
-    ``$MLFLOW_TRACKING_URI``, as for the CLI. See :func:`lbm_registry.api.infer.load` for the
+    ``$MLFLOW_TRACKING_URI``, as for the CLI. See :func:`lbm_registry.api.run.infer.load` for the
     other keyword arguments.
     """
-    from lbm_registry.api.infer import load as _load
+    from lbm_registry.api.run.infer import load as _load
 
     return _load(ref, **kwargs)
 

@@ -264,7 +264,7 @@ def test_base_mismatch_is_worded_per_surface(cli, extract_tiny, make_tuned, lora
     """Python callers are told ``force=True``, CLI users ``--force``."""
     from PIL import Image
 
-    from lbm_registry.api.infer import plan_load
+    from lbm_registry.api.run.infer import plan_load
     from lbm_registry.errors import LoRAError
 
     lora = extract_tiny(make_tuned(rank=2), rank=2, conv_rank=2).path

@@ -71,6 +71,6 @@ def test_cli_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, lbm_registry.cli.lora, lbm_registry.api.lora; print('torch' in sys.modules)"
+    code = "import sys, lbm_registry.cli.lora, lbm_registry.api.assets.lora; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

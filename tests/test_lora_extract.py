@@ -8,7 +8,7 @@ import pytest
 import torch
 from fixtures.lora import layer_names, true_deltas
 
-from lbm_registry.api.lora import extract
+from lbm_registry.api.assets.lora import extract
 from lbm_registry.errors import ArchitectureError, CheckpointError, LBMError, LoRAError
 from lbm_registry.lbm.threads import single_thread_below
 from lbm_registry.lora.format import read_lora

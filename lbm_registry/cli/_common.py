@@ -21,7 +21,7 @@ PROBE_OPTION = typer.Option(None, "--probe", metavar="[auto|wait|off]",
 
 def probe_mode(option: str | None) -> str:
     """The registration's probe mode (the command's --probe, else $LBM_REG_PROBE, else auto)."""
-    from lbm_registry.api.probe import probe_mode as resolve
+    from lbm_registry.api.run.probe import probe_mode as resolve
 
     return resolve(option, default="auto")
 

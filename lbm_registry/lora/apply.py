@@ -161,7 +161,7 @@ class MergedLoRAs:
     Re-scaling needs the original weights of the layers the LoRAs touch. By default they are
     copied (to ``originals_device``, default next to the weights; ``"cpu"`` saves accelerator
     memory). For a full-size model that copy is as large as the model itself (10 GB in fp32), so
-    :func:`lbm_registry.api.infer.load` passes ``originals``: a function that re-reads a weight
+    :func:`lbm_registry.api.run.infer.load` passes ``originals``: a function that re-reads a weight
     from the base checkpoint (memory-mapped, read-only in the registry), and nothing is copied.
     Use as a context manager to restore the base weights on exit.
     """

@@ -1,6 +1,6 @@
 """LoRA extraction math: ``dW = tuned - base`` per layer -> low-rank factors, streamed to disk.
 
-The registry-free engine behind ``lbm-reg extract`` (see :mod:`lbm_registry.api.lora` for
+The registry-free engine behind ``lbm-reg extract`` (see :mod:`lbm_registry.api.assets.lora` for
 reference resolution and registration). Memory stays at a few layers whatever the model size:
 deltas come from :class:`~lbm_registry.lora.stream.DeltaStream` and factors go straight to a
 :class:`~lbm_registry.lora.format.LoRAWriter`. All math is fp32; only the stored factors take the
