@@ -101,11 +101,12 @@ def _workspace(home: Path, files: Path) -> dict[str, Path | str]:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from lbm_registry.api.registry import import_model, register_asset
+    from lbm_registry.api.assets.models import import_model
+    from lbm_registry.api.registry import register_asset
     from lbm_registry.lbm.config import load_config
     from lbm_registry.lbm.loading import save_lbm
     from lbm_registry.lbm.model import build_model
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     s = WorkspaceSettings(home=home)
     files.mkdir(parents=True, exist_ok=True)

@@ -226,9 +226,9 @@ def synthetic_delta(shape: tuple[int, ...], name: str, device: torch.device) -> 
 
 def _factorize(d: torch.Tensor, shape: tuple[int, ...], name: str, spec: Spec, scratch: torch.Tensor):
     """One layer as ``lbm-reg extract`` does it (small layers single-threaded on CPU)."""
+    from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
     from lbm_registry.lora.extract import factorize
     from lbm_registry.lora.svd import SVDSettings
-    from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
     settings = SVDSettings()
     rank = spec.conv_rank if len(shape) == 4 else spec.rank

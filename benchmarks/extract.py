@@ -173,9 +173,9 @@ def original_worker(args: argparse.Namespace) -> None:
     import torch
 
     from lbm_registry.lbm.checkpoint import CheckpointReader
+    from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
     from lbm_registry.lora.extract import factorize
     from lbm_registry.lora.svd import SVDSettings
-    from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
     def load_whole(path: str) -> dict:
         # Every tensor copied into memory, like loading a state dict into a model. (safetensors'

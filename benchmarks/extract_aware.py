@@ -81,7 +81,7 @@ def tiny_setup() -> dict[str, Path]:
 
 
 def _heldout(setup: dict[str, Path], lora_path: Path, which: str = "heldout") -> dict:
-    from lbm_registry.api.calibration import image_tensor, list_inputs, take
+    from lbm_registry.api.assets.calibration import image_tensor, list_inputs, take
     from lbm_registry.lbm.config import load_config
     from lbm_registry.lora.format import read_lora
     from lbm_registry.lora.validate import heldout_check
@@ -129,11 +129,11 @@ def restrict_stats(src: Path, dest: Path, to_diag) -> Path:
 def run_tiny(json_out: Path | None) -> dict:
     import torch
 
-    from lbm_registry.api.lora import extract
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.api.assets.lora import extract
+    from lbm_registry.settings import WorkspaceSettings
 
     # One thread: the tiny twin's ops are small, and on a shared machine two OpenMP threads spin
-    # against each other (see lbm_registry/lora/threads.py): 10x the CPU time for the same work.
+    # against each other (see lbm_registry/lbm/threads.py): 10x the CPU time for the same work.
     torch.set_num_threads(1)
     setup = tiny_setup()
     results: dict = {"model": "lbm-tiny", "finetune_steps": FINETUNE_STEPS, "lr": FINETUNE_LR,

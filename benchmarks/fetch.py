@@ -103,7 +103,7 @@ def main() -> None:
         reg = [_bin("lbm-reg"), "--home", str(folder / "home-a"), "--catalog-url", catalog, "--tracking-uri", uri]
         register_s, register_rss, _ = _popen_rss([sys.executable, "-c",
                         "import sys, pathlib; from lbm_registry.api import registry as R; "
-                        "from lbm_registry.registry.settings import WorkspaceSettings as S; "
+                        "from lbm_registry.settings import WorkspaceSettings as S; "
                         "R.register_asset(pathlib.Path(sys.argv[1]), name='big', kind='model', "
                         "settings=S(home=pathlib.Path(sys.argv[2]), catalog_url=sys.argv[3], tracking_uri=sys.argv[4]))",
                         str(src), str(folder / "home-a"), catalog, uri], env)

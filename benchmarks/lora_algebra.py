@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from lbm_registry.api.lora_import import write_native
+    from lbm_registry.api.assets.lora_import import write_native
     from lbm_registry.lora.algebra import Term, factored_svd, resize_lora
     from lbm_registry.lora.convert import check_against_base, read_foreign
     from lbm_registry.lora.export import write_kohya

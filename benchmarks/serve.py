@@ -77,9 +77,9 @@ def device_check() -> object:
 @torch.no_grad()
 def bench(name: str, denoiser: torch.nn.Module, latent: int, *, batch: int = 8, repeats: int = 3) -> list[tuple[str, str]]:
     from lbm_registry.lbm.model import weight_layers
+    from lbm_registry.lbm.threads import one_thread
     from lbm_registry.lora.apply import merge_lora, unmerge_lora
     from lbm_registry.lora.format import write_lora
-    from lbm_registry.lora.threads import one_thread
     from lbm_registry.registry.blobs import sha256_file
     from lbm_registry.serve.cache import LoRACache
     from lbm_registry.serve.loader import LoRALoader, LoRASource

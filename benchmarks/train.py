@@ -185,7 +185,7 @@ def cached_latents(root: Path, common: dict) -> list[str]:
     import torch
 
     from lbm_registry.api.train import build_lora_trainer
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
     from lbm_registry.train.config import train_config_from_dict
 
     torch.set_num_threads(1)  # tiny ops: thread hand-off dominates, and the machine may be shared
@@ -219,7 +219,7 @@ def cached_latents(root: Path, common: dict) -> list[str]:
 
 def processes(root: Path, common: dict) -> list[str]:
     from lbm_registry.api.train import train_lora
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
     from lbm_registry.train.config import train_config_from_dict
 
     settings = WorkspaceSettings.resolve(home=root / "home")
@@ -251,7 +251,7 @@ def processes(root: Path, common: dict) -> list[str]:
 
 def _single_worker(spec: str, home: str) -> None:
     from lbm_registry.api.train import train_lora
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
     from lbm_registry.train.config import train_config_from_dict
 
     train_lora(train_config_from_dict(json.loads(Path(spec).read_text())),

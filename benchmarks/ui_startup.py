@@ -92,7 +92,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from lbm_registry.api.registry import init_workspace, register_asset
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     print(f"load average before: {os.getloadavg()}")
     home = args.home

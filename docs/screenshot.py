@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from lbm_registry.api.registry import show, ui_command
     from lbm_registry.errors import LBMError
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     chromium = find_chromium(args.chromium)
     settings = WorkspaceSettings.resolve(Path(args.home))

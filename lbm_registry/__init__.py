@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lbm_registry.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from lbm_registry.lbm.pipeline import LBMPipeline
@@ -16,12 +16,12 @@ if TYPE_CHECKING:  # pragma: no cover
 def load(ref: str, **kwargs: Any) -> LBMPipeline:
     """Resolve ``ref`` (e.g. ``"relight-v3@latest"``) and return a ready image pipeline.
 
-    The workspace is ``settings=`` (a :class:`~lbm_registry.registry.settings.WorkspaceSettings`)
+    The workspace is ``settings=`` (a :class:`~lbm_registry.settings.WorkspaceSettings`)
     when given, else ``$LBM_REG_HOME`` (default ``./mlruns``) with ``$LBM_REG_CATALOG_URL`` and
-    ``$MLFLOW_TRACKING_URI``, as for the CLI. See :func:`lbm_registry.api.infer.load` for the
+    ``$MLFLOW_TRACKING_URI``, as for the CLI. See :func:`lbm_registry.api.run.infer.load` for the
     other keyword arguments.
     """
-    from lbm_registry.api.infer import load as _load
+    from lbm_registry.api.run.infer import load as _load
 
     return _load(ref, **kwargs)
 

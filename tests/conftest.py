@@ -95,7 +95,7 @@ def make_tuned(tmp_path_factory, tiny_base_path):
 @pytest.fixture
 def workspace(tmp_path):
     """Settings for a fresh registry in a temp folder (nothing created until used)."""
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     return WorkspaceSettings.resolve(home=tmp_path / "home")
 

@@ -252,7 +252,7 @@ def test_read_and_maintenance_commands_refuse_a_missing_home(cli, tmp_path, args
 def test_missing_home_error_is_neutral_in_python(tmp_path):
     from lbm_registry.api.registry import gc
     from lbm_registry.errors import RegistryError
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     with pytest.raises(RegistryError) as info:
         gc(WorkspaceSettings.resolve(home=tmp_path / "nope"))
@@ -264,7 +264,7 @@ def test_base_mismatch_is_worded_per_surface(cli, extract_tiny, make_tuned, lora
     """Python callers are told ``force=True``, CLI users ``--force``."""
     from PIL import Image
 
-    from lbm_registry.api.infer import plan_load
+    from lbm_registry.api.run.infer import plan_load
     from lbm_registry.errors import LoRAError
 
     lora = extract_tiny(make_tuned(rank=2), rank=2, conv_rank=2).path
@@ -444,7 +444,7 @@ def test_a_failed_first_command_leaves_no_half_made_workspace(cli, tmp_path):
 
     from lbm_registry.api.registry import init_workspace
     from lbm_registry.errors import RegistryError
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     gone = f"http://127.0.0.1:{free_port()}"
     new, empty, used = tmp_path / "new", tmp_path / "empty", tmp_path / "used"

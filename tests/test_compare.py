@@ -58,7 +58,7 @@ def registered(reg_settings, make_tuned, make_exact_lora, tiny_base_path, tiny_c
 @pytest.fixture(scope="module")
 def reported(registered, tmp_path_factory):
     """(compare result, report folder) of cmp@1 vs cmp@2 with an HTML report."""
-    from lbm_registry.api.compare import compare
+    from lbm_registry.api.run.compare import compare
 
     folder = tmp_path_factory.mktemp("compare") / "report"
     return compare("cmp@1", "v2", report=folder, settings=registered, device="cpu"), folder
@@ -86,7 +86,7 @@ def test_compare_same_base_with_report(reported):
 
 
 def test_compare_identical_and_different_base(registered):
-    from lbm_registry.api.compare import compare
+    from lbm_registry.api.run.compare import compare
 
     same = compare("cmp@1", "cmp@1", settings=registered, outputs=False)
     assert same["identical"] and same["mean_cosine"] == pytest.approx(1.0, abs=1e-5)

@@ -19,7 +19,7 @@ def demo(tmp_path_factory):
     from typer.testing import CliRunner
 
     from lbm_registry.cli.main import app
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     root = tmp_path_factory.mktemp("demo")
     elsewhere = root / "elsewhere"

@@ -78,7 +78,7 @@ def test_fit_tensor_mixed():
 
 def test_base_create_from_sdxl_file(sdxl_like, tiny_config, tmp_path):
     """End to end: diffusers-folder SDXL UNet -> exact base file that loads back strictly."""
-    from lbm_registry.api.base import create_base
+    from lbm_registry.api.assets.base import create_base
     from lbm_registry.lbm.loading import load_lbm
 
     # an SDXL UNet in LBM-tiny's own shape family: only cross-attention inputs differ

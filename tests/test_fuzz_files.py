@@ -330,7 +330,7 @@ def _write_layout(folder: Path, fmt: str, tensors: dict[str, np.ndarray], cfg) -
 def test_fuzz_lora_layouts_of_every_format(tiny_modules, tiny_base_path, tmp_path_factory, data):
     """Reading, checking against the base and converting (to our native file, dense layers
     re-factored) raise only LBMError; what converts reads back as a valid native LoRA."""
-    from lbm_registry.api.lora_import import write_native
+    from lbm_registry.api.assets.lora_import import write_native
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lora.convert import check_against_base, read_foreign
     from lbm_registry.lora.format import read_lora

@@ -30,7 +30,7 @@ def _arr(img):
 
 
 def test_full_rank_lora_matches_tuned_model(lora_pair, image, tiny_base_path, workspace):
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
 
     tuned, _, lora_a, _ = lora_pair
     out_lora = load(str(lora_a), base=str(tiny_base_path), device="cpu", dtype="fp32", settings=workspace)(image, seed=3)
@@ -40,7 +40,7 @@ def test_full_rank_lora_matches_tuned_model(lora_pair, image, tiny_base_path, wo
 
 
 def test_scale_zero_is_base_and_scale_changes_output(lora_pair, image, tiny_base_path, workspace):
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
 
     _, _, lora_a, _ = lora_pair
     base_img = load(str(tiny_base_path), device="cpu", dtype="fp32", settings=workspace)(image)
@@ -51,7 +51,7 @@ def test_scale_zero_is_base_and_scale_changes_output(lora_pair, image, tiny_base
 
 
 def test_two_stacked_loras_at_half_equal_average_delta(lora_pair, image, tiny_base_path, tiny_config, workspace):
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
     from lbm_registry.lbm.loading import load_lbm
     from lbm_registry.lbm.pipeline import LBMPipeline
 
@@ -69,7 +69,7 @@ def test_two_stacked_loras_at_half_equal_average_delta(lora_pair, image, tiny_ba
 
 
 def test_lora_for_another_base_is_refused_unless_forced(lora_pair, make_tuned, image, workspace):
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
 
     _, _, lora_a, _ = lora_pair
     other_base = make_tuned(rank=2, seed=9, scale=0.01)
@@ -80,7 +80,7 @@ def test_lora_for_another_base_is_refused_unless_forced(lora_pair, make_tuned, i
 
 
 def test_scale_out_of_range(lora_pair, tiny_base_path, workspace):
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
     from lbm_registry.errors import RangeError
 
     with pytest.raises(RangeError, match="outside"):
@@ -88,7 +88,7 @@ def test_scale_out_of_range(lora_pair, tiny_base_path, workspace):
 
 
 def test_unregistered_lora_without_known_base(lora_pair, workspace):
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
     from lbm_registry.errors import RefError
 
     with pytest.raises(RefError, match="base=REF"):
@@ -96,7 +96,7 @@ def test_unregistered_lora_without_known_base(lora_pair, workspace):
 
 
 def test_images_any_format_and_batch_dir(tmp_path, tiny_base_path, workspace):
-    from lbm_registry.api.infer import run_infer
+    from lbm_registry.api.run.infer import run_infer
 
     src = tmp_path / "in"
     src.mkdir()
@@ -122,7 +122,7 @@ def test_images_any_format_and_batch_dir(tmp_path, tiny_base_path, workspace):
 
 
 def test_seeded_and_deterministic(tiny_base_path, image, workspace):
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
 
     pipe = load(str(tiny_base_path), device="cpu", settings=workspace)
     a, b = pipe(image, steps=2, seed=1), pipe(image, steps=2, seed=1)
@@ -169,8 +169,8 @@ def test_python_api_load(lora_pair, image, tiny_base_path, workspace, monkeypatc
 def test_registered_lora_runs_by_name_with_base_from_lineage(reg_settings, lora_pair, tiny_base_path, image,
                                                              tiny_config):
     """relight@latest resolves to the LoRA and, through its lineage, to the base it was made for."""
-    from lbm_registry.api.infer import load
     from lbm_registry.api.registry import register_asset, resolve
+    from lbm_registry.api.run.infer import load
 
     base = register_asset(tiny_base_path, name="infer-base", kind="base", settings=reg_settings,
                           config=tiny_config.to_dict())
@@ -189,7 +189,7 @@ def test_registered_lora_runs_by_name_with_base_from_lineage(reg_settings, lora_
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if inference gets as far as loading a model."""
-    import lbm_registry.api.infer as infer_mod
+    import lbm_registry.api.run.infer as infer_mod
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the bad input was refused")
@@ -227,7 +227,7 @@ def test_pick_device_refuses_unknown_names():
 
 
 def test_empty_or_unreadable_source_is_refused_before_loading(no_model, tiny_base_path, tmp_path, workspace):
-    from lbm_registry.api.infer import run_infer
+    from lbm_registry.api.run.infer import run_infer
     from lbm_registry.errors import DataError
 
     empty = tmp_path / "empty"
@@ -273,7 +273,7 @@ def test_output_that_cannot_be_right_is_refused(no_model, cli, one_image, tiny_b
 
 
 def test_output_extension_picks_the_format(tiny_base_path, one_image, tmp_path, workspace):
-    from lbm_registry.api.infer import run_infer
+    from lbm_registry.api.run.infer import run_infer
 
     for name, fmt in (("o.jpg", "JPEG"), ("o.webp", "WEBP"), ("o.bmp", "BMP"), ("o.tif", "TIFF")):
         run_infer(str(tiny_base_path), source=one_image, output=tmp_path / name, device="cpu", settings=workspace)
@@ -281,7 +281,7 @@ def test_output_extension_picks_the_format(tiny_base_path, one_image, tmp_path, 
 
 
 def test_same_stem_inputs_do_not_overwrite_each_other(tmp_path):
-    from lbm_registry.api.infer import plan_outputs
+    from lbm_registry.api.run.infer import plan_outputs
 
     src = tmp_path / "in"
     src.mkdir()
@@ -293,7 +293,7 @@ def test_same_stem_inputs_do_not_overwrite_each_other(tmp_path):
 
 
 def test_bad_lora_scale_suffix_is_named(no_model, tmp_path, workspace, one_image, tiny_base_path):
-    from lbm_registry.api.infer import parse_lora_spec, run_infer
+    from lbm_registry.api.run.infer import parse_lora_spec, run_infer
     from lbm_registry.errors import RangeError
 
     with pytest.raises(LoRAError, match="bad LoRA spec 'relight@1:abc'.*scale 'abc'"):
@@ -325,8 +325,8 @@ def test_a_pipeline_call_checks_the_shared_ranges(kw, base_pipe, image):
 
 @pytest.fixture(scope="module")
 def base_pipe(tiny_base_path, tmp_path_factory):
-    from lbm_registry.api.infer import load
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.api.run.infer import load
+    from lbm_registry.settings import WorkspaceSettings
 
     return load(str(tiny_base_path), device="cpu", dtype="fp32",
                 settings=WorkspaceSettings.resolve(home=tmp_path_factory.mktemp("ranges") / "home"))

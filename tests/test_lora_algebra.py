@@ -74,7 +74,7 @@ def test_batched_factored_svd_is_each_layers_svd():
 
 
 def test_resize_error_is_the_optimal_truncation(tmp_path, rank16, lora_settings):
-    from lbm_registry.api.algebra import resize
+    from lbm_registry.api.assets.algebra import resize
     from lbm_registry.lora.format import read_lora
 
     rep = resize(rank16.path, rank=4, conv_rank=2, dtype="fp32", output=tmp_path / "r4.safetensors",
@@ -97,7 +97,7 @@ def test_resize_error_is_the_optimal_truncation(tmp_path, rank16, lora_settings)
 
 
 def test_resize_energy_and_budget(tmp_path, rank16, lora_settings):
-    from lbm_registry.api.algebra import resize
+    from lbm_registry.api.assets.algebra import resize
 
     e = resize(rank16.path, energy=0.9, dtype="fp32", output=tmp_path / "e.safetensors", settings=lora_settings)
     assert all(la.energy >= 0.9 - 1e-4 for la in e.result.layers)
@@ -107,7 +107,7 @@ def test_resize_energy_and_budget(tmp_path, rank16, lora_settings):
 
 
 def test_merge_half_half_is_the_average(tmp_path, tiny_base_path, make_tuned, extract_tiny, lora_settings):
-    from lbm_registry.api.algebra import merge
+    from lbm_registry.api.assets.algebra import merge
     from lbm_registry.lora.format import read_lora
 
     a = extract_tiny(make_tuned(rank=4, seed=1), rank=4, conv_rank=4, dtype="fp32")
@@ -134,7 +134,7 @@ def test_merge_half_half_is_the_average(tmp_path, tiny_base_path, make_tuned, ex
 
 
 def test_merge_refuses_loras_of_two_bases(tmp_path, tiny_base_path, make_tuned, extract_tiny, lora_settings):
-    from lbm_registry.api.algebra import merge
+    from lbm_registry.api.assets.algebra import merge
     from lbm_registry.errors import LoRAError
 
     tuned = make_tuned(rank=4, seed=1)

@@ -9,7 +9,7 @@ import torch
 from fixtures.aware import CALIB_RES
 from fixtures.lora import true_deltas
 
-from lbm_registry.api.lora import extract, validate
+from lbm_registry.api.assets.lora import extract, validate
 from lbm_registry.errors import LoRAError
 from lbm_registry.lora.format import read_lora
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 def _calibration_batch(tiny_config, aware_images):
     """The images the statistics were computed on, prepared as extraction prepared them."""
-    from lbm_registry.api.calibration import image_tensor, list_inputs, take
+    from lbm_registry.api.assets.calibration import image_tensor, list_inputs, take
 
     chosen, _ = take(list_inputs([str(aware_images["calibration"])]), None)
     return [image_tensor(data, item.label, tiny_config, CALIB_RES) for item, data in chosen]

@@ -56,6 +56,7 @@ def test_plain_files_get_the_base_tensor_hash_beside_their_file_hashes(make_tune
     """Two plain files: open_pair hashes the base's tensor bytes together with both files (not in
     a third read after them), and that is the hash the LoRA records for its base."""
     from lbm_registry.api.lora import open_pair, tensor_sha_of
+
     from lbm_registry.lora.format import read_lora
     from lbm_registry.registry.blobs import sha256_file
     from lbm_registry.registry.settings import WorkspaceSettings
@@ -92,6 +93,6 @@ def test_cli_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, lbm_registry.cli.lora, lbm_registry.api.lora; print('torch' in sys.modules)"
+    code = "import sys, lbm_registry.cli.lora, lbm_registry.api.assets.lora; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

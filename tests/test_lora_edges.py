@@ -102,7 +102,7 @@ def test_a_file_that_records_its_base_is_refused_on_another_base(import_registry
 
 # -- item 11: unbounded foreign metadata ----------------------------------------------------------------
 def test_huge_foreign_metadata_is_capped_in_the_catalog_and_in_show(import_registry, cli, tmp_path):
-    from lbm_registry.api.lora_import import METADATA_TOTAL_CAP, METADATA_VALUE_CAP
+    from lbm_registry.api.assets.lora_import import METADATA_TOTAL_CAP, METADATA_VALUE_CAP
     from lbm_registry.registry.blobs import sha256_file
 
     tags = {f"tag{i}": i for i in range(150_000)}   # ~2.7 MB of JSON, as kohya's ss_tag_frequency grows
@@ -127,8 +127,8 @@ def test_huge_foreign_metadata_is_capped_in_the_catalog_and_in_show(import_regis
 # -- item 16: one convention for layers a budget drops ----------------------------------------------------
 def test_resize_and_extract_count_dropped_layers_the_same_way(import_registry, tmp_path, make_tuned,
                                                               tiny_base_path, torch_single_thread):
-    from lbm_registry.api.algebra import resize
-    from lbm_registry.api.lora import extract
+    from lbm_registry.api.assets.algebra import resize
+    from lbm_registry.api.assets.lora import extract
 
     s = import_registry["settings"]
     size = import_registry["native"].stat().st_size

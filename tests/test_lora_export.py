@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lbm_registry.api.lora import export
+from lbm_registry.api.assets.lora import export
 from lbm_registry.errors import LoRAError
 from lbm_registry.lora.apply import merge_lora
 from lbm_registry.lora.format import read_lora

@@ -8,11 +8,11 @@ import pytest
 import torch
 from fixtures.lora import layer_names, true_deltas
 
-from lbm_registry.api.lora import extract
+from lbm_registry.api.assets.lora import extract
 from lbm_registry.errors import ArchitectureError, CheckpointError, LBMError, LoRAError
+from lbm_registry.lbm.threads import single_thread_below
 from lbm_registry.lora.format import read_lora
 from lbm_registry.lora.svd import SVDSettings, truncation_error
-from lbm_registry.lora.threads import single_thread_below
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

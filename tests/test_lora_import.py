@@ -41,7 +41,7 @@ def factors(shapes):
 
 @pytest.fixture(scope="module")
 def base_ref(reg_settings, tiny_base_path):
-    from lbm_registry.api.registry import import_model
+    from lbm_registry.api.assets.models import import_model
 
     return import_model(tiny_base_path, name="imp-base", kind="base", settings=reg_settings).ref
 
@@ -64,7 +64,7 @@ def rel(a, b):
 
 
 def do_import(path, name, settings, base, **kw):
-    from lbm_registry.api.lora_import import import_lora
+    from lbm_registry.api.assets.lora_import import import_lora
 
     return import_lora(path, name=name, base=base, settings=settings, **kw)
 
@@ -276,7 +276,7 @@ def test_a_file_of_ours_brings_its_base(cli, tmp_path, varied_tuned, extract_tin
     """Our own LoRA files (and their kohya exports) record their base's sha256: without --base,
     import uses it when it is registered here and says so; elsewhere it asks for --base, naming
     the hash it could not find."""
-    from lbm_registry.api.lora import export
+    from lbm_registry.api.assets.lora import export
 
     native = extract_tiny(varied_tuned, rank=4, conv_rank=2, dtype="fp32").path
     rc, out, err = cli("--home", reg_settings.home, "import", native, "--kind", "lora", "--name", "imp-own")

@@ -35,7 +35,7 @@ def kohya_hashes(path: Path) -> tuple[str, str]:
 
 
 def test_base_create_twice_same_bytes(tmp_path, lora_settings):
-    from lbm_registry.api.base import create_base
+    from lbm_registry.api.assets.base import create_base
 
     a = create_base("lbm-tiny", output=tmp_path / "a.safetensors", settings=lora_settings)
     b = create_base("lbm-tiny", output=tmp_path / "b.safetensors", settings=lora_settings)
@@ -45,7 +45,7 @@ def test_base_create_twice_same_bytes(tmp_path, lora_settings):
 def test_extract_twice_same_bytes_and_interop_metadata(tmp_path, tiny_base_path, make_tuned, lora_settings):
     from safetensors import safe_open
 
-    from lbm_registry.api.lora import extract
+    from lbm_registry.api.assets.lora import extract
     from lbm_registry.safetensors_layout import tensor_sha256
 
     tuned = make_tuned(rank=4)
@@ -80,7 +80,7 @@ def test_extract_twice_same_bytes_and_interop_metadata(tmp_path, tiny_base_path,
 def test_export_files_carry_modelspec(tmp_path, full_rank_lora, lora_settings):
     from safetensors import safe_open
 
-    from lbm_registry.api.lora import export
+    from lbm_registry.api.assets.lora import export
 
     _, report = full_rank_lora
     out = export(report.path, fmt="kohya", output=tmp_path / "k.safetensors", settings=lora_settings)
@@ -93,8 +93,9 @@ def test_export_files_carry_modelspec(tmp_path, full_rank_lora, lora_settings):
 
 def test_resaved_base_still_matches_and_duplicate_import_refused(tmp_path, tiny_base_path, make_tuned,
                                                                   reg_settings, tiny_config_path):
-    from lbm_registry.api.lora import extract, lora_fits_base
-    from lbm_registry.api.registry import import_model, list_assets, resolve
+    from lbm_registry.api.assets.lora import extract, lora_fits_base
+    from lbm_registry.api.assets.models import import_model
+    from lbm_registry.api.registry import list_assets, resolve
     from lbm_registry.errors import RegistryError
     from lbm_registry.lbm.checkpoint import CheckpointReader, save_safetensors
 

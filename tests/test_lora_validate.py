@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbm_registry.api.lora import validate
+from lbm_registry.api.assets.lora import validate
 from lbm_registry.errors import LoRAError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -57,8 +57,9 @@ def test_without_tuned_only_coverage(full_rank_lora, tiny_base_path, lora_settin
 
 
 def test_registered_extract_validate_records(make_tuned, tiny_base_path, tiny_config_path, reg_settings):
-    from lbm_registry.api.lora import extract
-    from lbm_registry.api.registry import import_model, resolve
+    from lbm_registry.api.assets.lora import extract
+    from lbm_registry.api.assets.models import import_model
+    from lbm_registry.api.registry import resolve
 
     try:
         base = import_model(tiny_base_path, name="tiny-base", kind="base", settings=reg_settings,

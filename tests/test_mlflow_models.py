@@ -26,9 +26,10 @@ SERVE_TIMEOUT_S = 180.0
 def models_ws(tmp_path_factory, mlflow_template, tiny_base_path, make_tuned):
     """A workspace with tiny-base@1 (base), tiny-tuned@1 (model), relight@1 (LoRA extracted from
     them, alias prod) and relight@2 (another extraction), registered through the real API."""
-    from lbm_registry.api.lora import extract
-    from lbm_registry.api.registry import import_model, init_workspace, set_alias
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.api.assets.lora import extract
+    from lbm_registry.api.assets.models import import_model
+    from lbm_registry.api.registry import init_workspace, set_alias
+    from lbm_registry.settings import WorkspaceSettings
 
     s = WorkspaceSettings(home=tmp_path_factory.mktemp("models") / "home")
     s.home.mkdir(parents=True)
@@ -68,7 +69,7 @@ def _decode(b64: str) -> np.ndarray:
 
 
 def _infer(settings, ref: str, source: Path, dest: Path, **kw) -> np.ndarray:
-    from lbm_registry.api.infer import run_infer
+    from lbm_registry.api.run.infer import run_infer
 
     run_infer(ref, source=source, output=dest, settings=settings, **kw)
     return np.asarray(Image.open(dest).convert("RGB"), dtype=np.int16)
@@ -188,7 +189,7 @@ def test_base_found_through_its_models_uri_without_the_registry(mlflow_env, sour
 
 
 def test_tampered_base_is_refused(mlflow_env, tmp_path, monkeypatch):
-    from lbm_registry.api.pyfunc import resolve_base
+    from lbm_registry.api.serve.pyfunc import resolve_base
     from lbm_registry.errors import RefError
 
     monkeypatch.setenv("LBM_REG_HOME", str(tmp_path / "nothing"))

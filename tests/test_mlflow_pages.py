@@ -23,7 +23,7 @@ def test_probe_strip_is_one_row_of_equal_tiles_named_by_its_caption(case, tiny_b
     """Every tile sits on one row below the titles, all the same size and in order (a trained
     version's target too: it used to sit 18 px higher, in a strip nested in a strip, with the
     right third blank), and the picture names exactly its tiles."""
-    from lbm_registry.api.probe import PROBE_SIZE, TITLE_PAD, draw_probe, probe_source
+    from lbm_registry.api.run.probe import PROBE_SIZE, TITLE_PAD, draw_probe, probe_source
     from lbm_registry.registry.pages import probe_tiles
 
     tuned = make_tuned(rank=2, scale=0.2)

@@ -188,7 +188,8 @@ def test_mlflow_reads_fast_path_versions(fresh_settings, tmp_path, tiny_base_pat
     import pandas as pd
     from mlflow import MlflowClient
 
-    from lbm_registry.api.registry import import_model, init_workspace, set_alias, show
+    from lbm_registry.api.assets.models import import_model
+    from lbm_registry.api.registry import init_workspace, set_alias, show
     from lbm_registry.registry.mlflow_sqlite import SqliteMirror
     from lbm_registry.registry.workspace import Workspace
 

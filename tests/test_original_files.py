@@ -181,8 +181,8 @@ def test_exact_base_ckpt_imports_and_serves_as_base_path(exact_base_ckpt, tiny_b
     """``import --kind base`` of the original file (converted to safetensors, bit for bit), and
     the file as ``--base PATH`` of extract and validate; the LoRA extracted against the .ckpt
     fits the base registered from it (same tensor bytes)."""
-    from lbm_registry.api.infer import plan_load
     from lbm_registry.api.registry import resolve
+    from lbm_registry.api.run.infer import plan_load
     from lbm_registry.lbm.checkpoint import CheckpointReader
 
     s = fresh_settings()
@@ -394,7 +394,7 @@ def test_import_layers_and_validate_name_the_alpha_and_fix_alpha_registers_alpha
         original_lora, tiny_base_path, cli, fresh_settings):
     from mlflow.tracking import MlflowClient
 
-    from lbm_registry.api.lora import validate
+    from lbm_registry.api.assets.lora import validate
     from lbm_registry.api.registry import resolve
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.registry.blobs import sha256_file

@@ -37,7 +37,7 @@ def _readme_registry(home: Path, base_path: Path, config: dict) -> None:
     from fixtures.serve import write_random_lora
 
     from lbm_registry.api.registry import register_asset, set_alias
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     s = WorkspaceSettings(home=home)
     base = register_asset(base_path, name="lbm-base", kind="base", settings=s, config=config)

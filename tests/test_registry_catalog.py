@@ -7,8 +7,8 @@ import sqlite3
 import pytest
 
 from lbm_registry.registry import schema
-from lbm_registry.registry.settings import WorkspaceSettings
 from lbm_registry.registry.workspace import Workspace
+from lbm_registry.settings import WorkspaceSettings
 
 TABLES = {"assets", "versions", "lineage", "lora_facts", "layer_errors", "aliases", "tags", "events", "registry_info",
           "file_hashes", "alembic_version"}
@@ -69,7 +69,7 @@ def test_concurrent_first_open_migrates_once(tmp_path):
     import sys
 
     home = tmp_path / "home"
-    code = ("from lbm_registry.registry.settings import WorkspaceSettings as S;"
+    code = ("from lbm_registry.settings import WorkspaceSettings as S;"
             "from lbm_registry.registry.workspace import Workspace as W;"
             f"W.open(S(home=__import__('pathlib').Path({str(home)!r}))).close()")
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(4)]

@@ -10,7 +10,7 @@ import pytest
 
 from lbm_registry.api import registry as R
 from lbm_registry.errors import RegistryError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 # Workers are forked from the test process after it has imported MLflow (~5 s per fresh
 # interpreter on 2 cores), so each child only pays for opening the store. The parent never opens
@@ -23,7 +23,7 @@ def _worker(home: str, worker: int, n: int, folder: str, base_sha: str) -> list[
     from pathlib import Path
 
     from lbm_registry.api.registry import register_asset
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     s = WorkspaceSettings(home=Path(home))
     out = []

@@ -25,8 +25,8 @@ from fixtures.registry import lora_facts, schema_diff, write_weights
 from lbm_registry.api import registry as R
 from lbm_registry.errors import RefError, RegistryError
 from lbm_registry.registry import catalog, schema
-from lbm_registry.registry.settings import WorkspaceSettings
 from lbm_registry.registry.workspace import Workspace
+from lbm_registry.settings import WorkspaceSettings
 
 TABLES = {"assets", "versions", "lineage", "lora_facts", "layer_errors", "aliases", "tags", "events", "registry_info",
           "file_hashes", "alembic_version"}
@@ -115,7 +115,7 @@ def test_pg_upgrade_from_an_older_revision(pg_catalog, tmp_path):
 def test_pg_concurrent_first_migration_from_separate_homes(pg_catalog, tmp_path):
     """Machines sharing one catalog server share no file lock: the migration must still run once."""
     url = pg_catalog()
-    code = ("import sys, pathlib;from lbm_registry.registry.settings import WorkspaceSettings as S;"
+    code = ("import sys, pathlib;from lbm_registry.settings import WorkspaceSettings as S;"
             "from lbm_registry.registry.workspace import Workspace as W;"
             "W.open(S(home=pathlib.Path(sys.argv[1]), catalog_url=sys.argv[2])).close()")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"home{i}"), url],

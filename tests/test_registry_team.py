@@ -20,10 +20,11 @@ from fixtures.registry import write_weights
 from PIL import Image
 
 from lbm_registry.api import registry as R
+from lbm_registry.api.assets.models import import_model
 from lbm_registry.errors import RegistryError
 from lbm_registry.registry import catalog
-from lbm_registry.registry.settings import WorkspaceSettings
 from lbm_registry.registry.workspace import Workspace
+from lbm_registry.settings import WorkspaceSettings
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +47,7 @@ def _server_file(server, rec_or_show: dict) -> Path:
 def team(pg_server, mlflow_server, tmp_path_factory, tiny_base_path, make_tuned):
     """Homes A and B (separate folders) sharing a PostgreSQL catalog and an MLflow server;
     A has registered t-base@1, t-tuned@1 and t-lora@1 (extracted from them)."""
-    from lbm_registry.api.lora import extract
+    from lbm_registry.api.assets.lora import extract
 
     url = pg_server.create_database("team_catalog")
     root = tmp_path_factory.mktemp("team")
@@ -55,8 +56,8 @@ def team(pg_server, mlflow_server, tmp_path_factory, tiny_base_path, make_tuned)
         return WorkspaceSettings(home=root / name, catalog_url=url, tracking_uri=mlflow_server.uri)
 
     a, b = home("A"), home("B")
-    base = R.import_model(tiny_base_path, name="t-base", kind="base", settings=a)
-    tuned = R.import_model(make_tuned(rank=4, seed=1, scale=0.3), name="t-tuned", kind="model", settings=a)
+    base = import_model(tiny_base_path, name="t-base", kind="base", settings=a)
+    tuned = import_model(make_tuned(rank=4, seed=1, scale=0.3), name="t-tuned", kind="model", settings=a)
     extract(base.ref, tuned.ref, rank=4, conv_rank=2, dtype="fp32", register="t-lora", settings=a)
     image = root / "source.png"
     rng = np.random.default_rng(0)

@@ -43,7 +43,7 @@ def images() -> dict[str, bytes]:
 def infer_ref(serve_registry):
     """``infer_ref(image_bytes, lora, loras=(), scale, steps, seed)`` -> uint8 array from ``lbm-reg infer``'s
     code path (api.infer.load: LoRAs merged into the weights), pipelines cached per LoRA set."""
-    from lbm_registry.api.infer import load
+    from lbm_registry.api.run.infer import load
 
     pipes: dict = {}
 

@@ -24,8 +24,8 @@ def test_ray_serve_multiplexes_two_loras(serve_registry, monkeypatch):
     from PIL import Image
     from ray import serve
 
-    from lbm_registry.api.infer import load
-    from lbm_registry.api.ray_serve import deployment
+    from lbm_registry.api.run.infer import load
+    from lbm_registry.api.serve.ray_serve import deployment
 
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     rng = np.random.default_rng(1)

@@ -169,14 +169,14 @@ def test_late_checks_come_first(fresh_settings, make_weights, tmp_path, cli_prob
 
 def test_torch_free_option_lists_match_the_real_ones():
     """The option lists checked before torch loads are the ones the torch code accepts."""
-    from lbm_registry.api.base import STORAGE_DTYPES
-    from lbm_registry.api.infer import INFER_DTYPES
-    from lbm_registry.api.lora import EXPORT_FORMATS, LORA_DTYPES
+    from lbm_registry.api.assets.base import STORAGE_DTYPES
+    from lbm_registry.api.assets.lora import EXPORT_FORMATS, LORA_DTYPES
+    from lbm_registry.api.run.infer import INFER_DTYPES
     from lbm_registry.lora.export import FORMATS
     from lbm_registry.lora.extract import STORAGE_DTYPES as LORA_STORAGE
 
     assert EXPORT_FORMATS == FORMATS
-    from lbm_registry.api.lora_import import NATIVE_META_KEY
+    from lbm_registry.api.assets.lora_import import NATIVE_META_KEY
     from lbm_registry.lora.format import META_KEY
 
     assert NATIVE_META_KEY == META_KEY

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("train_threads")
 
 def _build(cfg, tmp_path=None, **kw):
     from lbm_registry.api.train import build_lora_trainer
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     settings = kw.pop("settings", None) or WorkspaceSettings.resolve(home=(tmp_path or cfg.output_dir) / "home")
     return build_lora_trainer(cfg, settings=settings, progress=False, **kw)
@@ -154,7 +154,7 @@ def test_interrupt_saves_and_resume_matches_uninterrupted_run(train_config, tmp_
     assert latest_checkpoint(cfg.output_dir).name == "step-00000003"
 
     from lbm_registry.api.train import train_lora
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     settings = WorkspaceSettings.resolve(home=tmp_path / "home")
     with pytest.raises(TrainingError, match="already holds checkpoints"):  # checked before loading anything
@@ -286,7 +286,7 @@ def test_cli_train_registers_with_lineage_and_mlflow(tmp_path, tiny_base_path, s
     from lbm_registry.api.registry import resolve
     from lbm_registry.cli.main import main
     from lbm_registry.registry.blobs import sha256_file
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     home = tmp_path / "home"
     argv = ["--home", str(home), "train", "--config", "configs/lora-finetune.yaml",
@@ -426,7 +426,7 @@ def test_save_dtype_null_keeps_the_parents_dtype(train_config, start_lora_path, 
     got = read_lora(trainer.fit().lora_path)
     assert {la.down.dtype for la in got.layers.values()} == {torch.bfloat16}
     from lbm_registry.api.train import check_training, with_save_dtype
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     fresh = train_config(lora=None, new_lora={"rank": 2, "targets": ["*attn1.to_q"]}, trainable_lora_modules=["*"])
     parent = check_training(fresh, WorkspaceSettings.resolve(home=tmp_path / "home"))[4]

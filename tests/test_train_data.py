@@ -235,7 +235,7 @@ def test_module_patterns_fnmatch_regex_and_typos():
 def test_default_run_folder_lives_in_the_workspace(tmp_path):
     from lbm_registry.api.train import run_folder
     from lbm_registry.errors import TrainingError
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
     from lbm_registry.train.config import load_train_config
 
     settings = WorkspaceSettings.resolve(home=tmp_path)

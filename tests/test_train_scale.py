@@ -16,7 +16,7 @@ COMMON = {"resolution": 64, "max_steps": 3, "validation_shards": [], "num_sample
 
 def _fit(cfg, tmp_path, **kw):
     from lbm_registry.api.train import build_lora_trainer
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     settings = WorkspaceSettings.resolve(home=tmp_path / "home")
     trainer, _ = build_lora_trainer(cfg, settings=settings, progress=False, **kw)
@@ -98,7 +98,7 @@ def test_two_processes_match_one_and_resume_after_an_interrupt(reference_1x4, tr
     import yaml
 
     from lbm_registry.api.train import train_lora
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
     from lbm_registry.train.state import list_checkpoints
 
     settings = WorkspaceSettings.resolve(home=tmp_path / "home")
@@ -134,7 +134,7 @@ def test_multi_process_start_up_errors_come_before_any_worker(train_config_facto
 
     from lbm_registry.api.train import train_lora
     from lbm_registry.errors import LoRAError
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     settings = WorkspaceSettings.resolve(home=tmp_path / "home")
     monkeypatch.setattr(launcher, "elastic_launch", lambda *a, **k: pytest.fail("workers started"))
@@ -183,7 +183,7 @@ def test_epochs_are_counted_right_and_progress_shows_the_last_values(train_confi
                                batch_size=1, max_steps=4, resolution=32, num_sample_images=0,
                                validation_interval=3, validation_max_samples=2)
     from lbm_registry.api.train import build_lora_trainer
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     trainer, _ = build_lora_trainer(cfg, settings=WorkspaceSettings.resolve(home=tmp_path / "home"), progress=True,
                                     console=Console(file=out, width=200), err_console=Console(file=err, width=200))

@@ -105,7 +105,7 @@ def test_training_latents_are_a_seeded_posterior_sample_by_default(train_config,
     """Upstream trains on ``latent_dist.sample()``: here mean + std * noise, the noise drawn from the
     sample's own seed (so every layout and a resume draw the same); ``latent_sample: mean`` keeps the mean."""
     from lbm_registry.api.train import build_lora_trainer
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
     from lbm_registry.train.objective import sample_seed
 
     cfg = train_config(validation_shards=[], num_sample_images=0)

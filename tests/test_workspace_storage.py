@@ -119,7 +119,7 @@ def test_a_read_only_registry_runs_infer_validate_compare_and_serve(edge_registr
     serve = f"""
 import io
 from lbm_registry.api.serve import Server
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 with Server(base="st-base", preload=["st-lora@prod"], device="cpu",
             settings=WorkspaceSettings.resolve({str(home)!r})) as srv:
     result = srv.run(open({str(src)!r}, "rb").read(), lora="st-lora@prod").width
@@ -150,7 +150,7 @@ def _workspace_setup(home: Path, template: Path, weights: list[Path]) -> str:
 import shutil
 from pathlib import Path
 from lbm_registry.api.registry import init_workspace, register_asset
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 home = Path({str(home)!r})
 home.mkdir(exist_ok=True)
 shutil.copyfile({str(template)!r}, home / "mlflow.db")
@@ -237,7 +237,7 @@ def test_registration_on_a_full_disk_names_the_file_and_cleans_up(need_mounts, t
 INTERRUPTED_REGISTRATION = """
 import sys
 from lbm_registry.api.registry import register_asset
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 try:
     register_asset(sys.argv[1], name="cut", kind="base", settings=WorkspaceSettings.resolve(sys.argv[2]),
                    config={"name": "lbm-tiny"})

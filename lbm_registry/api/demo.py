@@ -1,8 +1,9 @@
 """``lbm-reg demo``: the whole story on the tiny twin, offline, through the real CLI.
 
-Every step below is an ordinary ``lbm-reg`` invocation (run in-process so torch is imported
-once); the only step without a CLI verb is the brief *full* fine-tune that produces a real
-"tuned" model to extract LoRAs from.
+Every step below is an ordinary ``lbm-reg`` invocation, made through the ``cli`` callable the
+caller passes (``lbm-reg demo`` passes its own ``main``, so the steps run in process and torch is
+imported once; the API never imports the CLI above it). The only step without a CLI verb is the
+brief *full* fine-tune that produces a real "tuned" model to extract LoRAs from.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ def prepare_home(home: Path) -> None:
     (home / MARKER).write_text("made by lbm-reg demo; safe to delete\n")
 
 
-def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int = 30,
-             finetune_steps: int = 60) -> dict[str, float]:
-    """Run the demo; returns the wall time of each step."""
+def run_demo(home: Path, *, cli: Callable[[list[str]], object], say: Callable[[str], None] = print,
+             train_steps: int = 30, finetune_steps: int = 60) -> dict[str, float]:
+    """Run the demo; returns the wall time of each step.
+
+    ``cli(args)`` runs one ``lbm-reg`` command line as a user would (``lbm_registry.cli.main.main``:
+    it exits through ``SystemExit``; a non-zero code stops the demo)."""
     from lbm_registry.api.train import finetune_full
-    from lbm_registry.cli.main import main as cli
 
     home = home.absolute()
     prepare_home(home)
@@ -71,7 +74,7 @@ def run_demo(home: Path, *, say: Callable[[str], None] = print, train_steps: int
         f"train_shards={[Path(p).name for p in train_shards]}, steps={finetune_steps}, output=\"{tuned_out.name}\")'")
     t0 = time.perf_counter()
     from lbm_registry.api.registry import resolve
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
     every = max(1, finetune_steps // 10)
 
@@ -166,8 +169,8 @@ def serve_requests(home: Path, image: Path, refs: list[str | None]) -> list[str]
     import uvicorn
 
     from lbm_registry.api.serve import Server
-    from lbm_registry.registry.settings import WorkspaceSettings
     from lbm_registry.serve.app import create_app
+    from lbm_registry.settings import WorkspaceSettings
 
     engine = Server("tiny-base", preload=[r for r in refs if r], settings=WorkspaceSettings.resolve(home),
                     device="cpu", max_batch=8, max_wait_ms=500)

@@ -10,14 +10,16 @@
     lineage_tree(ref, settings) -> dict
     layer_table(asset, settings) -> list[dict]
     set_alias(ref, alias, settings) -> dict / remove_alias(name, alias, settings) -> dict
-    import_model(path, *, name, kind, settings, config=None, probe=None) -> ResolvedAsset
     attach_artifact(asset, path, settings) -> None   (e.g. a probe picture drawn afterwards)
     init_workspace(settings) -> dict / doctor(settings, repair=False) -> dict / gc(settings, cache=False) -> dict
     pull(ref, settings) -> dict   (fetch a version and its base from the tracking server)
 
+    tensor_sha_of(asset) -> str | None / lora_fits_base(sha, tensor_sha, base) -> bool   (base identity)
+
 Each call opens the workspace, does its work and closes it again (no global state). Nothing
-here imports torch, except :func:`import_model` when it reads a ``.ckpt`` pickle or draws the
-probe picture in process (``probe="wait"``).
+here imports torch (a ``.ckpt`` base's tensor hash aside) nor any other API module: this is the
+API's bottom floor. Importing files (:mod:`lbm_registry.api.assets.models`) and the probe picture
+drawn after registration (:func:`lbm_registry.api.run.probe.after_registration`) live above it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lbm_registry.errors import RefError, RegistryError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 
 @dataclass
@@ -390,135 +392,12 @@ def check_name_free(name: str, kind: str, settings: WorkspaceSettings | None = N
         raise RegistryError(f"{name!r} is a {a['kind']}: it cannot get a {kind} version (choose another name)")
 
 
-def import_model(path: str | Path, *, name: str, kind: str, settings: WorkspaceSettings | None = None,
-                 config: str | Path | None = None, allow_duplicate: bool = False,
-                 probe: str | None = None, base: str | None = None) -> ResolvedAsset:
-    """Register an existing full LBM checkpoint as a ``base`` or ``model``.
+def undone_if_new(home: Path | None, errors: tuple[type[BaseException], ...] = (Exception,)) -> Any:
+    """A block that may create the workspace ``home`` and leaves nothing there if it fails with
+    one of ``errors`` (see :func:`lbm_registry.registry.workspace.undone_if_new`); for the CLI."""
+    from lbm_registry.registry.workspace import undone_if_new as undone
 
-    ``base`` (a model only): the registered base it was fine-tuned from, recorded as its lineage
-    (its page links it, the base's page lists the model) and drawn in its probe picture.
-
-    The file must match the architecture of its config (``config`` or the ``lbm_config``
-    metadata that ``save_lbm`` embeds) key for key and shape for shape, with finite weights.
-    Pickle checkpoints (the original scripts' ``exact_base.ckpt``, Lightning ``.ckpt``; read
-    with ``weights_only`` and memory-mapped) are converted to safetensors first (blobs have no
-    suffix and must be safetensors to be readable); the pickle's own sha256 is recorded as
-    ``source_sha256``. ``config`` may be upstream LBM's model config (translated, ``notes``).
-
-    ``probe`` (see api/probe.py): ``wait`` draws the probe picture before registering (the
-    default here, else ``$LBM_REG_PROBE``), ``auto`` draws it in a background process once the
-    version is ready (the CLI's default), ``off`` draws none.
-    """
-    import time
-
-    from lbm_registry.api.probe import probe_mode
-    from lbm_registry.errors import ConfigError
-
-    started = time.time()
-    mode = probe_mode(probe)
-
-    if kind not in ("base", "model"):
-        raise RegistryError(f"import --kind must be base, model or lora, not {kind!r}")
-    validate_name(name)
-    path = Path(path)
-    from lbm_registry.lbm.config import load_config
-    from lbm_registry.lbm.header import (
-        CKPT_SUFFIXES,
-        CONFIG_METADATA_KEY,
-        SafetensorsHeader,
-        config_from_metadata,
-        verify_shapes,
-    )
-
-    s = _settings(settings)
-    check_name_free(name, kind, s)   # before reading gigabytes
-    if base is not None and kind != "model":
-        raise RegistryError("--base is for model and lora imports (the base a model was fine-tuned from)")
-    base_asset = resolve(base, s, ("base", "model")) if base is not None else None
-    lineage = {"base": base_asset} if base_asset is not None else None
-    cfg = load_config(config) if config is not None else None
-    if path.suffix in CKPT_SUFFIXES:   # a pickle: torch reads it (and it is converted below)
-        from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
-
-        reader: Any = CheckpointReader(path)
-    else:   # safetensors: header and numpy only, no torch and no model
-        reader = SafetensorsHeader(path)
-    cfg = cfg or config_from_metadata(reader.metadata, path)
-    if cfg is None:
-        msg = f"{path} carries no '{CONFIG_METADATA_KEY}' metadata"
-        raise ConfigError(f"{msg}: pass config=CFG", cli=f"{msg}: pass --config CFG")
-    verify_shapes(reader.shapes(), cfg, path)
-    if isinstance(reader, SafetensorsHeader):
-        reader.check_finite()
-        dtypes = reader.dtype_counts()
-    else:
-        dtypes: dict[str, int] = {}
-        for key, tensor in reader.items():
-            check_finite(key, tensor, path)
-            dname = str(tensor.dtype).replace("torch.", "")
-            dtypes[dname] = dtypes.get(dname, 0) + 1
-    facts = {"source": str(path.absolute()), "config_name": cfg.name, "tensors": len(reader),
-             "dtypes": dtypes}
-    notes = list(cfg.notes) if config is not None else list(getattr(reader, "notes", []))
-    if notes:   # an upstream LBM config, translated (the CLI prints these)
-        facts["notes"] = notes
-    if path.suffix in CKPT_SUFFIXES:
-        import json
-        import shutil
-        import tempfile
-
-        from lbm_registry.registry.workspace import Workspace
-
-        with Workspace.open(s) as ws:
-            tmpdir = Path(tempfile.mkdtemp(prefix="import-", dir=ws.staging_dir))
-        from lbm_registry.lbm.checkpoint import save_safetensors
-
-        try:
-            converted = save_safetensors(reader.state_dict(), tmpdir / f"{path.stem}.safetensors",
-                                         {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), "format": "pt"})
-            reader.close()
-            facts["converted_from"] = path.name
-            from lbm_registry.registry.blobs import sha256_file
-
-            facts["source_sha256"] = sha256_file(path)
-            return after_registration(register_asset(
-                converted, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts, lineage=lineage,
-                refuse_duplicate=not allow_duplicate, link=True, work_started=started,
-                artifacts=_import_probe(converted, cfg, kind, tmpdir / "probe", mode, base_asset)), s, mode)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    import shutil
-    import tempfile
-
-    probe_dir = Path(tempfile.mkdtemp(prefix="lbm-probe-"))
-    try:
-        return after_registration(register_asset(
-            path, name=name, kind=kind, settings=s, config=cfg.to_dict(), facts=facts, lineage=lineage,
-            refuse_duplicate=not allow_duplicate, work_started=started,
-            artifacts=_import_probe(path, cfg, kind, probe_dir, mode, base_asset)), s, mode)
-    finally:
-        shutil.rmtree(probe_dir, ignore_errors=True)
-
-
-def _import_probe(path: Path, cfg: Any, kind: str, folder: Path, mode: str,
-                  base: ResolvedAsset | None = None) -> dict[str, Path]:
-    """The probe picture of an imported base/model when it is drawn before registering (``wait``):
-    ``source | this base``, or ``source | base | this model`` when the model names its base."""
-    if mode != "wait":  # no torch import at all
-        return {}
-    from lbm_registry.api.probe import probe_artifacts
-
-    return probe_artifacts(folder, base_path=base.path if base is not None else path, config=cfg, kind=kind,
-                           model_path=path, label="this base" if kind == "base" else "this model", draw=True)
-
-
-def after_registration(asset: ResolvedAsset, settings: WorkspaceSettings, probe_mode: str) -> ResolvedAsset:
-    """Start the background probe of a just-registered version when its mode is ``auto``."""
-    if probe_mode == "auto":
-        from lbm_registry.api.probe import start_background
-
-        start_background(settings, asset.ref, asset.sha256)
-    return asset
+    return undone(home, errors)
 
 
 def init_workspace(settings: WorkspaceSettings | None = None) -> dict[str, Any]:
@@ -684,3 +563,42 @@ def remove(ref: str, *, force: bool = False, settings: WorkspaceSettings | None 
 
     with open_existing(settings) as ws:
         return remove_version(ws, ref, force=force).to_dict()
+
+
+# -- base identity (which LoRA fits which base) -------------------------------------------
+def tensor_sha_of(asset: ResolvedAsset) -> str | None:
+    """The sha256 of a base's tensor bytes: recorded for registered versions, else computed
+    (for a pickle checkpoint: those of its conversion to safetensors, which ``import`` registers).
+    Identifies a base whatever metadata a re-save gave it."""
+    recorded = (asset.facts or {}).get("tensor_sha256")
+    if recorded:
+        return str(recorded)
+    from lbm_registry.lbm.checkpoint import CKPT_SUFFIXES
+
+    if asset.kind != "file":
+        return None
+    if asset.path.suffix in CKPT_SUFFIXES:
+        from lbm_registry.errors import LBMError
+        from lbm_registry.lbm.checkpoint import CheckpointReader
+
+        try:
+            with CheckpointReader(asset.path) as reader:
+                return reader.tensor_sha256()
+        except LBMError:
+            return None
+    from lbm_registry.safetensors_layout import tensor_sha256
+
+    try:
+        return tensor_sha256(asset.path)
+    except (OSError, ValueError):
+        return None
+
+
+def lora_fits_base(base_sha256: str | None, base_tensor_sha256: str | None, base: ResolvedAsset) -> bool:
+    """Was a LoRA recorded for ``base``? Either hash matching is enough: the file sha256, or
+    the tensor-bytes sha256 (a re-saved identical base). A LoRA that records no base fits."""
+    if not base_sha256 and not base_tensor_sha256:
+        return True
+    if base_sha256 and base_sha256 == base.sha256:
+        return True
+    return bool(base_tensor_sha256) and base_tensor_sha256 == tensor_sha_of(base)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,13 @@ class TrainingInputs:
     validation_shards: list[Path]
     device: torch.device
     datasets: list[dict[str, str]] = field(default_factory=list)
+
+
+def parse_set_option(values: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as config overrides (for the CLI, which goes through the API)."""
+    from lbm_registry.train.config import parse_set_option as parse
+
+    return parse(values)
 
 
 def load_training_config(config: TrainConfig | str | Path,
@@ -127,7 +134,7 @@ def _parent_lora(cfg: TrainConfig, base: ResolvedAsset,
     parent = _resolve_field(cfg, "lora", settings, ("lora",))
     lora = read_lora(parent.path)
     made_for = lora.base_sha256
-    from lbm_registry.api.lora import lora_fits_base
+    from lbm_registry.api.registry import lora_fits_base
 
     if not lora_fits_base(made_for, lora.info.get("base_tensor_sha256"), base):
         raise LoRAError(f"LoRA {parent.label} was made for base sha256 {(made_for or '?')[:12]}, "
@@ -270,7 +277,7 @@ def build_lora_trainer(config: TrainConfig, *, settings: WorkspaceSettings | Non
     amp = autocast_dtype(device, cfg.mixed_precision)
     base_dtype = amp if (amp is not None and device.type == "cuda") else torch.float32
     model = load_lbm(base.path, lbm, device=device, dtype=base_dtype)
-    from lbm_registry.api.lora import tensor_sha_of
+    from lbm_registry.api.registry import tensor_sha_of
 
     lora_info = {"base_sha256": base.sha256, "base_ref": base.label, "base_tensor_sha256": tensor_sha_of(base),
                  "base_config": lbm.name}
@@ -368,7 +375,7 @@ def register_trained_lora(result: TrainResult, inputs: TrainingInputs, name: str
                                  "trainable_params": result.trainable_params}.items() if v is not None}
     artifacts = {p.name: p for p in (result.samples_path, result.loss_plot) if p is not None and p.is_file()}
     tags = {"lbm.train_run_id": result.run_id} if result.run_id else None
-    from lbm_registry.api.probe import first_pair, probe_artifacts
+    from lbm_registry.api.run.probe import first_pair, probe_artifacts
 
     pair = first_pair(inputs.validation_shards, source_key=inputs.config.source_key,
                       target_key=inputs.config.target_key,
@@ -404,10 +411,16 @@ def train_lora(config: TrainConfig | str | Path, overrides: Mapping[str, Any] | 
     err_console = err_console or console
     if launched_world_size() <= 1 and cfg.num_processes > 1:
         from lbm_registry.train.launch import launch_local
+        from lbm_registry.train.loop import check_output_dir
 
         for note in cfg.notes:
             _note(err_console, note)
-        return launch_local(cfg, settings=settings, resume=resume, json_output=json_output)
+        folder = run_folder(cfg, settings, resume)
+        check_output_dir(folder, resume)
+        cfg = cfg.model_copy(update={"output_dir": str(folder)})
+        check_training(cfg, settings)  # bad references, data or options: one line now, not from N workers
+        return launch_local(cfg, settings=settings, entry=f"{__name__}:train_lora", resume=resume,
+                            json_output=json_output)
     dist = init_distributed(cfg.device)
     if dist.is_main:
         for note in cfg.notes:

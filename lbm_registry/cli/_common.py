@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: the Rich console, workspace settings, JSON output, errors."""
+"""Shared CLI plumbing: the Rich console (:mod:`lbm_registry.console`), workspace settings, JSON
+output, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any, NoReturn
 
 import typer
 
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.console import console
+from lbm_registry.settings import WorkspaceSettings
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 PROBE_OPTION = typer.Option(None, "--probe", metavar="[auto|wait|off]",
@@ -19,7 +21,7 @@ PROBE_OPTION = typer.Option(None, "--probe", metavar="[auto|wait|off]",
 
 def probe_mode(option: str | None) -> str:
     """The registration's probe mode (the command's --probe, else $LBM_REG_PROBE, else auto)."""
-    from lbm_registry.api.probe import probe_mode as resolve
+    from lbm_registry.api.run.probe import probe_mode as resolve
 
     return resolve(option, default="auto")
 
@@ -30,22 +32,6 @@ def probe_note(mode: str, ctx: typer.Context, as_json: bool) -> None:
         log = settings(ctx).home / "logs" / "probe.log"
         console().print(f"probe picture: drawing in the background; it appears on the version's MLflow page "
                         f"when done (log: {log})")
-
-
-def console(stderr: bool = False):  # -> rich.console.Console
-    """A Rich console (imported lazily: rich costs ~50 ms).
-
-    Piped output (logs, CI, the demo) gets 140 columns instead of Rich's 80 so tables stay
-    readable; ``COLUMNS`` still wins.
-    """
-    import os
-
-    from rich.console import Console
-
-    con = Console(stderr=stderr, highlight=False)
-    if not con.is_terminal and "COLUMNS" not in os.environ:
-        con = Console(stderr=stderr, highlight=False, width=140)
-    return con
 
 
 def settings(ctx: typer.Context) -> WorkspaceSettings:

@@ -1,4 +1,4 @@
-"""LoRA algebra commands: ``resize``, ``merge``. Parse, call :mod:`lbm_registry.api.algebra`, render."""
+"""LoRA algebra commands: ``resize``, ``merge``. Parse, call :mod:`lbm_registry.api.assets.algebra`, render."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def import_lora(ctx: typer.Context, file: Path, *, name: str, base: str | None, 
                 conv_rank: int | None, energy: float | None, budget: str | None, max_rank: int | None,
                 allow_duplicate: bool, as_json: bool, probe: str = "auto", fix_alpha: bool = False) -> None:
     """``import --kind lora`` (called by the import command)."""
-    from lbm_registry.api.lora_import import import_lora as api_import
+    from lbm_registry.api.assets.lora_import import import_lora as api_import
     from lbm_registry.cli.lora import _ProgressBar
 
     with _ProgressBar() as bar:

@@ -29,7 +29,7 @@ def create(
     """Build the exact LBM base: SDXL UNet adapted to LBM's shape (sliced/padded/copied)."""
     if not register and not output:
         fail("give --register NAME or --output FILE")
-    from lbm_registry.api.base import create_base
+    from lbm_registry.api.assets.base import create_base
 
     result = create_base(config, sdxl_unet=sdxl_unet, vae=vae, seed=seed, dtype=dtype, output=output,
                          register=register, settings=settings(ctx))

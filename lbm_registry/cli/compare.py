@@ -30,7 +30,7 @@ def compare(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Compare two LoRAs: facts, per-layer similarity, outputs."""
-    from lbm_registry.api.compare import compare as run_compare
+    from lbm_registry.api.run.compare import compare as run_compare
 
     result = run_compare(a, b, source=source, report=report, settings=settings(ctx), device=device,
                          outputs=not no_outputs)

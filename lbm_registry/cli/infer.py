@@ -32,7 +32,7 @@ def infer(
     """Translate images with a base/model, optionally with LoRA(s) merged at a scale."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from lbm_registry.api.infer import run_infer
+    from lbm_registry.api.run.infer import run_infer
 
     err = console(stderr=True)
     with LazyProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -1,6 +1,6 @@
 """LoRA commands: ``extract``, ``validate``, ``layers``, ``export``.
 
-Parse, call :mod:`lbm_registry.api.lora`, render. No torch at import time.
+Parse, call :mod:`lbm_registry.api.assets.lora`, render. No torch at import time.
 """
 
 from __future__ import annotations

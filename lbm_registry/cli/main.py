@@ -11,9 +11,9 @@ from typing import Any, NoReturn
 
 import typer
 
-from lbm_registry import __version__
 from lbm_registry.cli import algebra, base, compare, demo, infer, lora, registry, remove, serve, train
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
+from lbm_registry.version import __version__
 
 app = typer.Typer(
     name="lbm-reg",
@@ -90,7 +90,7 @@ registry.register(app)
 infer.register(app)
 train.register(app)
 compare.register(app)
-demo.register(app)
+demo.register(app, cli=lambda args: main(args))  # main() is defined below
 serve.register(app)
 _use_plain_usage(app)
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         sys.exit(130)
 
-    from lbm_registry.registry.workspace import undone_if_new
+    from lbm_registry.api.registry import undone_if_new
 
     fresh = _settings_from_args(args) if _sets_up_a_workspace(args) else None
     previous = _set_sigint(on_sigint)

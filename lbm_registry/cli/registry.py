@@ -82,7 +82,7 @@ def import_(
         return
     if fix_alpha:
         fail("--fix-alpha is for --kind lora")
-    from lbm_registry.api.registry import import_model
+    from lbm_registry.api.assets.models import import_model
 
     with console(stderr=True).status(f"verifying, hashing and registering {file.name} ..."):
         asset = import_model(file, name=name, kind=kind, settings=settings(ctx), config=config,

@@ -38,7 +38,7 @@ def serve(
     """Serve images over HTTP: POST /v1/images, /v1/loras, /healthz, /metrics, docs at /docs."""
     import os
 
-    from lbm_registry.lbm.device import check_device, check_dtype
+    from lbm_registry.api.serve import check_device, check_dtype
 
     check_device(device)  # a missing GPU or a typo is one line, before any model loads
     check_dtype(dtype)
@@ -55,8 +55,7 @@ def serve(
 
     import uvicorn
 
-    from lbm_registry.api.serve import Server
-    from lbm_registry.serve.app import create_app
+    from lbm_registry.api.serve import Server, create_app
 
     err = console(stderr=True)
     with err.status("loading the base model"):

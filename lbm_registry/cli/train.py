@@ -63,8 +63,7 @@ def train(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Fine-tune an existing LoRA (or a new one) on webdataset shards; optionally register it."""
-    from lbm_registry.api.train import train_lora
-    from lbm_registry.train.config import parse_set_option
+    from lbm_registry.api.train import parse_set_option, train_lora
 
     overrides: dict[str, Any] = parse_set_option(set_)
     options = {

@@ -339,7 +339,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     on one thread below a few million elements (thread hand-off costs more than the sum)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    from lbm_registry.lora.threads import single_thread_below
+    from lbm_registry.lbm.threads import single_thread_below
 
     with single_thread_below(tensor.numel()):
         if math.isfinite(float(tensor.sum(dtype=torch.float32))):

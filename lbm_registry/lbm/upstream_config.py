@@ -66,10 +66,10 @@ _IGNORED = {
 
 
 def _architecture_file() -> Path:
-    """The architecture upstream builds: our built-in ``lbm-relighting`` config."""
-    from lbm_registry.lbm.config import builtin_config_dir
-
-    return builtin_config_dir() / "lbm-relighting.yaml"
+    """The architecture upstream builds: our built-in ``lbm-relighting`` config (in the folder
+    :func:`lbm_registry.lbm.config.builtin_config_dir` names; spelled out here because
+    ``lbm.config`` imports this module, not the other way round)."""
+    return Path(__file__).resolve().parents[1] / "configs" / "lbm-relighting.yaml"
 
 
 def looks_upstream(data: Any) -> bool:

@@ -1,4 +1,6 @@
-"""LoRA math: file format, extraction (SVD + rank policies), apply/merge, validation, export.
+"""LoRA math: file format, extraction (SVD + rank policies), apply/merge, validation, export,
+conversion of foreign files, algebra (resize/merge from factors), calibration.
 
-Nothing in this package knows about the registry.
+May import lbm/ and the leaves. Knows no registry (a sibling floor), nor anything above
+(tests/test_layers.py).
 """

@@ -35,6 +35,7 @@ import torch
 
 from lbm_registry.errors import LoRAError
 from lbm_registry.lbm.checkpoint import all_finite
+from lbm_registry.lbm.threads import map_layers, single_thread_below
 from lbm_registry.lora.format import LoRAFile, LoRALayer, LoRAWriter, layer_kind, matrix_shape
 from lbm_registry.lora.ranks import (
     DTYPE_BYTES,
@@ -44,7 +45,6 @@ from lbm_registry.lora.ranks import (
     energy_rank,
     lora_header_overhead,
 )
-from lbm_registry.lora.threads import map_layers, single_thread_below
 from lbm_registry.units import format_size
 
 ProgressFn = Callable[[str, int, int], None]

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from lbm_registry.errors import LoRAError
+from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.lora.format import LoRAFile, LoRALayer
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
 BLOCK_BYTES = 4 << 20
 """fp32 scratch per row block for low-precision weights on CPU: fits in L2/L3 with the factors."""
@@ -161,7 +161,7 @@ class MergedLoRAs:
     Re-scaling needs the original weights of the layers the LoRAs touch. By default they are
     copied (to ``originals_device``, default next to the weights; ``"cpu"`` saves accelerator
     memory). For a full-size model that copy is as large as the model itself (10 GB in fp32), so
-    :func:`lbm_registry.api.infer.load` passes ``originals``: a function that re-reads a weight
+    :func:`lbm_registry.api.run.infer.load` passes ``originals``: a function that re-reads a weight
     from the base checkpoint (memory-mapped, read-only in the registry), and nothing is copied.
     Use as a context manager to restore the base weights on exit.
     """

@@ -1,6 +1,6 @@
 """LoRA extraction math: ``dW = tuned - base`` per layer -> low-rank factors, streamed to disk.
 
-The registry-free engine behind ``lbm-reg extract`` (see :mod:`lbm_registry.api.lora` for
+The registry-free engine behind ``lbm-reg extract`` (see :mod:`lbm_registry.api.assets.lora` for
 reference resolution and registration). Memory stays at a few layers whatever the model size:
 deltas come from :class:`~lbm_registry.lora.stream.DeltaStream` and factors go straight to a
 :class:`~lbm_registry.lora.format.LoRAWriter`. All math is fp32; only the stored factors take the
@@ -26,6 +26,7 @@ import torch
 
 from lbm_registry.errors import LoRAError
 from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
+from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.lora.format import LoRALayer, LoRAWriter, layer_kind
 from lbm_registry.lora.ranks import (
     DTYPE_BYTES,
@@ -38,7 +39,6 @@ from lbm_registry.lora.ranks import (
 from lbm_registry.lora.stream import DeltaStream, LayerDelta
 from lbm_registry.lora.svd import SVDResult, SVDSettings, top_singular_values, truncated_svd
 from lbm_registry.lora.svd import sq_norm as frobenius_sq
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.units import format_size
 
 ProgressFn = Callable[[str, int, int], None]

@@ -11,8 +11,8 @@ import re
 
 import torch
 
+from lbm_registry.lbm.threads import one_thread, single_thread_below
 from lbm_registry.lora.format import LoRALayer
-from lbm_registry.lora.threads import one_thread, single_thread_below
 
 
 def _factors(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,9 @@ import torch
 
 from lbm_registry.errors import ArchitectureError, CheckpointError
 from lbm_registry.lbm.checkpoint import CheckpointReader, check_finite
+from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.lora.format import matrix_shape
 from lbm_registry.lora.svd import sq_norm
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
 _ITEMSIZE = {"BF16": 2, "BFLOAT16": 2, "F16": 2, "FLOAT16": 2, "F32": 4, "FLOAT32": 4, "F64": 8, "FLOAT64": 8}
 _END = object()

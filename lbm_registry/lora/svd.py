@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 
-from lbm_registry.lora.threads import single_thread_below
+from lbm_registry.lbm.threads import single_thread_below
 
 
 @dataclass(frozen=True)

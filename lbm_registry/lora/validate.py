@@ -24,10 +24,10 @@ import torch
 
 from lbm_registry.lbm.checkpoint import CheckpointReader
 from lbm_registry.lbm.config import LBMConfig
+from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
 from lbm_registry.lora.format import LoRAFile, layer_kind
 from lbm_registry.lora.stream import DeltaStream
 from lbm_registry.lora.svd import sq_norm
-from lbm_registry.lora.threads import SMALL_LAYER_NUMEL, single_thread_below
 
 DEFAULT_SIGMAS = (0.25, 0.5, 0.75, 1.0)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lbm_registry.registry import pages
+from lbm_registry.registry import catalog, pages
 from lbm_registry.registry.blobs import link_or_copy
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.workspace import Workspace
@@ -291,3 +291,25 @@ def training_label(rec: VersionRecord) -> str:
 def training_run_name(rec: VersionRecord) -> str:
     """A training run that registered its LoRA is named after the version it produced."""
     return rec.ref
+
+
+class CatalogOwnership:
+    """Which MLflow runs/model versions belong to this workspace's catalog. Shared by
+    :class:`~lbm_registry.registry.mlflow_sqlite.SqliteMirror` and
+    :class:`~lbm_registry.registry.tracking.Tracker` (both set ``ws`` and ``_catalog_id = None``);
+    it lives here, below both, so neither imports the other for it."""
+
+    ws: Workspace
+    _catalog_id: str | None
+
+    @property
+    def catalog_id(self) -> str:
+        if self._catalog_id is None:
+            self._catalog_id = catalog.catalog_id(self.ws.db)
+        return self._catalog_id
+
+    def owns(self, tags: Mapping[str, str] | None) -> bool:
+        """Was this run/model version mirrored by our catalog? Untagged ones (made before
+        catalog ids existed, or by hand) count as ours; another catalog's never do."""
+        owner = (tags or {}).get(MV_CATALOG_TAG) or (tags or {}).get(CATALOG_TAG)
+        return owner is None or owner == self.catalog_id

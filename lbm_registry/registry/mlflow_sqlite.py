@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlparse
 from lbm_registry.registry import catalog
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import sqlite_path
-from lbm_registry.registry.mirror import CATALOG_TAG, MV_CATALOG_TAG, VersionPages
+from lbm_registry.registry.mirror import CatalogOwnership, VersionPages
 from lbm_registry.registry.workspace import Workspace
 
 #: MLflow SQL-store schema revisions whose tables this module reads and writes (MLflow 3.17).
@@ -45,27 +45,6 @@ KNOWN_REVISIONS = frozenset({"dc11669786a5"})
 EXPERIMENT = "lbm-registry"
 DELETED_STAGE = "Deleted_Internal"
 WORKSPACE = "default"
-
-
-class CatalogOwnership:
-    """Which MLflow runs/model versions belong to this workspace's catalog. Shared by
-    :class:`SqliteMirror` and :class:`~lbm_registry.registry.tracking.Tracker` (both set ``ws``
-    and ``_catalog_id = None``)."""
-
-    ws: Workspace
-    _catalog_id: str | None
-
-    @property
-    def catalog_id(self) -> str:
-        if self._catalog_id is None:
-            self._catalog_id = catalog.catalog_id(self.ws.db)
-        return self._catalog_id
-
-    def owns(self, tags: Mapping[str, str] | None) -> bool:
-        """Was this run/model version mirrored by our catalog? Untagged ones (made before
-        catalog ids existed, or by hand) count as ours; another catalog's never do."""
-        owner = (tags or {}).get(MV_CATALOG_TAG) or (tags or {}).get(CATALOG_TAG)
-        return owner is None or owner == self.catalog_id
 
 
 @dataclass

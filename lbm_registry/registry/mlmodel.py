@@ -25,10 +25,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lbm_registry import __version__
 from lbm_registry.registry import catalog
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.workspace import Workspace
+from lbm_registry.version import __version__
 
 MLMODEL = "MLmodel"
 CODE_FILE = "pyfunc_model.py"
@@ -61,7 +61,7 @@ def models_uri(name: str, mlflow_version: str | int | None) -> str | None:
 
 
 def model_config(ws: Workspace, rec: VersionRecord) -> dict[str, Any]:
-    """What :class:`lbm_registry.api.pyfunc.LBMPyfuncModel` needs to load the version."""
+    """What :class:`lbm_registry.api.serve.pyfunc.LBMPyfuncModel` needs to load the version."""
     cfg: dict[str, Any] = {"format": FORMAT, "kind": rec.kind, "ref": rec.ref, "name": rec.name,
                            "version": rec.number, "sha256": rec.sha256, "size": rec.size,
                            "file_name": rec.file_name or f"{rec.name}-v{rec.number}.safetensors"}

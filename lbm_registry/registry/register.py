@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbm_registry import __version__
 from lbm_registry.errors import LBMError, RefError, RegistryError
 from lbm_registry.fileio import refusals_named
 from lbm_registry.registry import catalog, refs
@@ -39,6 +38,7 @@ from lbm_registry.registry.blobs import blob_path, blob_relpath, sniff_dtype, st
 from lbm_registry.registry.catalog import KINDS, VersionRecord, dumps
 from lbm_registry.registry.db import with_retries
 from lbm_registry.registry.workspace import Workspace, actor
+from lbm_registry.version import __version__
 
 PAUSE_ENV = "LBM_REG_DEBUG_PAUSE_AT"
 SHA_RE = re.compile(r"[0-9a-f]{64}")

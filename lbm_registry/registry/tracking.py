@@ -46,7 +46,6 @@ from lbm_registry.registry import catalog, mirror, pages
 from lbm_registry.registry.blobs import link_or_copy
 from lbm_registry.registry.catalog import VersionRecord
 from lbm_registry.registry.db import damaged_mlflow_error, damaged_mlflow_store, mask_url, sqlite_path
-from lbm_registry.registry.mlflow_sqlite import CatalogOwnership
 from lbm_registry.registry.workspace import Workspace
 
 EXPERIMENT = "lbm-registry"
@@ -143,7 +142,7 @@ def tidy_experiments(client: Any, home: Path | None, uri: str, *, lock: Callable
                 client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", note)
 
 
-class Tracker(CatalogOwnership, mirror.VersionPages):
+class Tracker(mirror.CatalogOwnership, mirror.VersionPages):
     """An MLflow client bound to one workspace and the ``lbm-registry`` experiment."""
 
     def __init__(self, ws: Workspace) -> None:

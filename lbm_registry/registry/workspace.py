@@ -18,7 +18,7 @@ from lbm_registry.errors import RegistryError, StorageError
 from lbm_registry.fileio import refusals_named
 from lbm_registry.registry import schema
 from lbm_registry.registry.db import Database, mask_url
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 LOCK_TIMEOUT_S = 300.0
 

@@ -150,8 +150,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body_bytes: int 
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from lbm_registry import __version__
     from lbm_registry.serve.body import BodyGuard
+    from lbm_registry.version import __version__
 
     limit = max_body_bytes if max_body_bytes is not None else max(32 << 20, engine.options.max_pixels * 6)
     metrics = engine.metrics

@@ -7,8 +7,10 @@ Why torch's elastic launcher, in process: it is what ``accelerate launch --multi
 ``WORLD_SIZE`` and joins). Calling it in process (not through its command line) lets us turn a
 failed worker into our one-line error instead of the launcher's report.
 
-The parent picks the run folder and writes the resolved config; each worker runs
-:func:`lbm_registry.api.train.train_lora`, and rank 0 writes the summary the parent returns.
+The caller (:func:`lbm_registry.api.train.train_lora`) picks and checks the run folder and the
+config; the parent writes the resolved config; each worker runs the training function the caller
+named (``entry``, ``"module:function"``: a name, since it crosses a process boundary, and so this
+floor never imports the API above it), and rank 0 writes the summary the parent returns.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lbm_registry.errors import LBMError, TrainingError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 from lbm_registry.train.config import TrainConfig
 
 RESULT = "result.json"
@@ -36,26 +38,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_local(cfg: TrainConfig, *, settings: WorkspaceSettings, resume: bool = False,
+def launch_local(cfg: TrainConfig, *, settings: WorkspaceSettings, entry: str, resume: bool = False,
                  json_output: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` on ``cfg.num_processes`` local workers; return rank 0's summary."""
+    """Run ``cfg`` on ``cfg.num_processes`` local workers; return rank 0's summary.
+
+    ``cfg`` comes checked, its ``output_dir`` the run folder; every worker calls ``entry``
+    (``"module:function"``) as ``function(cfg, settings=, resume=, progress=, console=,
+    err_console=)``."""
     import uuid
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from lbm_registry.api.train import check_training, run_folder
-    from lbm_registry.train.loop import check_output_dir
-
-    folder = run_folder(cfg, settings, resume)
-    check_output_dir(folder, resume)
-    cfg = cfg.model_copy(update={"output_dir": str(folder)})
-    check_training(cfg, settings)  # bad references, data or options: one line now, not from N workers
     with tempfile.TemporaryDirectory(prefix="lbm-train-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({
-            "config": cfg.to_dict(), "resume": resume, "json": json_output, "home": str(settings.home),
+            "config": cfg.to_dict(), "entry": entry, "resume": resume, "json": json_output, "home": str(settings.home),
             "catalog_url": settings.catalog_url, "tracking_uri": settings.tracking_uri, "dir": tmp}))
         launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.num_processes,
                               run_id=f"lbm-train-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
@@ -119,14 +118,17 @@ def worker_main(spec_path: str) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     try:
-        from lbm_registry.api.train import train_lora
-        from lbm_registry.cli._common import console
+        import importlib
+
+        from lbm_registry.console import console
         from lbm_registry.train.config import train_config_from_dict
 
         settings = WorkspaceSettings(home=Path(spec["home"]), catalog_url=spec["catalog_url"],
                                      tracking_uri=spec["tracking_uri"])
         cfg = train_config_from_dict(spec["config"], source="<worker>")
-        out = train_lora(cfg, settings=settings, resume=spec["resume"], progress=True,
+        module, _, function = spec["entry"].partition(":")
+        train = getattr(importlib.import_module(module), function)
+        out = train(cfg, settings=settings, resume=spec["resume"], progress=True,
                          console=console(stderr=spec["json"]), err_console=console(stderr=True))
         if rank == 0:
             _atomic_write(folder / RESULT, json.dumps(out))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     from lbm_registry.lbm.config import LBMConfig
@@ -134,8 +134,8 @@ def create_base(config: str | Path, *, sdxl_unet: str | Path | None = None, vae:
                               "counts": report.summary(), "examples": examples, "config": cfg.name,
                               "notes": list(cfg.notes)}
     if register:
-        from lbm_registry.api.probe import probe_artifacts
         from lbm_registry.api.registry import register_asset
+        from lbm_registry.api.run.probe import probe_artifacts
 
         with tempfile.TemporaryDirectory(prefix="lbm-probe-") as probe_dir:
             probe = probe_artifacts(Path(probe_dir), base_path=out_path, config=cfg, kind="base", base_model=model,

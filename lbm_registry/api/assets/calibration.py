@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from lbm_registry.api.registry import ResolvedAsset
     from lbm_registry.lbm.config import LBMConfig
-    from lbm_registry.registry.settings import WorkspaceSettings
+    from lbm_registry.settings import WorkspaceSettings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SHARD_SUFFIXES = {".tar", ".tgz"}

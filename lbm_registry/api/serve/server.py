@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.errors import BaseMismatchError, DataError, RefError, RegistryError
-from lbm_registry.registry.settings import WorkspaceSettings
 from lbm_registry.serve.engine import Engine, LoRASource, ServeOptions
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     from lbm_registry.api.registry import ResolvedAsset
@@ -38,8 +38,8 @@ class RegistryResolver:
         self.base = base
 
     def __call__(self, ref: str) -> LoRASource:
-        from lbm_registry.api.infer import base_mismatch
         from lbm_registry.api.registry import resolve
+        from lbm_registry.api.run.infer import base_mismatch
         from lbm_registry.registry.refs import shown
 
         ref = str(ref).strip()
@@ -81,8 +81,8 @@ def _verified_lora(asset: ResolvedAsset) -> LoRAFile:
 
 def pick_base(base: str | None, preload: Sequence[str], settings: WorkspaceSettings) -> ResolvedAsset:
     """``--base``; else the base of the first preloaded LoRA; else the registry's only base."""
-    from lbm_registry.api.infer import _kind, _lora_base_sha
     from lbm_registry.api.registry import list_assets, resolve
+    from lbm_registry.api.run.infer import _kind, _lora_base_sha
 
     if base is not None:
         asset = resolve(base, settings)
@@ -117,7 +117,7 @@ class Server(Engine):
     def __init__(self, base: str | None = None, *, preload: Sequence[str] = (), pin_preload: bool = False,
                  device: str = "auto", dtype: str = "auto", settings: WorkspaceSettings | None = None,
                  **options: Any) -> None:
-        from lbm_registry.api.infer import config_for
+        from lbm_registry.api.run.infer import config_for
         from lbm_registry.lbm.loading import load_lbm
         from lbm_registry.lbm.model import pick_device, pick_dtype
 

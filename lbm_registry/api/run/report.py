@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 
 def energy_plot(layers_a: Any, layers_b: Any, dest: Path, labels: tuple[str, str] = ("A", "B")) -> Path:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbm_registry.api._report import WrittenLoRAReport
+from lbm_registry.api.assets._report import WrittenLoRAReport
 from lbm_registry.errors import LoRAError, RangeError, abbreviate
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from lbm_registry.api.registry import ResolvedAsset
@@ -88,7 +88,7 @@ def _resolve_all(refs: Sequence[str], settings: WorkspaceSettings, register: str
                  dtype: str) -> list[ResolvedAsset]:
     """The refusals that need no torch, before it is imported: the dtype, every reference, and
     a ``--register`` name already used by another kind."""
-    from lbm_registry.api.lora import check_lora_dtype
+    from lbm_registry.api.assets.lora import check_lora_dtype
     from lbm_registry.api.registry import check_name_free, resolve
 
     check_lora_dtype(dtype)
@@ -150,7 +150,7 @@ def resize(ref: str, *, rank: int | None = None, conv_rank: int | None = None, e
            probe: str | None = None) -> AlgebraReport:
     """A smaller LoRA of ``ref`` from its factors alone (optimal truncation of its own delta).
     ``probe``: the registered version's probe picture, wait|auto|off (see api/probe.py)."""
-    from lbm_registry.api.probe import probe_mode
+    from lbm_registry.api.run.probe import probe_mode
 
     mode = probe_mode(probe)
     policy = _policy(rank, conv_rank, energy, budget, max_rank, required=True)
@@ -183,7 +183,7 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
     ``probe``: the registered version's probe picture, wait|auto|off (see api/probe.py)."""
     if len(specs) < 2:
         raise LoRAError("merge needs at least two LoRAs (REF[:WEIGHT] REF[:WEIGHT] ...)")
-    from lbm_registry.api.probe import probe_mode
+    from lbm_registry.api.run.probe import probe_mode
 
     mode = probe_mode(probe)
     weighted = [parse_weighted(s) for s in specs]
@@ -219,7 +219,7 @@ def merge(specs: Sequence[str], *, rank: int | None = None, conv_rank: int | Non
 
 def _info(operation: str, base: dict[str, Any], parents: list[tuple[ResolvedAsset, float]],
           register: str | None) -> dict[str, Any]:
-    from lbm_registry import __version__
+    from lbm_registry.version import __version__
 
     info: dict[str, Any] = {
         "base_sha256": base["sha256"], "base_tensor_sha256": base["tensor_sha256"], "base_ref": base["ref"],
@@ -233,7 +233,8 @@ def _info(operation: str, base: dict[str, Any], parents: list[tuple[ResolvedAsse
 
 def _register(report: AlgebraReport, name: str, parents: list[tuple[ResolvedAsset, float]],
               settings: WorkspaceSettings, probe: str, started: float | None = None) -> None:
-    from lbm_registry.api.registry import after_registration, register_asset
+    from lbm_registry.api.registry import register_asset
+    from lbm_registry.api.run.probe import after_registration
 
     r = report.result
     t1 = time.perf_counter()
@@ -260,7 +261,7 @@ def _register(report: AlgebraReport, name: str, parents: list[tuple[ResolvedAsse
     with tempfile.TemporaryDirectory(prefix="lbm-algebra-art-") as tmp:
         table = Path(tmp) / f"{report.operation}.json"
         table.write_text(json.dumps(report.to_dict(layers=True), indent=1, default=str))
-        from lbm_registry.api.probe import lora_probe
+        from lbm_registry.api.run.probe import lora_probe
 
         picture = lora_probe(Path(tmp), r.path, lineage["base"], settings, draw=probe == "wait")
         asset = after_registration(register_asset(r.path, name=name, kind="lora", settings=settings, facts=facts,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.errors import LoRAError, RegistryError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     import torch
@@ -80,8 +80,8 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
     ``extract_lora_native.py``'s bug, see :mod:`lbm_registry.lora.alpha`) are named in one note;
     ``fix_alpha`` registers the file with alpha = rank on those layers (a new file; the fix and
     the source's sha256 are recorded on the version)."""
-    from lbm_registry.api.probe import probe_mode
     from lbm_registry.api.registry import check_name_free, resolve
+    from lbm_registry.api.run.probe import probe_mode
     from lbm_registry.lora.ranks import RankPolicy
 
     timings: dict[str, float] = {}
@@ -95,8 +95,9 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
         base, base_note = _recorded_base(Path(path), settings)
     base_asset = resolve(base, settings, ("base", "model"))
 
-    from lbm_registry.api.lora import PREFIX, denoiser_layers, tensor_sha_of
-    from lbm_registry.api.registry import after_registration, register_asset
+    from lbm_registry.api.assets.lora import PREFIX, denoiser_layers, tensor_sha_of
+    from lbm_registry.api.registry import register_asset
+    from lbm_registry.api.run.probe import after_registration
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lbm.loading import config_from_checkpoint
     from lbm_registry.lora.convert import check_against_base, read_foreign
@@ -163,7 +164,7 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                  "policy": "import native", "alpha": lora.info.get("alpha"), "dtype": factor_dtype(lora),
                  "mean_error": sum(errs) / len(errs), "max_error": max(errs), "layers": rows, "skipped": [],
                  **facts_extra}
-        from lbm_registry.api.probe import lora_probe
+        from lbm_registry.api.run.probe import lora_probe
 
         with tempfile.TemporaryDirectory(prefix="lbm-probe-") as probe_dir:
             asset = after_registration(register_asset(
@@ -177,7 +178,7 @@ def import_lora(path: str | Path, *, name: str, base: str | None, rank: int | No
                             source_sha256=source_sha, layers=len(rows), converted=0, mean_error=facts["mean_error"],
                             max_error=facts["max_error"], policy=None, notes=foreign.notes, seconds=timings)
 
-    from lbm_registry.api.probe import lora_probe
+    from lbm_registry.api.run.probe import lora_probe
 
     staging = Path(tempfile.mkdtemp(prefix="lbm-import-"))
     try:
@@ -263,7 +264,7 @@ def _check_recorded_base(foreign: Any, base: Any) -> None:
     format. Files that record nothing are taken on the caller's word (``--base``)."""
     import json
 
-    from lbm_registry.api.lora import lora_fits_base
+    from lbm_registry.api.registry import lora_fits_base
 
     raw = foreign.metadata.get(NATIVE_META_KEY)
     try:
@@ -357,13 +358,13 @@ def write_native(foreign: Any, modules: dict[str, tuple[int, ...]], base_reader:
     """
     import torch
 
+    from lbm_registry.lbm.threads import single_thread_below
     from lbm_registry.lora.alpha import ClippedAlpha, clipped_alpha
     from lbm_registry.lora.convert import dense_delta, plain_factors
     from lbm_registry.lora.extract import choose_energy_rank, factorize
     from lbm_registry.lora.format import LoRALayer, LoRAWriter, layer_kind
     from lbm_registry.lora.ranks import DTYPE_BYTES, LayerSpectrum, allocate_budget, lora_header_overhead
     from lbm_registry.lora.svd import SVDSettings, top_singular_values
-    from lbm_registry.lora.threads import single_thread_below
 
     dtype = _dtype_of(foreign)
     dtype_name = _SHORT[str(dtype).removeprefix("torch.")]
@@ -464,8 +465,8 @@ def _register_alpha_fixed(lora: Any, clipped: Any, foreign: Any, base_asset: Any
     """``import --fix-alpha`` of a native file: the same factors with alpha = rank on the
     clipped layers, written as our file and registered (the fix recorded in the version's
     facts, its policy tag and its MLflow params; the source file's sha256 as ``source_sha256``)."""
-    from lbm_registry.api.probe import lora_probe
-    from lbm_registry.api.registry import after_registration, register_asset
+    from lbm_registry.api.registry import register_asset
+    from lbm_registry.api.run.probe import after_registration, lora_probe
     from lbm_registry.lora.alpha import with_alpha_at_rank
     from lbm_registry.lora.format import SHORT_DTYPE_NAMES, write_lora
 

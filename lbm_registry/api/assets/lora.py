@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbm_registry.api._report import WrittenLoRAReport
+from lbm_registry.api.assets._report import WrittenLoRAReport
+from lbm_registry.api.registry import lora_fits_base, tensor_sha_of  # base identity, re-exported here
 from lbm_registry.errors import ArchitectureError, LoRAError, RefError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from lbm_registry.api.registry import ResolvedAsset
@@ -49,35 +50,6 @@ def _asset_dict(asset: ResolvedAsset) -> dict[str, Any]:
     return {"ref": asset.ref, "label": asset.label, "sha256": asset.sha256, "kind": asset.kind, "path": str(asset.path)}
 
 
-# -- base identity ----------------------------------------------------------------------------
-def tensor_sha_of(asset: ResolvedAsset) -> str | None:
-    """The sha256 of a base's tensor bytes: recorded for registered versions, else computed
-    (for a pickle checkpoint: those of its conversion to safetensors, which ``import`` registers).
-    Identifies a base whatever metadata a re-save gave it."""
-    recorded = (asset.facts or {}).get("tensor_sha256")
-    if recorded:
-        return str(recorded)
-    from lbm_registry.lbm.checkpoint import CKPT_SUFFIXES
-
-    if asset.kind != "file":
-        return None
-    if asset.path.suffix in CKPT_SUFFIXES:
-        from lbm_registry.errors import LBMError
-        from lbm_registry.lbm.checkpoint import CheckpointReader
-
-        try:
-            with CheckpointReader(asset.path) as reader:
-                return reader.tensor_sha256()
-        except LBMError:
-            return None
-    from lbm_registry.safetensors_layout import tensor_sha256
-
-    try:
-        return tensor_sha256(asset.path)
-    except (OSError, ValueError):
-        return None
-
-
 def _tensor_sha_or_none(path: Path) -> str | None:
     from lbm_registry.safetensors_layout import tensor_sha256
 
@@ -85,16 +57,6 @@ def _tensor_sha_or_none(path: Path) -> str | None:
         return tensor_sha256(path)
     except (OSError, ValueError):
         return None
-
-
-def lora_fits_base(base_sha256: str | None, base_tensor_sha256: str | None, base: ResolvedAsset) -> bool:
-    """Was a LoRA recorded for ``base``? Either hash matching is enough: the file sha256, or
-    the tensor-bytes sha256 (a re-saved identical base). A LoRA that records no base fits."""
-    if not base_sha256 and not base_tensor_sha256:
-        return True
-    if base_sha256 and base_sha256 == base.sha256:
-        return True
-    return bool(base_tensor_sha256) and base_tensor_sha256 == tensor_sha_of(base)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -257,12 +219,12 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     ``calibrate`` (images, folders, shards) or ``calibration_stats`` (a statistics file, or a
     LoRA extracted with them) make the extraction activation-aware: each layer keeps what
     matters for its output on real inputs (see :mod:`lbm_registry.lora.whiten` and
-    :mod:`lbm_registry.api.calibration`).
+    :mod:`lbm_registry.api.assets.calibration`).
     """
     import tempfile
 
-    from lbm_registry import __version__
     from lbm_registry.lora.ranks import RankPolicy
+    from lbm_registry.version import __version__
 
     # Every check that needs no torch comes first: a wrong option answers in a fraction of a second.
     policy = RankPolicy.from_options(rank=rank, conv_rank=conv_rank, energy=energy, budget=budget, max_rank=max_rank)
@@ -274,7 +236,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     from lbm_registry.fileio import check_output_file
 
     check_output_file(output, LoRAError)
-    from lbm_registry.api.calibration import CalibrationPlan
+    from lbm_registry.api.assets.calibration import CalibrationPlan
 
     calib = CalibrationPlan.from_options(calibrate, samples=calibration_samples, stats=calibration_stats,
                                          resolution=calibration_resolution, memory=calibration_memory,
@@ -393,10 +355,10 @@ def _register_extraction(result: ExtractionResult, name: str, pair: ModelPair,
                                      "skipped": facts["skipped"], "uncaptured": result.uncaptured}, indent=1))
         artifacts["extraction.json"] = table
         if stats_path is not None:
-            from lbm_registry.api.calibration import STATS_ARTIFACT
+            from lbm_registry.api.assets.calibration import STATS_ARTIFACT
 
             artifacts[STATS_ARTIFACT] = stats_path
-        from lbm_registry.api.probe import probe_artifacts
+        from lbm_registry.api.run.probe import probe_artifacts
 
         artifacts.update(probe_artifacts(Path(tmp), base_path=pair.base.path, config=pair.config,
                                          lora_path=result.path, tuned_path=pair.tuned.path, kind="lora"))
@@ -474,7 +436,7 @@ def validate(ref: str, *, base: str | None = None, tuned: str | None = None, lay
     shards) adds the check on real images, held out: images the LoRA was calibrated on are left
     out (a note says how many), and only calibration images is refused.
     """
-    from lbm_registry.api.calibration import check_resolution, check_samples, list_inputs
+    from lbm_registry.api.assets.calibration import check_resolution, check_samples, list_inputs
     from lbm_registry.api.registry import resolve
     from lbm_registry.fileio import check_output_file
 
@@ -613,7 +575,7 @@ def _held_out(inputs: list[Any], lora: Any, base: ResolvedAsset, tuned: Resolved
               samples: int | None, resolution: int | None, notes: list[str],
               progress: ProgressFn | None) -> dict[str, Any]:
     """The held-out image check: calibration images (by content hash) left out first."""
-    from lbm_registry.api.calibration import DEFAULT_SAMPLES, check_resolution, image_tensor, take
+    from lbm_registry.api.assets.calibration import DEFAULT_SAMPLES, check_resolution, image_tensor, take
     from lbm_registry.lora.validate import heldout_check
 
     check_resolution(resolution, config, "--resolution")

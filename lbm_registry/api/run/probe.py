@@ -10,7 +10,7 @@ When: commands that hold the model in memory anyway (extract, train, base create
 process. Registrations that do not (import of any kind, resize, merge) take a mode
 (:data:`PROBE_MODES`): ``wait`` draws it before registering, as part of the version;
 ``auto`` registers first and draws it in a detached child process
-(:mod:`lbm_registry.api.probe_job`), which adds it to the version's run and page when done, so
+(:mod:`lbm_registry.api.run.probe_job`), which adds it to the version's run and page when done, so
 the command returns as soon as the version is ready (the CLI's default; the Python API's is
 ``wait``); ``off`` draws none. ``$LBM_REG_PROBE`` (``0``/``off``, ``wait``, ``auto``) is the default
 when a command is not told (``--probe``). A probe that fails never fails or changes a
@@ -105,7 +105,7 @@ def probe_mode(option: str | None = None, *, default: str = "wait") -> str:
 
 def start_background(settings: Any, ref: str, sha256: str) -> Path:
     """Draw the probe of the registered version ``ref`` in a detached child process (see
-    :mod:`lbm_registry.api.probe_job`); returns the log it reports to. The child gets this
+    :mod:`lbm_registry.api.run.probe_job`); returns the log it reports to. The child gets this
     workspace's settings through its environment and never touches the caller's terminal.
     Never raises: a child that cannot start is one line in the log."""
     import subprocess
@@ -122,7 +122,7 @@ def start_background(settings: Any, ref: str, sha256: str) -> Path:
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
-            subprocess.Popen([sys.executable, "-m", "lbm_registry.api.probe_job", ref, sha256],
+            subprocess.Popen([sys.executable, "-m", "lbm_registry.api.run.probe_job", ref, sha256],
                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True,
                              close_fds=True)
     except OSError as exc:
@@ -132,7 +132,7 @@ def start_background(settings: Any, ref: str, sha256: str) -> Path:
 
 
 def probe_source(image: Image.Image | None = None) -> Image.Image:
-    from lbm_registry.api.compare import synthetic_source
+    from lbm_registry.api.run.compare import synthetic_source
 
     return image.convert("RGB") if image is not None else synthetic_source(size=PROBE_SIZE, seed=0)
 
@@ -271,3 +271,12 @@ def _probe(*, base_path: Path, config: Any, lora_path: Path | None, model_path: 
     if tuned_path is not None:
         columns.append(("tuned", run(load_lbm(tuned_path, config, device=cpu, dtype=torch.float32))))
     return columns
+
+
+def after_registration(asset: Any, settings: Any, probe_mode: str) -> Any:
+    """Start the background probe of a just-registered version when its mode is ``auto``; returns
+    ``asset``. The registering callers (api/assets, api/train) call it: the registry floor below
+    draws no pictures."""
+    if probe_mode == "auto":
+        start_background(settings, asset.ref, asset.sha256)
+    return asset

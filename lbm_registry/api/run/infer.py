@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lbm_registry.errors import BaseMismatchError, ConfigError, LoRAError, RangeError, RefError, abbreviate
 from lbm_registry.lbm.header import CKPT_SUFFIXES, SafetensorsHeader, config_from_metadata
 from lbm_registry.ranges import MAX_SCALE, check_scale, check_seed, check_steps
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     from lbm_registry.api.registry import ResolvedAsset
@@ -152,7 +152,7 @@ def plan_load(ref: str, *, base: str | None = None, loras: list[str] | tuple[str
 def base_mismatch(lora: ResolvedAsset, base: ResolvedAsset) -> str | None:
     """Why ``lora`` does not belong to ``base`` (one line), or None when it does (by file or
     tensor hash) or records no base."""
-    from lbm_registry.api.lora import lora_fits_base
+    from lbm_registry.api.registry import lora_fits_base
 
     want = _lora_base_sha(lora)
     if want and want != base.sha256 and not lora_fits_base(want, _lora_base_tensor_sha(lora), base):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.errors import RefError
-from lbm_registry.registry.settings import WorkspaceSettings
+from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -117,7 +117,7 @@ def run_outputs(a: ResolvedAsset, b: ResolvedAsset, images: list[Image.Image], *
 
     ``lora_b``: B's file if the caller has already read it (it is not read again).
     """
-    from lbm_registry.api.infer import load, plan_load
+    from lbm_registry.api.run.infer import load, plan_load
     from lbm_registry.lbm import metrics
     from lbm_registry.lora.format import read_lora
 
@@ -180,7 +180,7 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
         if x.kind not in ("lora", "file"):
             raise RefError(f"{x.label}: compare takes two LoRAs, this is a {x.kind}")
 
-    from lbm_registry.api.infer import collect_images
+    from lbm_registry.api.run.infer import collect_images
     from lbm_registry.errors import DataError
     from lbm_registry.lbm.imaging import open_image
     from lbm_registry.lora.format import read_lora
@@ -234,7 +234,7 @@ def compare(a_ref: str, b_ref: str, *, source: Path | None = None, report: Path 
         columns = [("source", images)] + [(k, v) for k, v in out["images"].items()]
         result["_grid"] = _label_grid(columns)
     if report is not None:
-        from lbm_registry.api.report import write_report
+        from lbm_registry.api.run.report import write_report
 
         result["report"] = write_report(result, Path(report), settings=settings)
     result.pop("_grid", None)
