@@ -184,6 +184,7 @@ def compute_stats(model_path: Path, model_sha256: str, config: LBMConfig, inputs
 
     import torch
 
+    from lbm_registry.lbm.device import release_freed_memory
     from lbm_registry.lbm.loading import load_lbm
     from lbm_registry.lbm.model import pick_device, pick_dtype
     from lbm_registry.lora.calibrate import collect_stats
@@ -212,6 +213,7 @@ def compute_stats(model_path: Path, model_sha256: str, config: LBMConfig, inputs
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    release_freed_memory()   # the model's freed layers go back to the OS before the extraction streams
     path = stats.save(dest)
     from lbm_registry.registry.blobs import sha256_file
 
