@@ -55,7 +55,7 @@ def test_extract_layers_validate_export(make_tuned, tiny_base_path, tmp_path):
 def test_plain_files_get_the_base_tensor_hash_beside_their_file_hashes(make_tuned, tiny_base_path, tmp_path):
     """Two plain files: open_pair hashes the base's tensor bytes together with both files (not in
     a third read after them), and that is the hash the LoRA records for its base."""
-    from lbm_registry.api.lora import open_pair, tensor_sha_of
+    from lbm_registry.api.assets.lora import open_pair, tensor_sha_of
 
     from lbm_registry.lora.format import read_lora
     from lbm_registry.registry.blobs import sha256_file
