@@ -77,15 +77,18 @@ def demo_time(log: str, load: str = "") -> str:
     total = int(m.group(1)) if m else 0
     steps = dict(re.findall(r"^  (.+?)\s{2,}([\d.]+) s$", log, re.M))
     longest = max(steps.items(), key=lambda kv: float(kv[1])) if steps else ("?", "0")
-    return (f"about {round(total / 60)} minutes ({total} s; the longest step, {longest[0]}, "
+    minutes = round(total / 60)
+    about = "about a minute" if minutes <= 1 else f"about {minutes} minutes"
+    return (f"{about} ({total} s; the longest step, {longest[0]}, "
             f"{float(longest[1]):.0f} s{'; ' + load if load else ''})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--log", type=Path, help="output of a demo run (default: run one now)")
+    ap.add_argument("--load", default="", help="with --log: the load average the run had, to print beside it")
     args = ap.parse_args()
-    load = ""
+    load = f"load average {args.load}" if args.load else ""
     if args.log:
         log = args.log.read_text()
     else:
