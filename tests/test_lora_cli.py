@@ -56,11 +56,10 @@ def test_plain_files_get_the_base_tensor_hash_beside_their_file_hashes(make_tune
     """Two plain files: open_pair hashes the base's tensor bytes together with both files (not in
     a third read after them), and that is the hash the LoRA records for its base."""
     from lbm_registry.api.assets.lora import open_pair, tensor_sha_of
-
     from lbm_registry.lora.format import read_lora
     from lbm_registry.registry.blobs import sha256_file
-    from lbm_registry.registry.settings import WorkspaceSettings
     from lbm_registry.safetensors_layout import tensor_sha256
+    from lbm_registry.settings import WorkspaceSettings
 
     tuned = make_tuned(rank=2, seed=5)
     pair = open_pair(str(tiny_base_path), str(tuned), WorkspaceSettings.resolve(home=tmp_path / "home"))
