@@ -14,7 +14,7 @@
     init_workspace(settings) -> dict / doctor(settings, repair=False) -> dict / gc(settings, cache=False) -> dict
     pull(ref, settings) -> dict   (fetch a version and its base from the tracking server)
 
-    tensor_sha_of(asset) -> str | None / lora_fits_base(sha, tensor_sha, base) -> bool   (base identity)
+    tensor_sha_of(asset) / safetensors_tensor_sha(path) -> str | None; lora_fits_base(sha, tensor_sha, base) -> bool   (base identity)
 
 Each call opens the workspace, does its work and closes it again (no global state). Nothing
 here imports torch (a ``.ckpt`` base's tensor hash aside) nor any other API module: this is the
@@ -586,10 +586,15 @@ def tensor_sha_of(asset: ResolvedAsset) -> str | None:
                 return reader.tensor_sha256()
         except LBMError:
             return None
+    return safetensors_tensor_sha(asset.path)
+
+
+def safetensors_tensor_sha(path: Path) -> str | None:
+    """The sha256 of a safetensors file's tensor bytes, or None when it cannot be read as one."""
     from lbm_registry.safetensors_layout import tensor_sha256
 
     try:
-        return tensor_sha256(asset.path)
+        return tensor_sha256(path)
     except (OSError, ValueError):
         return None
 

@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbm_registry.api.assets._report import WrittenLoRAReport
-from lbm_registry.api.registry import lora_fits_base, tensor_sha_of  # base identity, re-exported here
+from lbm_registry.api.registry import (  # base identity, re-exported here
+    lora_fits_base,
+    safetensors_tensor_sha,
+    tensor_sha_of,
+)
 from lbm_registry.errors import ArchitectureError, LoRAError, RefError
 from lbm_registry.settings import WorkspaceSettings
 
@@ -48,15 +52,6 @@ def _settings(settings: WorkspaceSettings | None) -> WorkspaceSettings:
 
 def _asset_dict(asset: ResolvedAsset) -> dict[str, Any]:
     return {"ref": asset.ref, "label": asset.label, "sha256": asset.sha256, "kind": asset.kind, "path": str(asset.path)}
-
-
-def _tensor_sha_or_none(path: Path) -> str | None:
-    from lbm_registry.safetensors_layout import tensor_sha256
-
-    try:
-        return tensor_sha256(path)
-    except (OSError, ValueError):
-        return None
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -155,7 +150,7 @@ def open_pair(base_ref: str, tuned_ref: str, settings: WorkspaceSettings) -> Mod
             base_future = pool.submit(resolve, base_ref, settings, MODEL_KINDS)
             tuned_future = pool.submit(resolve, tuned_ref, settings, MODEL_KINDS)
             tensors_future = (None if Path(base_ref).suffix in CKPT_SUFFIXES
-                              else pool.submit(_tensor_sha_or_none, Path(base_ref)))
+                              else pool.submit(safetensors_tensor_sha, Path(base_ref)))
             import lbm_registry.lbm.checkpoint  # noqa: F401  (torch loads while the files hash)
 
             base, tuned = base_future.result(), tuned_future.result()
