@@ -522,38 +522,35 @@ class Doctor:
     def _check_model_folder(self, tracker: Any, rec: VersionRecord) -> None:
         """A mirrored version whose ``weights/`` folder is not (yet) an MLflow model: add the
         MLmodel and its environment files next to the weights (nothing else changes)."""
-        try:
-            problem = tracker.model_folder_problem(rec)
-        except LBMError as exc:
-            problem = str(exc)
-        if problem is None:
-            return
-        issue = self.add("mlflow_model", rec.ref, problem)
-        if self.repair:
-            try:
-                tracker.add_model_files(rec)
-            except LBMError as exc:
-                issue.action = f"cannot add the MLflow model files: {exc}"
-                return
-            issue.fixed, issue.action = True, "added MLmodel, pyfunc_model.py and environment files"
+        # the repair is looked up only when needed: a fast-path mirror that reports no problem has none
+        self._check_and_repair("mlflow_model", rec, tracker.model_folder_problem, lambda r: tracker.add_model_files(r),
+                               done="added MLmodel, pyfunc_model.py and environment files",
+                               failed="cannot add the MLflow model files")
 
     def _check_page(self, tracker: Any, rec: VersionRecord) -> None:
         """A version page that is not what the catalog says (written by an older version of this
         tool, or a page a registration could not update): rebuilt from the catalog."""
+        self._check_and_repair("mlflow_page", rec, tracker.page_problem, lambda r: tracker.refresh_version(r),
+                               done="page rebuilt from the catalog", failed="cannot rebuild the page")
+
+    def _check_and_repair(self, kind: str, rec: VersionRecord, problem_of: Callable[[VersionRecord], str | None],
+                          repair: Callable[[VersionRecord], Any], *, done: str, failed: str) -> None:
+        """Record ``problem_of(rec)`` (an LBMError counts as the problem) and, with ``--repair``,
+        run ``repair(rec)``: the issue says ``done``, or ``failed: <error>`` if it raised."""
         try:
-            problem = tracker.page_problem(rec)
+            problem = problem_of(rec)
         except LBMError as exc:
             problem = str(exc)
         if problem is None:
             return
-        issue = self.add("mlflow_page", rec.ref, problem)
+        issue = self.add(kind, rec.ref, problem)
         if self.repair:
             try:
-                tracker.refresh_version(rec)
+                repair(rec)
             except LBMError as exc:
-                issue.action = f"cannot rebuild the page: {exc}"
+                issue.action = f"{failed}: {exc}"
                 return
-            issue.fixed, issue.action = True, "page rebuilt from the catalog"
+            issue.fixed, issue.action = True, done
 
     def _in_flight_version(self, version_id: str) -> bool:
         try:
