@@ -97,8 +97,11 @@ def _special_kind(mode: int) -> str | None:
     return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "special file"
 
 
-def _existing(p: Path, what: str) -> tuple[os.stat_result | None, str | None]:
-    """(stat of what ``p`` names, symlinks followed, or None when nothing is there; a refusal)."""
+def _existing_output(p: Path, what: str) -> tuple[os.stat_result | None, str | None]:
+    """(stat of what ``p`` names, symlinks followed, or None when nothing is there; a refusal):
+    the checks every output path gets first, a registry's own files and dangling symlinks."""
+    if (problem := managed_path_problem(p, what)) is not None:
+        return None, problem
     if p.is_symlink() and not p.exists():
         try:
             target = os.readlink(p)
@@ -122,9 +125,7 @@ def output_file_problem(path: str | Path, what: str = "--output") -> str | None:
     (:func:`managed_path_problem`); a path whose folder cannot exist. A symlink to a file is
     written through, as ``cp`` does. Checked before any work (cheap: no writes)."""
     p = Path(path)
-    if (problem := managed_path_problem(p, what)) is not None:
-        return problem
-    st, problem = _existing(p, what)
+    st, problem = _existing_output(p, what)
     if problem is not None:
         return problem
     if st is not None and stat.S_ISDIR(st.st_mode):
@@ -140,9 +141,7 @@ def output_folder_problem(path: str | Path, what: str = "--output") -> str | Non
     """Why ``path`` cannot be an output folder (a file or a device is there, a file stands where a
     parent folder would go, or it lies inside a registry's own files); None when it can."""
     p = Path(path)
-    if (problem := managed_path_problem(p, what)) is not None:
-        return problem
-    st, problem = _existing(p, what)
+    st, problem = _existing_output(p, what)
     if problem is not None:
         return problem
     if st is not None and (kind := _special_kind(st.st_mode)) is not None:
