@@ -38,31 +38,16 @@ def demo_ui(demo):
     """``lbm-reg ui`` on the demo workspace (the real CLI, one process), stopped at teardown;
     yields its base URL and the process."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     import psutil
-    from fixtures.servers import _stop, _tail, free_port
+    from fixtures.servers import _stop, free_port, start_ui, wait_ui
 
     _, home, _, _ = demo
     port = free_port()
     log = home.parent / "ui.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "lbm_registry.cli.main", "--home", str(home), "ui", "--port",
-                                 str(port)], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+    proc = start_ui(home, port, log)
     api = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 150
-    while True:
-        assert proc.poll() is None, _tail(log)
-        try:
-            if _get(f"{api}/health"):
-                break
-        except OSError:
-            pass
-        assert time.time() < deadline, _tail(log)
-        time.sleep(0.5)
+    wait_ui(proc, api, log)
     yield api, proc
     assert not psutil.Process(proc.pid).children(recursive=True)  # no workers, no job executor
     _stop(proc, signal.SIGTERM)

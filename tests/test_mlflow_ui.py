@@ -6,41 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
-
-UI_TIMEOUT_S = 150.0
 
 
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.read()
-
-
-def _start_ui(home, port: int, log) -> subprocess.Popen:
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
-    return subprocess.Popen([sys.executable, "-m", "lbm_registry.cli.main", "--home", str(home), "ui", "--port",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-
-
-def _wait_up(proc: subprocess.Popen, url: str, log_path) -> None:
-    from fixtures.servers import _tail
-
-    deadline = time.time() + UI_TIMEOUT_S
-    while True:
-        assert proc.poll() is None, _tail(log_path)
-        try:
-            if _get(f"{url}/health"):
-                return
-        except OSError:
-            pass
-        assert time.time() < deadline, _tail(log_path)
-        time.sleep(0.3)
 
 
 def test_ui_is_one_process_on_the_registry_in_ml_mode_and_stops_whole(fresh_settings, make_weights, tmp_path):
@@ -49,7 +22,7 @@ def test_ui_is_one_process_on_the_registry_in_ml_mode_and_stops_whole(fresh_sett
     has no child process (no uvicorn workers, no job executor), and Ctrl-C stops it with
     nothing left behind."""
     import psutil
-    from fixtures.servers import _stop, _tail, free_port
+    from fixtures.servers import _stop, _tail, free_port, start_ui, wait_ui
 
     from lbm_registry.api.registry import register_asset, ui_url
 
@@ -57,12 +30,11 @@ def test_ui_is_one_process_on_the_registry_in_ml_mode_and_stops_whole(fresh_sett
     register_asset(make_weights(), name="ui-base", kind="base", settings=s)
     port = free_port()
     log_path = tmp_path / "ui.log"
-    with open(log_path, "w") as log:
-        proc = _start_ui(s.home, port, log)
+    proc = start_ui(s.home, port, log_path)
     base = f"http://127.0.0.1:{port}"
     seen: set[int] = set()
     try:
-        _wait_up(proc, base, log_path)
+        wait_ui(proc, base, log_path)
         assert ui_url("127.0.0.1", port) in _tail(log_path)  # the URL it says to open
         assert ui_url("127.0.0.1", port) == f"{base}/#/models?workflowType=machine_learning"
         page = _get(f"{base}/").decode()

@@ -54,7 +54,7 @@ def _readme_registry(home: Path, base_path: Path, config: dict) -> None:
                     reason="the README's serve example needs curl, jq, base64 and bash")
 def test_readme_serve_example_runs_as_written(tmp_path, tiny_base_path, tiny_config, mlflow_template):
     """The README's curl lines used ``curl -d`` (form-urlencoded): every one got 400."""
-    from fixtures.servers import free_port
+    from fixtures.servers import _stop, free_port
     from PIL import Image
 
     lines = serve_block()
@@ -106,6 +106,4 @@ def test_readme_serve_example_runs_as_written(tmp_path, tiny_base_path, tiny_con
         assert proc.wait(60) == 0, log.read_text()[-2000:]
         assert "Traceback" not in log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _stop(proc, signal.SIGKILL)   # only if an assertion left it running

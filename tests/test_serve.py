@@ -565,6 +565,7 @@ def test_cli_serve_drains_on_sigterm(serve_registry, images, tmp_path):
     import sys
 
     from fixtures.serve import http_request
+    from fixtures.servers import _stop
 
     env = dict(os.environ, SERVE_TOKEN="tok", MLFLOW_DISABLE_TELEMETRY="true")
     log = tmp_path / "serve.log"
@@ -611,9 +612,7 @@ def test_cli_serve_drains_on_sigterm(serve_registry, images, tmp_path):
         assert proc.wait(60) == 0, log.read_text()[-2000:]
         assert "Traceback" not in log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _stop(proc, signal.SIGKILL)   # only if an assertion left it running
 
 
 def test_cli_serve_usage_errors(cli, serve_registry, monkeypatch):
