@@ -52,9 +52,10 @@ def test_extract_layers_validate_export(make_tuned, tiny_base_path, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "k.safetensors").is_file()
 
 
-def test_plain_files_get_the_base_tensor_hash_beside_their_file_hashes(make_tuned, tiny_base_path, tmp_path):
-    """Two plain files: open_pair hashes the base's tensor bytes together with both files (not in
-    a third read after them), and that is the hash the LoRA records for its base."""
+def test_plain_files_are_hashed_beside_the_work_and_the_hashes_cached(make_tuned, tiny_base_path, tmp_path):
+    """Two plain files: open_pair starts hashing both files and the base's tensor bytes in the
+    background; settle() fills them in, and those are what the LoRA records. In a registry the
+    three hashes are cached, so the next extraction from the same files hashes nothing."""
     from lbm_registry.api.assets.lora import open_pair, tensor_sha_of
     from lbm_registry.lora.format import read_lora
     from lbm_registry.registry.blobs import sha256_file
@@ -62,15 +63,28 @@ def test_plain_files_get_the_base_tensor_hash_beside_their_file_hashes(make_tune
     from lbm_registry.settings import WorkspaceSettings
 
     tuned = make_tuned(rank=2, seed=5)
-    pair = open_pair(str(tiny_base_path), str(tuned), WorkspaceSettings.resolve(home=tmp_path / "home"))
+    home = tmp_path / "home"
+    settings = WorkspaceSettings.resolve(home=home)
+    pair = open_pair(str(tiny_base_path), str(tuned), settings)
+    assert [what for _, what, _ in pair.hashes.jobs] == ["sha256", "sha256", "tensor_sha256"]
+    assert pair.base.sha256 == "" and pair.tuned.sha256 == ""   # still running
+    pair.settle(settings)
     assert pair.base.facts["tensor_sha256"] == tensor_sha256(tiny_base_path) == tensor_sha_of(pair.base)
     assert (pair.base.sha256, pair.tuned.sha256) == (sha256_file(tiny_base_path), sha256_file(tuned))
     assert "tensor_sha256" not in (pair.tuned.facts or {})
-    out = tmp_path / "l.safetensors"
-    res = run("--home", str(tmp_path / "home"), "extract", "--base", str(tiny_base_path), "--tuned", str(tuned),
-              "--rank", "2", "--output", str(out))
-    assert res.exit_code == 0, res.output
-    assert read_lora(out).info["base_tensor_sha256"] == tensor_sha256(tiny_base_path)
+    assert run("--home", str(home), "init").exit_code == 0
+    for i in range(2):
+        out = tmp_path / f"l{i}.safetensors"
+        res = run("--home", str(home), "extract", "--base", str(tiny_base_path), "--tuned", str(tuned),
+                  "--rank", "2", "--output", str(out))
+        assert res.exit_code == 0, res.output
+        info = read_lora(out).info
+        assert info["base_tensor_sha256"] == tensor_sha256(tiny_base_path)
+        assert (info["base_sha256"], info["tuned_sha256"]) == (sha256_file(tiny_base_path), sha256_file(tuned))
+    assert (tmp_path / "l0.safetensors").read_bytes() == (tmp_path / "l1.safetensors").read_bytes()
+    again = open_pair(str(tiny_base_path), str(tuned), settings)   # all three from the hash cache
+    assert again.hashes.jobs == [] and again.base.sha256 == pair.base.sha256
+    assert again.base.facts["tensor_sha256"] == pair.base.facts["tensor_sha256"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tiny_base_path, tmp_path, capsys):

@@ -197,6 +197,74 @@ def test_hash_cache_skips_rehash(reg_settings, tmp_path, monkeypatch):
     assert R.resolve(str(f), reg_settings).sha256 != first
 
 
+def test_background_digest_hashes_from_an_offset_and_stops_when_cancelled(tmp_path):
+    """BackgroundDigest: the same digest as sha256_file (from any offset), on a thread named
+    lbm-hash; cancel() ends it at the next chunk (shown on a pipe, which blocks between chunks)."""
+    import hashlib
+    import threading
+
+    from lbm_registry.registry.blobs import BackgroundDigest, DigestCancelled, sha256_file
+
+    f = tmp_path / "data.bin"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    f.write_bytes(data)
+    assert BackgroundDigest(f).result() == sha256_file(f) == hashlib.sha256(data).hexdigest()
+    assert BackgroundDigest(f, offset=1000).result() == hashlib.sha256(data[1000:]).hexdigest()
+    assert BackgroundDigest(f).stat == (f.stat().st_size, f.stat().st_mtime_ns)
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: _feed(fifo))
+    writer.start()
+    digest = BackgroundDigest(fifo)
+    assert any(t.name == "lbm-hash" for t in threading.enumerate())
+    _FED.wait(5)
+    digest.cancel()
+    _GO.set()
+    with pytest.raises(DigestCancelled):
+        digest.result()
+    writer.join(5)
+    assert not any(t.name == "lbm-hash" for t in threading.enumerate())
+
+
+_FED, _GO = __import__("threading").Event(), __import__("threading").Event()
+
+
+def _feed(fifo):
+    import time
+
+    with open(fifo, "wb", buffering=0) as w:
+        w.write(b"x" * 1024)
+        time.sleep(0.2)           # the reader has hashed the first chunk and waits for more
+        _FED.set()
+        _GO.wait(5)
+        w.write(b"y" * 1024)      # it reads this, sees the cancel, and stops
+
+
+def test_hash_cache_keeps_no_hash_of_a_file_changed_while_hashing(reg_settings, tmp_path):
+    """A hash is remembered under the (size, mtime) the file had when hashing *started*: a
+    file written meanwhile gets no cache entry (its new stamp would otherwise vouch for old
+    bytes). Tensor-bytes hashes live beside file hashes under their own key."""
+    from lbm_registry.registry import refs
+    from lbm_registry.registry.workspace import Workspace
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 100)
+    st = f.stat()
+    ws = Workspace.open_existing(reg_settings)
+    try:
+        refs.remember_file_sha256(ws, f, (st.st_size, st.st_mtime_ns - 1), "0" * 64)   # stale stamp
+        assert refs.cached_file_sha256(ws, f) is None
+        refs.remember_file_sha256(ws, f, (st.st_size, st.st_mtime_ns), "1" * 64)
+        refs.remember_file_sha256(ws, f, (st.st_size, st.st_mtime_ns), "2" * 64, tensors=True)
+        assert refs.cached_file_sha256(ws, f) == "1" * 64
+        assert refs.cached_file_sha256(ws, f, tensors=True) == "2" * 64
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert refs.cached_file_sha256(ws, f) is None and refs.cached_file_sha256(ws, f, tensors=True) is None
+    finally:
+        ws.close()
+
+
 def test_update_facts_records_validation(populated):
     s, l1 = populated["settings"], populated["l1"]
     asset = R.resolve("relight@1", s)

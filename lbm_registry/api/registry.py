@@ -15,6 +15,7 @@
     pull(ref, settings) -> dict   (fetch a version and its base from the tracking server)
 
     tensor_sha_of(asset) / safetensors_tensor_sha(path) -> str | None; lora_fits_base(sha, tensor_sha, base) -> bool   (base identity)
+    hash_in_background(assets, tensor_sha_for=None) -> PendingHashes   (resolve(..., hash_file=False), then .settle())
 
 Each call opens the workspace, does its work and closes it again (no global state). Nothing
 here imports torch (a ``.ckpt`` base's tensor hash aside) nor any other API module: this is the
@@ -125,14 +126,16 @@ def _check_kind(asset: ResolvedAsset, ref: str, kinds: tuple[str, ...] | None) -
 
 
 def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[str, ...] | None = None,
-            relative_to: ResolvedAsset | None = None, *, layers: bool = True) -> ResolvedAsset:
+            relative_to: ResolvedAsset | None = None, *, layers: bool = True,
+            hash_file: bool = True) -> ResolvedAsset:
     """Resolve a reference (see DESIGN.md "References") to a readable weight file.
 
     ``relative_to``: a bare ``vN``/``N`` means version N of that asset (``compare A v2``);
     without it, of the only LoRA asset. Registered blobs are size-checked and refused when
     doctor found them damaged. Unregistered files are hashed (cached by path/size/mtime).
     ``layers=False`` leaves out a LoRA's per-layer table (792 rows at full size), which a server
-    resolving every request does not need.
+    resolving every request does not need. ``hash_file=False``: an unregistered file's
+    ``sha256`` is its cached hash or ``""``, for :func:`hash_in_background` to fill in.
     """
     from lbm_registry.registry import refs
     from lbm_registry.registry.workspace import Workspace
@@ -140,7 +143,7 @@ def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[st
     ws = Workspace.open_existing(_settings(settings))
     try:
         rel = relative_to.name if relative_to is not None and relative_to.kind != "file" else None
-        res = refs.resolve(ws, str(ref), relative_to=rel, home=_settings(settings).home)
+        res = refs.resolve(ws, str(ref), relative_to=rel, home=_settings(settings).home, hash_files=hash_file)
         if res.record is not None:
             return _check_kind(_to_asset(ws, res.record, layers=layers), str(ref), kinds)
         size = res.path.stat().st_size
@@ -150,10 +153,105 @@ def resolve(ref: str, settings: WorkspaceSettings | None = None, kinds: tuple[st
         dtype = sniff_dtype(res.path)
         if dtype:
             facts["dtype"] = dtype
-        return ResolvedAsset(ref=res.ref, path=res.path, sha256=res.sha256, kind="file", facts=facts)
+        return ResolvedAsset(ref=res.ref, path=res.path, sha256=res.sha256 or "", kind="file", facts=facts)
     finally:
         if ws is not None:
             ws.close()
+
+
+@dataclass
+class PendingHashes:
+    """Hashes plain-file inputs still owe, running on low-priority threads while the caller
+    works (:class:`~lbm_registry.registry.blobs.BackgroundDigest`): :meth:`settle` waits and
+    writes them into the assets (``sha256``, the base's ``facts["tensor_sha256"]``)."""
+
+    jobs: list[tuple[ResolvedAsset, str, Any]] = field(default_factory=list)
+    waited_s: float = 0.0
+
+    def settle(self, settings: WorkspaceSettings | None = None) -> None:
+        """Wait for every hash and fill it in; the file hashes go to the registry's hash cache.
+        An input that became unreadable meanwhile raises one RefError; idempotent."""
+        import time
+
+        from lbm_registry.registry import refs
+        from lbm_registry.registry.workspace import Workspace
+
+        t0 = time.perf_counter()
+        jobs, self.jobs = self.jobs, []
+        try:
+            for i, (asset, what, digest) in enumerate(jobs):
+                try:
+                    sha = digest.result()
+                except OSError as exc:
+                    if what == "tensor_sha256":   # as safetensors_tensor_sha: unknown, not an error
+                        continue
+                    for _, _, rest in jobs[i + 1:]:
+                        rest.cancel()
+                    raise RefError(f"cannot read {asset.path}: {exc.strerror or exc}") from None
+                if what == "tensor_sha256":
+                    asset.facts = {**(asset.facts or {}), "tensor_sha256": sha}
+                else:
+                    asset.sha256 = sha
+                ws = Workspace.open_existing(_settings(settings))
+                if ws is not None:
+                    try:
+                        refs.remember_file_sha256(ws, asset.path, digest.stat, sha, tensors=what == "tensor_sha256")
+                    finally:
+                        ws.close()
+        finally:
+            self.waited_s += time.perf_counter() - t0
+
+    def cancel(self) -> None:
+        """Stop every hash still running (an input was refused, or the work failed)."""
+        for _, _, digest in self.jobs:
+            digest.cancel()
+        self.jobs = []
+
+
+def hash_in_background(assets: list[ResolvedAsset], tensor_sha_for: ResolvedAsset | None = None,
+                       settings: WorkspaceSettings | None = None) -> PendingHashes:
+    """Start hashing the plain files among ``assets`` that have no (cached) hash yet, and the
+    tensor bytes of ``tensor_sha_for`` (a safetensors base) when neither the registry nor the
+    hash cache knows them."""
+    from lbm_registry.registry.blobs import BackgroundDigest
+    from lbm_registry.safetensors_layout import data_start
+
+    pending = PendingHashes()
+    try:
+        for asset in assets:
+            if asset.kind == "file" and not asset.sha256:
+                pending.jobs.append((asset, "sha256", BackgroundDigest(asset.path)))
+        t = tensor_sha_for
+        if t is not None and t.kind == "file" and not (t.facts or {}).get("tensor_sha256"):
+            from lbm_registry.lbm.header import CKPT_SUFFIXES
+
+            if t.path.suffix not in CKPT_SUFFIXES:
+                if cached := _cached_tensor_sha(t.path, settings):
+                    t.facts = {**(t.facts or {}), "tensor_sha256": cached}
+                    return pending
+                try:
+                    start = data_start(t.path)
+                except (OSError, ValueError):
+                    start = None
+                if start is not None:
+                    pending.jobs.append((t, "tensor_sha256", BackgroundDigest(t.path, offset=start)))
+    except OSError as exc:
+        pending.cancel()
+        raise RefError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    return pending
+
+
+def _cached_tensor_sha(path: Path, settings: WorkspaceSettings | None) -> str | None:
+    from lbm_registry.registry import refs
+    from lbm_registry.registry.workspace import Workspace
+
+    ws = Workspace.open_existing(_settings(settings))
+    if ws is None:
+        return None
+    try:
+        return refs.cached_file_sha256(ws, path, tensors=True)
+    finally:
+        ws.close()
 
 
 def resolve_by_tensor_sha(tensor_sha256: str | None, settings: WorkspaceSettings | None = None) -> ResolvedAsset | None:

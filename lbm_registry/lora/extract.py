@@ -348,7 +348,8 @@ def plan_budget_ranks(base: CheckpointReader, tuned: CheckpointReader, modules: 
 
 def extract_lora(base: CheckpointReader, tuned: CheckpointReader, modules: Mapping[str, tuple[int, ...]],
                  output: str | Path, *, policy: RankPolicy, alpha: float | None = None, dtype: str = "bf16",
-                 settings: SVDSettings = SVDSettings(), info: Mapping[str, Any] | None = None,
+                 settings: SVDSettings = SVDSettings(),
+                 info: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
                  other_keys: Iterable[str] = (), prefix: str = "denoiser.",
                  progress: ProgressFn | None = None, whitener: LayerWhitener | None = None,
                  header_bytes: int = 0) -> ExtractionResult:
@@ -357,7 +358,8 @@ def extract_lora(base: CheckpointReader, tuned: CheckpointReader, modules: Mappi
     The caller has checked that both checkpoints have these layers. Layers whose delta is
     exactly zero are skipped and listed; under ``--budget`` so are layers that get no
     component. NaN/Inf anywhere raises before anything appears at ``output`` (written
-    atomically at the end). ``info`` is merged into the file's ``lbm_registry`` metadata.
+    atomically at the end). ``info`` is merged into the file's ``lbm_registry`` metadata; a
+    function giving it is called once every layer is done (the caller's inputs' hashes run meanwhile).
     ``whitener`` (calibration statistics, :mod:`lbm_registry.lora.whiten`) makes every policy
     work on the output error ``||(dW - BA) X||`` instead of the weight error. ``header_bytes``:
     metadata in ``info`` beyond what :func:`lora_header_overhead` allows for, held back from a budget.
@@ -383,7 +385,7 @@ def extract_lora(base: CheckpointReader, tuned: CheckpointReader, modules: Mappi
                     progress("extract", i, len(modules))
         if not results:
             raise LoRAError("base and tuned are identical on every LoRA-able layer: nothing to extract")
-        meta = dict(info or {})
+        meta = dict((info() if callable(info) else info) or {})
         meta.update(_metadata(results, skipped, policy, alpha, len(uncaptured)))
         path = writer.finish(meta)
     return ExtractionResult(path=path, layers=results, skipped=skipped, uncaptured=uncaptured, policy=policy,

@@ -124,11 +124,13 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None,
-            home: Path | None = None) -> Resolution:
+            home: Path | None = None, hash_files: bool = True) -> Resolution:
     """Turn a reference into a ready catalog version or a file. ``ws`` None = no registry yet
     (at ``home``, named in the error when the reference needs one).
 
     ``relative_to`` is the asset name a bare ``vN``/``N`` refers to (compare's other argument).
+    ``hash_files=False``: a file's ``sha256`` is its cached hash or None (the caller hashes it,
+    e.g. in the background with :class:`~lbm_registry.registry.blobs.BackgroundDigest`).
     """
     ref = ref.strip()
     if not ref:
@@ -157,7 +159,8 @@ def resolve(ws: Workspace | None, ref: str, *, relative_to: str | None = None,
 
     if is_file(ref):
         path = Path(ref).expanduser()
-        return Resolution(ref, path=path.absolute(), sha256=file_sha256(ws, path))
+        sha = file_sha256(ws, path) if hash_files else cached_file_sha256(ws, path)
+        return Resolution(ref, path=path.absolute(), sha256=sha)
     if is_dir(ref):
         raise RefError(f"{abbreviate(ref, 80)} is a directory, expected a weight file or a registered name")
     if sep and NAME_RE.fullmatch(name):  # NAME@... with no registry at all
@@ -218,21 +221,48 @@ def file_sha256(ws: Workspace | None, path: Path, *, fresh: bool = False) -> str
     """Hash of a file, cached by (absolute path, size, mtime_ns) in the catalog (``fresh``: re-read)."""
     path = path.absolute()
     st = path.stat()
-    if ws is not None and not fresh:
-        hit = catalog.cached_hash(ws.db, str(path), st.st_size, st.st_mtime_ns)
-        if hit:
-            return hit
+    if not fresh and (hit := cached_file_sha256(ws, path)):
+        return hit
     try:
         sha = sha256_file(path)
     except OSError as exc:
         raise RefError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if ws is not None:
-        try:
-            with ws.db.transaction() as tx:
-                catalog.remember_hash(tx, str(path), st.st_size, st.st_mtime_ns, sha)
-        except Exception:  # a cache: never fail a resolve because it could not be written
-            pass
+    remember_file_sha256(ws, path, (st.st_size, st.st_mtime_ns), sha)
     return sha
+
+
+TENSORS_KEY = "tensors:"
+"""Hash-cache rows keyed ``tensors:<absolute path>`` hold a safetensors file's tensor-bytes hash
+(never a path: an absolute path starts with ``/`` or a drive letter), next to its file hash."""
+
+
+def _cache_key(path: Path, tensors: bool) -> str:
+    return (TENSORS_KEY if tensors else "") + str(path.absolute())
+
+
+def cached_file_sha256(ws: Workspace | None, path: Path, *, tensors: bool = False) -> str | None:
+    """The catalog's cached hash of ``path`` (``tensors``: of its tensor bytes) if its size and
+    mtime still match, else None."""
+    if ws is None:
+        return None
+    st = path.stat()
+    return catalog.cached_hash(ws.db, _cache_key(path, tensors), st.st_size, st.st_mtime_ns) or None
+
+
+def remember_file_sha256(ws: Workspace | None, path: Path, stamp: tuple[int, int], sha: str, *,
+                         tensors: bool = False) -> None:
+    """Cache ``sha`` for ``path`` as it was at ``stamp`` (size, mtime_ns, taken before hashing):
+    nothing is remembered when the file changed since. A cache: never fails."""
+    if ws is None:
+        return
+    try:
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) != tuple(stamp):
+            return
+        with ws.db.transaction() as tx:
+            catalog.remember_hash(tx, _cache_key(path, tensors), st.st_size, st.st_mtime_ns, sha)
+    except Exception:  # a cache: never fail a resolve because it could not be written
+        pass
 
 
 def check_blob(ws: Workspace, rec: VersionRecord) -> Path:

@@ -176,10 +176,14 @@ class StatsRun:
     seconds: float = 0.0
 
 
-def compute_stats(model_path: Path, model_sha256: str, config: LBMConfig, inputs: list[ImageInput], dest: Path, *,
+def compute_stats(model_path: Path, model_sha256: str | Callable[[], str], config: LBMConfig,
+                  inputs: list[ImageInput], dest: Path, *,
                   samples: int | None, resolution: int | None, memory: int, role: str = "tuned",
                   device: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> StatsRun:
-    """Run ``model_path`` on up to ``samples`` calibration images and write their statistics to ``dest``."""
+    """Run ``model_path`` on up to ``samples`` calibration images and write their statistics to ``dest``.
+
+    ``model_sha256`` may be a function giving the model's hash, asked for only when the statistics
+    are saved: a plain file's hash then runs beside the forward passes instead of before them."""
     import time
 
     import torch
@@ -198,7 +202,7 @@ def compute_stats(model_path: Path, model_sha256: str, config: LBMConfig, inputs
     steps = config.inference.steps
     shas = [item.sha256 for item, _ in chosen]
     info = {
-        "model": role, "model_sha256": model_sha256, "images": shas, "samples": len(shas),
+        "model": role, "model_sha256": None, "images": shas, "samples": len(shas),
         "inputs_sha256": inputs_sha256(shas, resolution=resolution, steps=steps, seed=0),
         "resolution": resolution or config.inference.base_resolution, "steps": steps, "seed": 0,
         "memory_bytes": memory, "config": config.name,
@@ -214,6 +218,7 @@ def compute_stats(model_path: Path, model_sha256: str, config: LBMConfig, inputs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     release_freed_memory()   # the model's freed layers go back to the OS before the extraction streams
+    info["model_sha256"] = stats.info["model_sha256"] = model_sha256() if callable(model_sha256) else model_sha256
     path = stats.save(dest)
     from lbm_registry.registry.blobs import sha256_file
 
@@ -314,6 +319,7 @@ class CalibrationPlan:
         """Compute the statistics (running the tuned model) or read them back."""
         if self.sources is None:
             assert self.stats_ref is not None
+            pair.settle(settings)   # the statistics must be of this tuned model: its hash decides
             return reuse_stats(self.stats_ref, pair.tuned, scratch, settings)
         if pair.config is None:
             raise LoRAError("--calibrate needs the model's LBM config (a registered base, or a file with "
@@ -321,6 +327,10 @@ class CalibrationPlan:
         check_resolution(self.resolution, pair.config, "--calibration-resolution")
         asset = pair.tuned if self.model == "tuned" else pair.base
         dest = self.stats_output or scratch / "calibration-stats.safetensors"
-        return compute_stats(asset.path, asset.sha256, pair.config, list_inputs(self.sources), dest,
+        def model_sha() -> str:
+            pair.settle(settings)
+            return str(asset.sha256)
+
+        return compute_stats(asset.path, model_sha, pair.config, list_inputs(self.sources), dest,
                              samples=self.samples, resolution=self.resolution, memory=self.memory,
                              role=self.model, progress=progress)

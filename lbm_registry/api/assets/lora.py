@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any
 from lbm_registry.api.assets._report import WrittenLoRAReport
 from lbm_registry.api.registry import (  # base identity, re-exported here
     lora_fits_base,
-    safetensors_tensor_sha,
     tensor_sha_of,
 )
 from lbm_registry.errors import ArchitectureError, LoRAError, RefError
 from lbm_registry.settings import WorkspaceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lbm_registry.api.registry import ResolvedAsset
+    from lbm_registry.api.registry import PendingHashes, ResolvedAsset
     from lbm_registry.lbm.checkpoint import CheckpointReader
     from lbm_registry.lbm.config import LBMConfig
     from lbm_registry.lora.extract import ExtractionResult
@@ -66,6 +65,21 @@ class ModelPair:
     config: LBMConfig | None
     modules: dict[str, tuple[int, ...]]   # LoRA-able layers: module name -> weight shape
     other_keys: list[str]                 # the rest of the denoiser (biases, norms...)
+    hashes: PendingHashes | None = None   # plain files' hashes, still running: see settle()
+
+    def settle(self, settings: WorkspaceSettings) -> None:
+        """Wait for the inputs' hashes (started by :func:`open_pair`) and fill them in: before
+        anything reads ``base.sha256``/``tuned.sha256`` or the base's tensor hash. Two copies of
+        one file are refused here."""
+        if self.hashes is not None:
+            self.hashes.settle(settings)
+        if self.base.sha256 == self.tuned.sha256:
+            raise LoRAError(f"base and tuned are the same file (sha256 {self.base.sha256[:12]}): nothing to extract")
+
+    def close(self) -> None:
+        """Stop hashes still running (the work failed before it needed them)."""
+        if self.hashes is not None:
+            self.hashes.cancel()
 
 
 def config_of(asset: ResolvedAsset, reader: CheckpointReader) -> LBMConfig | None:
@@ -134,41 +148,31 @@ def check_lbm_pair(base: CheckpointReader, tuned: CheckpointReader, config: LBMC
 def open_pair(base_ref: str, tuned_ref: str, settings: WorkspaceSettings) -> ModelPair:
     """Resolve both references, open both files, and check they are LBM models that fit together.
 
-    Resolving a plain file hashes it (~1 s/GB), so two plain files are hashed concurrently, and
-    with them the base's tensor bytes (its second identity, :func:`tensor_sha_of`), which used to
-    be a third full read after the other two (~4 s of a full-size extraction); torch is imported
-    meanwhile. Three hashes and an import on two cores instead of three rounds.
+    Plain files are not hashed here: their hashes (both files and the base's tensor bytes, its
+    second identity, :func:`tensor_sha_of`) start on low-priority threads (stopped if a check
+    fails) and run beside torch's import, the checks and the caller's work, which calls :meth:`ModelPair.settle` before it records
+    them. Hashing first used to be a third of a full-size extraction (8 s on two cores).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from lbm_registry.api.registry import hash_in_background, resolve
 
-    from lbm_registry.api.registry import resolve
+    base = resolve(base_ref, settings, MODEL_KINDS, hash_file=False)
+    tuned = resolve(tuned_ref, settings, MODEL_KINDS, hash_file=False)
+    if base.path.resolve() == tuned.path.resolve() or (base.sha256 and base.sha256 == tuned.sha256):
+        raise LoRAError(f"base and tuned are the same file ({base.label}): nothing to extract")
+    hashes = hash_in_background([base, tuned], tensor_sha_for=base, settings=settings)   # torch loads meanwhile
+    try:
+        from lbm_registry.lbm.checkpoint import CheckpointReader
 
-    if Path(base_ref).is_file() and Path(tuned_ref).is_file():
-        from lbm_registry.lbm.header import CKPT_SUFFIXES
-
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            base_future = pool.submit(resolve, base_ref, settings, MODEL_KINDS)
-            tuned_future = pool.submit(resolve, tuned_ref, settings, MODEL_KINDS)
-            tensors_future = (None if Path(base_ref).suffix in CKPT_SUFFIXES
-                              else pool.submit(safetensors_tensor_sha, Path(base_ref)))
-            import lbm_registry.lbm.checkpoint  # noqa: F401  (torch loads while the files hash)
-
-            base, tuned = base_future.result(), tuned_future.result()
-            tensor_sha = tensors_future.result() if tensors_future is not None else None
-        if tensor_sha and base.kind == "file":
-            base.facts = {**(base.facts or {}), "tensor_sha256": tensor_sha}
-    else:  # a registered name resolves in milliseconds: an unknown one is refused before torch loads
-        base = resolve(base_ref, settings, MODEL_KINDS)
-        tuned = resolve(tuned_ref, settings, MODEL_KINDS)
-    from lbm_registry.lbm.checkpoint import CheckpointReader
-
-    base_reader = CheckpointReader(base.path)
-    config = config_of(base, base_reader)
-    tuned_reader = CheckpointReader(tuned.path)
-    expected = _expected_denoiser(config)
-    check_lbm_pair(base_reader, tuned_reader, config, expected)
-    modules, others = denoiser_layers(base_reader)
-    return ModelPair(base, tuned, base_reader, tuned_reader, config, modules, others)
+        base_reader = CheckpointReader(base.path)
+        config = config_of(base, base_reader)
+        tuned_reader = CheckpointReader(tuned.path)
+        expected = _expected_denoiser(config)
+        check_lbm_pair(base_reader, tuned_reader, config, expected)
+        modules, others = denoiser_layers(base_reader)
+    except BaseException:
+        hashes.cancel()
+        raise
+    return ModelPair(base, tuned, base_reader, tuned_reader, config, modules, others, hashes)
 
 
 # -- extract -----------------------------------------------------------------------------------
@@ -247,8 +251,6 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     from lbm_registry.lora.extract import extract_lora
     from lbm_registry.lora.svd import SVDSettings
     timings = {"resolve_and_check_s": time.perf_counter() - t0}
-    if pair.base.sha256 == pair.tuned.sha256:
-        raise LoRAError(f"base and tuned are the same file (sha256 {pair.base.sha256[:12]}): nothing to extract")
 
     tmpdir = None
     if output is not None:
@@ -256,15 +258,24 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     else:
         tmpdir = Path(tempfile.mkdtemp(prefix="lbm-extract-"))
         dest = tmpdir / f"{register}.safetensors"
-    info = {
-        "base_sha256": pair.base.sha256, "tuned_sha256": pair.tuned.sha256,
+    info: dict[str, Any] = {   # the hashes are filled in by identities(), at the end
+        "base_sha256": None, "tuned_sha256": None,
         "base_ref": pair.base.label, "tuned_ref": pair.tuned.label,
         "tool": f"lbm-registry {__version__}",
-        "base_tensor_sha256": tensor_sha_of(pair.base),
+        "base_tensor_sha256": None,
         "base_config": pair.config.name if pair.config is not None else None,
     }
     if register is not None:
         info["title"] = register
+
+    def identities() -> dict[str, Any]:
+        """The metadata, with the inputs' hashes: asked for once every layer is done."""
+        pair.settle(settings)
+        timings["hash_wait_s"] = pair.hashes.waited_s if pair.hashes is not None else 0.0
+        info.update(base_sha256=pair.base.sha256, tuned_sha256=pair.tuned.sha256,
+                    base_tensor_sha256=tensor_sha_of(pair.base))
+        return info
+
     scratch = Path(tempfile.mkdtemp(prefix="lbm-calib-")) if calib is not None else None
     try:
         whitener, header_bytes, stats_path = None, 0, None
@@ -272,7 +283,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
             from lbm_registry.lora.calibrate import StatsFile
             from lbm_registry.lora.whiten import Whitener
 
-            run = calib.prepare(pair, scratch, settings, progress)
+            run = calib.prepare(pair, scratch, settings, progress)   # settles the hashes when it needs them
             if calib.sources is not None:   # the model ran (reused statistics cost a read)
                 timings["calibrate_s"] = run.seconds
             stats_path = run.path
@@ -280,7 +291,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
             header_bytes = len(json.dumps(info["calibration"]))
             whitener = Whitener(StatsFile(stats_path), calib.damping)
         result = extract_lora(pair.base_reader, pair.tuned_reader, pair.modules, dest, policy=policy, alpha=alpha,
-                              dtype=dtype, settings=svd or SVDSettings(), info=info, other_keys=pair.other_keys,
+                              dtype=dtype, settings=svd or SVDSettings(), info=identities, other_keys=pair.other_keys,
                               prefix=PREFIX, progress=progress, whitener=whitener, header_bytes=header_bytes)
         timings["extract_s"] = result.seconds
         report = ExtractReport(result=result, base=_asset_dict(pair.base), tuned=_asset_dict(pair.tuned),
@@ -299,6 +310,7 @@ def extract(base: str, tuned: str, *, rank: int | None = None, conv_rank: int | 
     finally:
         import shutil
 
+        pair.close()
         for folder in (tmpdir, scratch):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
