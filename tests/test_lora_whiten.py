@@ -202,3 +202,51 @@ def test_operator_form_matches_the_dense_one(m, n, monkeypatch):
     torch.testing.assert_close(got.s[:6], ref.s[:6], rtol=2e-3, atol=1e-6)
     est = estimate_out_sq_norm(op, sketch, torch.Generator().manual_seed(1))
     assert est == pytest.approx(dense.out_sq_norm, rel=0.05)
+
+
+def test_whitening_leaves_the_statistics_undamped_and_factors_in_either_precision(monkeypatch):
+    """The damping goes into the factor only: C itself (what every output error is measured in)
+    stays as measured, whether the Cholesky ran in fp32 (the default) or fell back to fp64 at the
+    same damping (before any raise of the damping). A damped C in place once made the reported
+    output errors of a full-size run noise."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 200, generator=g)
+    c = x @ x.T / 200
+    stats = InputStats("full", c.clone(), 200)
+    w = whitening(stats, 0.05)
+    assert torch.equal(stats.moment, c) and torch.equal(w.moment, c)
+    damped = c.double() + w.delta * torch.eye(40, dtype=torch.float64)
+    torch.testing.assert_close(w.factor.double() @ w.factor.double().T, damped, rtol=1e-5, atol=1e-6)
+
+    real = torch.linalg.cholesky_ex
+    seen = []
+
+    def fp32_fails(a, *args, **kw):   # as on a matrix whose fp32 rounding makes a pivot negative
+        seen.append(a.dtype)
+        out = real(a, *args, **kw)
+        return (out[0], torch.ones_like(out[1])) if a.dtype == torch.float32 else out
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", fp32_fails)
+    w64 = whitening(stats, 0.05)
+    assert seen == [torch.float32, torch.float64] and w64.damping == 0.05 and torch.equal(stats.moment, c)
+    torch.testing.assert_close(w64.factor, w.factor, rtol=1e-4, atol=1e-5)
+
+
+def test_output_terms_are_exact_in_fp32_at_full_size_widths():
+    """tr((dW - Z) C (dW - Z)^T) - tr(dW C dW^T) from output_terms matches fp64 brute force on a
+    2880-wide layer (a 320-channel 3x3 conv) whose whitened error is ~1e-3 of its output energy."""
+    g = torch.Generator().manual_seed(4)
+    m, n, r = 64, 2880, 8
+    x = torch.randn(n, 600, generator=g) * torch.logspace(0, -3, n)[:, None]
+    c = x @ x.T / 600
+    a = torch.randn(m, n, generator=g) * 1e-2
+    w = whitening(InputStats("full", c, 600), 0.01)
+    f = whitened_factors(a, float(a.norm()) ** 2, (m, n), w, r, dtype=torch.float32,
+                         settings=EXACT, generator=None)
+    up, down, scale = f.up.double(), f.down.double(), f.alpha / f.rank
+    resid = a.double() - scale * up @ down
+    cd = c.double()
+    want = float(torch.trace(resid @ cd @ resid.T) - torch.trace(a.double() @ cd @ a.double().T))
+    got = whiten.output_terms(a, w, f.up, f.down, scale)
+    total = float(torch.trace(a.double() @ cd @ a.double().T))
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5 * total)

@@ -176,11 +176,11 @@ def pack(moment: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(values: torch.Tensor, d: int) -> torch.Tensor:
-    """The symmetric d x d matrix :func:`pack` stored."""
-    rows, cols = torch.tril_indices(d, d)
+    """The symmetric d x d matrix :func:`pack` stored (a mask scatter, then the mirror: half the
+    time of two index scatters, which a full-size extraction does 512 times)."""
     out = torch.zeros(d, d, dtype=values.dtype)
-    out[rows, cols] = values
-    out[cols, rows] = values
+    out.masked_scatter_(torch.ones(d, d, dtype=torch.bool).tril_(), values)
+    out += out.T.triu(1)
     return out
 
 

@@ -134,7 +134,8 @@ def _cpu_has_bf16_dot() -> bool:
     return False
 
 
-def _orth(y: torch.Tensor) -> torch.Tensor:
+def orth(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of ``y``'s columns (QR), on one thread when ``y`` is small."""
     with single_thread_below(y.numel()):
         return torch.linalg.qr(y).Q
 
@@ -169,23 +170,23 @@ def randomized_svd(a: torch.Tensor, k: int, *, n_iter: int = 2, generator: torch
         return vh.T, s, u.T
     omega = torch.randn(n, k, generator=generator, dtype=a.dtype).to(a.device)
     low = a.to(sketch_dtype) if sketch_dtype is not None and n_iter > 0 else None
-    q = _orth(a @ omega if low is None else (low @ omega.to(low.dtype)).to(a.dtype))   # (m, k), m <= n
+    q = orth(a @ omega if low is None else (low @ omega.to(low.dtype)).to(a.dtype))   # (m, k), m <= n
     for i in range(n_iter):
         # Re-orthonormalise after every a a^T product: without it the columns collapse onto the
         # top singular vector in fp32 after a couple of iterations. (Directions whose singular
         # value is below ~1e-4 of the top one may still blur; they carry < 1e-8 of the energy.)
         if low is None:
-            q = _orth(a @ (a.T @ q))
+            q = orth(a @ (a.T @ q))
             continue
         z = (low.T @ q.to(low.dtype)).to(a.dtype)
         # The last product uses the exact matrix: Q's columns then lie in its range.
-        q = _orth(a @ z if i == n_iter - 1 else (low @ z.to(low.dtype)).to(a.dtype))
+        q = orth(a @ z if i == n_iter - 1 else (low @ z.to(low.dtype)).to(a.dtype))
     bt = a.T @ q                                   # (n, k) = (Q^T a)^T
-    w, s, zt = _tall_skinny_svd(bt)                # bt = w diag(s) zt -> Q^T a = zt^T diag(s) w^T
+    w, s, zt = tall_skinny_svd(bt)                # bt = w diag(s) zt -> Q^T a = zt^T diag(s) w^T
     return q @ zt.T, s, w.T
 
 
-def _tall_skinny_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tall_skinny_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of a tall ``b`` (n, k), k small, from the eigen-decomposition of ``b^T b`` in fp64.
 
     Why: the k x k Gram matrix costs one small product and its ``eigh`` is microseconds, where
