@@ -210,11 +210,14 @@ def stored_error(a: torch.Tensor, sq_norm: float, up: torch.Tensor, down: torch.
 def factorize(a: torch.Tensor, shape: tuple[int, ...], rank: int, *, sq_norm: float | None = None,
               alpha: float | None = None, dtype: torch.dtype = torch.bfloat16,
               settings: SVDSettings = SVDSettings(), generator: torch.Generator | None = None,
-              svd: SVDResult | None = None, scratch: torch.Tensor | None = None) -> LayerFactors:
+              svd: SVDResult | None = None, scratch: torch.Tensor | None = None,
+              measure: bool = True) -> LayerFactors:
     """Factor one delta matrix ``a`` (out, in*k*k) at ``rank`` into stored LoRA factors.
 
     ``svd`` reuses a decomposition already computed with at least ``rank`` components (the
     energy policy). ``scratch`` is an fp32 buffer of >= ``a.numel()`` for the residual.
+    ``measure=False`` leaves ``rel_error`` NaN (an m x n residual saved) for a caller that may
+    not keep these factors: the activation-aware check compares them on the output error only.
     """
     m, n = a.shape
     small = min(m, n)
@@ -244,7 +247,7 @@ def factorize(a: torch.Tensor, shape: tuple[int, ...], rank: int, *, sq_norm: fl
     down = (root[:, None] * vh).to(dtype)
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
         raise LoRAError(f"factors overflow {str(dtype).replace('torch.', '')}: store as bf16/fp32 or raise --alpha")
-    err = stored_error(a, sq, up.float(), down.float(), al / rank, scratch)
+    err = stored_error(a, sq, up.float(), down.float(), al / rank, scratch) if measure else math.nan
     up, down = _shape_factors(up, down, shape)
     return LayerFactors(down, up, al, rank, err, res.method, res.spectrum)
 

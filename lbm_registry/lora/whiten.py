@@ -41,7 +41,7 @@ from typing import Literal, Protocol
 import torch
 
 from lbm_registry.errors import LoRAError
-from lbm_registry.lora.extract import LayerFactors, choose_energy_rank, factorize
+from lbm_registry.lora.extract import LayerFactors, choose_energy_rank, factorize, stored_error
 from lbm_registry.lora.stream import LayerDelta
 from lbm_registry.lora.svd import (
     SVDResult,
@@ -304,7 +304,8 @@ def output_terms(a: torch.Tensor, w: Whitening, up: torch.Tensor, down: torch.Te
 def whitened_factors(a: torch.Tensor, sq_norm: float, shape: tuple[int, ...], w: Whitening, rank: int, *,
                      layer: WhitenedLayer | None = None, alpha: float | None = None,
                      dtype: torch.dtype = torch.bfloat16, settings: SVDSettings = SVDSettings(),
-                     generator: torch.Generator | None = None, svd: SVDResult | None = None) -> LayerFactors | None:
+                     generator: torch.Generator | None = None, svd: SVDResult | None = None,
+                     scratch: torch.Tensor | None = None) -> LayerFactors | None:
     """Stored factors of the whitened truncation of ``a`` at ``rank`` (< the smaller side), or
     None when they are not finite. ``rel_error`` is the weight error ``||a - BA|| / ||a||`` (on
     the stored factors, as for plain ones); ``svd`` may reuse a decomposition of ``a @ L``."""
@@ -315,8 +316,7 @@ def whitened_factors(a: torch.Tensor, sq_norm: float, shape: tuple[int, ...], w:
     up, down = up.to(dtype), down.to(dtype)
     if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
         return None
-    resid = torch.addmm(a, up.float(), down.float(), alpha=-al / rank)
-    err = float(torch.linalg.vector_norm(resid)) / math.sqrt(sq_norm) if sq_norm > 0 else 0.0
+    err = stored_error(a, sq_norm, up.float(), down.float(), al / rank, scratch)
     if len(shape) == 4:
         up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
     return LayerFactors(down, up, al, rank, err, f"whitened-{res.method}", res.spectrum)
@@ -425,8 +425,9 @@ class Whitener:
             f = factorize(d.matrix, d.shape, rank, generator=generator, svd=svd, **plain_kw)
             f.method = f"{f.method} (no stats)"
             return f
-        pf = factorize(d.matrix, d.shape, rank, generator=settings.generator(d.module), **plain_kw)
-        if rank >= min(d.matrix.shape):
+        full = rank >= min(d.matrix.shape)
+        pf = factorize(d.matrix, d.shape, rank, generator=settings.generator(d.module), measure=full, **plain_kw)
+        if full:
             self._tally("full rank (exact)")
             if wl.out_sq_norm is not None:   # dW itself, up to the storage dtype
                 pf.out_error = pf.plain_out_error = self._relative(wl, output_terms(d.matrix, wl.whitening,
@@ -434,7 +435,7 @@ class Whitener:
             return pf
         res, sketch = (svd, None) if svd is not None else whitened_svd(wl, rank, settings, generator)
         wf = whitened_factors(d.matrix, d.sq_norm, d.shape, wl.whitening, rank, layer=wl, alpha=alpha, dtype=dtype,
-                              settings=settings, generator=generator, svd=res)
+                              settings=settings, generator=generator, svd=res, scratch=scratch)
         plain_terms = output_terms(d.matrix, wl.whitening, *_matrix_factors(pf))
         white_terms = output_terms(d.matrix, wl.whitening, *_matrix_factors(wf)) if wf is not None else math.inf
         if wl.out_sq_norm is None and sketch is not None:
@@ -443,6 +444,8 @@ class Whitener:
         plain_out = self._relative(wl, plain_terms)
         if wf is None or not math.isfinite(white_terms) or white_terms >= plain_terms:
             self._tally("plain: whitened not better")
+            up, down, scale = _matrix_factors(pf)   # kept: its weight error is measured now
+            pf.rel_error = stored_error(d.matrix, d.sq_norm, up, down, scale, scratch)
             pf.method = f"{pf.method} (calibrated fallback)"
             pf.out_error, pf.plain_out_error = plain_out, plain_out
             return pf
