@@ -150,8 +150,9 @@ def open_pair(base_ref: str, tuned_ref: str, settings: WorkspaceSettings) -> Mod
 
     Plain files are not hashed here: their hashes (both files and the base's tensor bytes, its
     second identity, :func:`tensor_sha_of`) start on low-priority threads (stopped if a check
-    fails) and run beside torch's import, the checks and the caller's work, which calls :meth:`ModelPair.settle` before it records
-    them. Hashing first used to be a third of a full-size extraction (8 s on two cores).
+    fails) and run beside torch's import, the checks and the caller's work, which calls
+    :meth:`ModelPair.settle` before it records them. Hashing first used to be a third of a
+    full-size extraction (8 s of its ~25 on two cores).
     """
     from lbm_registry.api.registry import hash_in_background, resolve
 
