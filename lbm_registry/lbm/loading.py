@@ -35,8 +35,11 @@ def verify_checkpoint(reader: CheckpointReader | SafetensorsHeader, config: LBMC
 
 
 def load_lbm(path: str | Path, config: LBMConfig, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, check_nan: bool = True) -> LBMModel:
-    """Load a full LBM checkpoint strictly (keys and shapes) into a fresh model."""
+             dtype: torch.dtype | None = torch.float32, check_nan: bool = True) -> LBMModel:
+    """Load a full LBM checkpoint strictly (keys and shapes) into a fresh model.
+
+    ``dtype=None`` keeps every tensor as stored (on the CPU: views of the memory-mapped file, no
+    copy), for :func:`lbm_registry.lbm.upcast.compute_in`."""
     reader = CheckpointReader(path)
     verify_checkpoint(reader, config)   # from the key/shape table: a wrong file fails before any model
     model = build_model(config, meta=True)
@@ -48,8 +51,9 @@ def load_lbm(path: str | Path, config: LBMConfig, *, device: str | torch.device 
     model.load_state_dict(sd, strict=True, assign=True)
     model.num_iterations = model.num_iterations.to(torch.int64)
     model = model.to(device=device)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
     model.eval().requires_grad_(False)
     return model
 

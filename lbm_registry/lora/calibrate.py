@@ -33,6 +33,7 @@ caller adds: model hashes, the calibration inputs' hashes, resolution, steps).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import weakref
@@ -324,23 +325,27 @@ class StatsCollector:
 
 
 # -- running the model ------------------------------------------------------------------------
-def probe_input(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A small latent and sigma for the group-discovery pass (sides divisible by every down-sampling)."""
+def probe_input(model: Any, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small latent and sigma for the group-discovery pass (sides divisible by every
+    down-sampling), in ``dtype`` (default: the denoiser's parameters')."""
     p = next(model.denoiser.parameters())
+    dtype = dtype or p.dtype
     levels = len(model.config.denoiser.block_out_channels)
     side = 2 ** max(levels, 2)
-    x = torch.zeros(1, model.config.denoiser.in_channels, side, side, dtype=p.dtype, device=p.device)
+    x = torch.zeros(1, model.config.denoiser.in_channels, side, side, dtype=dtype, device=p.device)
     x[:, :, ::2, ::3] = 1.0   # any non-degenerate input
-    return x, torch.ones(1, dtype=p.dtype, device=p.device)
+    return x, torch.ones(1, dtype=dtype, device=p.device)
 
 
 def collect_stats(model: Any, images: Iterable[torch.Tensor], *, steps: int | None = None,
                   memory: int = DEFAULT_MEMORY, full_max_dim: int = FULL_MAX_DIM, seed: int = 0,
                   layers: Mapping[str, nn.Module] | None = None, info: Mapping[str, Any] | None = None,
                   progress: Callable[[int], None] | None = None) -> CalibrationStats:
-    """Translate each image (B, 3, h, w in [-1, 1], on the model's device/dtype) as inference
-    does — encode, then ``steps`` bridge steps from ``z_src`` at sigma 1 (t = 1000), bridge noise
-    seeded by ``seed`` and the image's position — and return every layer's input statistics.
+    """Translate each image (B, 3, h, w in [-1, 1], on the model's device, in the dtype the model
+    computes in) as inference does — encode, then ``steps`` bridge steps from ``z_src`` at sigma 1
+    (t = 1000), bridge noise seeded by ``seed`` and the image's position — and return every
+    layer's input statistics. The images' dtype is the compute dtype (a model kept in bf16 and
+    run under :func:`lbm_registry.lbm.upcast.compute_in` computes in fp32).
 
     ``progress(i)`` after image ``i`` (1-based).
     """
@@ -351,10 +356,12 @@ def collect_stats(model: Any, images: Iterable[torch.Tensor], *, steps: int | No
     steps = steps or cfg.inference.steps
     targets = dict(layers) if layers is not None else weight_layers(model.denoiser)
     collector = StatsCollector(model.denoiser, targets, memory=memory, full_max_dim=full_max_dim)
+    images = iter(images)
+    first = next(images, None)
     with collector, torch.no_grad():
-        x0, s0 = probe_input(model)
+        x0, s0 = probe_input(model, first.dtype if first is not None else None)
         collector.discover(lambda: model.velocity(x0, s0))
-        for i, img in enumerate(images, 1):
+        for i, img in enumerate(itertools.chain([first] if first is not None else [], images), 1):
             gen = torch.Generator(device=img.device).manual_seed(seed * 1_000_003 + i)
             z_src = model.vae.encode(img)
             sample(model.velocity, z_src, steps=steps, bridge_noise_sigma=cfg.bridge.bridge_noise_sigma,
