@@ -15,8 +15,7 @@ calibration set never excited are not thrown away for free. The Cholesky runs in
 damping keeps the condition number near ``d / damping``, well within its reach), then in fp64
 if fp32 fails; if that fails too (a matrix that is not positive definite in floating point),
 the damping is raised 10x, up to three times; a layer whose inputs were all zero, or whose
-result is not finite, falls back to
-plain SVD.
+result is not finite, falls back to plain SVD.
 
 Never worse than plain SVD on the calibration set: for the exact damped truncation ``W`` and
 the plain truncation ``P`` at the same rank, ``e_C(W) = e_damped(W) - delta ||R_W||^2 <=
