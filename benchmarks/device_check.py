@@ -228,14 +228,13 @@ def _factorize(d: torch.Tensor, shape: tuple[int, ...], name: str, spec: Spec, s
     """One layer as ``lbm-reg extract`` does it (small layers single-threaded on CPU)."""
     from lbm_registry.lbm.threads import SMALL_LAYER_NUMEL, single_thread_below
     from lbm_registry.lora.extract import factorize
-    from lbm_registry.lora.svd import SVDSettings
+    from lbm_registry.lora.svd import SVDSettings, sq_norm
 
     settings = SVDSettings()
     rank = spec.conv_rank if len(shape) == 4 else spec.rank
     small = d.device.type == "cpu" and d.numel() < SMALL_LAYER_NUMEL
     with single_thread_below(0 if small else SMALL_LAYER_NUMEL, SMALL_LAYER_NUMEL):
-        sq = float(torch.linalg.vector_norm(d)) ** 2
-        f = factorize(d, shape, rank, sq_norm=sq, dtype=torch.bfloat16, settings=settings,
+        f = factorize(d, shape, rank, sq_norm=sq_norm(d), dtype=torch.bfloat16, settings=settings,
                       generator=settings.generator(name), scratch=scratch)
     f.down.cpu(), f.up.cpu()   # the factors go to the writer on the host
     return f

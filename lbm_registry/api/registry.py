@@ -14,7 +14,7 @@
     init_workspace(settings) -> dict / doctor(settings, repair=False) -> dict / gc(settings, cache=False) -> dict
     pull(ref, settings) -> dict   (fetch a version and its base from the tracking server)
 
-    tensor_sha_of(asset) / safetensors_tensor_sha(path) -> str | None; lora_fits_base(sha, tensor_sha, base) -> bool   (base identity)
+    tensor_sha_of(asset) -> str | None / lora_fits_base(sha, tensor_sha, base) -> bool   (base identity)
     hash_in_background(assets, tensor_sha_for=None) -> PendingHashes   (resolve(..., hash_file=False), then .settle())
 
 Each call opens the workspace, does its work and closes it again (no global state). Nothing
@@ -178,12 +178,13 @@ class PendingHashes:
 
         t0 = time.perf_counter()
         jobs, self.jobs = self.jobs, []
+        done = []
         try:
             for i, (asset, what, digest) in enumerate(jobs):
                 try:
                     sha = digest.result()
                 except OSError as exc:
-                    if what == "tensor_sha256":   # as safetensors_tensor_sha: unknown, not an error
+                    if what == "tensor_sha256":   # as tensor_sha_of: unknown, not an error
                         continue
                     for _, _, rest in jobs[i + 1:]:
                         rest.cancel()
@@ -192,14 +193,16 @@ class PendingHashes:
                     asset.facts = {**(asset.facts or {}), "tensor_sha256": sha}
                 else:
                     asset.sha256 = sha
-                ws = Workspace.open_existing(_settings(settings))
-                if ws is not None:
-                    try:
-                        refs.remember_file_sha256(ws, asset.path, digest.stat, sha, tensors=what == "tensor_sha256")
-                    finally:
-                        ws.close()
+                done.append((asset.path, digest.stat, sha, what == "tensor_sha256"))
         finally:
             self.waited_s += time.perf_counter() - t0
+        ws = Workspace.open_existing(_settings(settings)) if done else None
+        if ws is not None:
+            try:
+                for path, stamp, sha, tensors in done:
+                    refs.remember_file_sha256(ws, path, stamp, sha, tensors=tensors)
+            finally:
+                ws.close()
 
     def cancel(self) -> None:
         """Stop every hash still running (an input was refused, or the work failed)."""
@@ -684,15 +687,10 @@ def tensor_sha_of(asset: ResolvedAsset) -> str | None:
                 return reader.tensor_sha256()
         except LBMError:
             return None
-    return safetensors_tensor_sha(asset.path)
-
-
-def safetensors_tensor_sha(path: Path) -> str | None:
-    """The sha256 of a safetensors file's tensor bytes, or None when it cannot be read as one."""
     from lbm_registry.safetensors_layout import tensor_sha256
 
     try:
-        return tensor_sha256(path)
+        return tensor_sha256(asset.path)
     except (OSError, ValueError):
         return None
 

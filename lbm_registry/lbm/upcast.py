@@ -32,7 +32,7 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator
     forward with ``dtype`` copies of them (made by a pre-hook, dropped by a post-hook); floating
     buffers are converted once. The model's own parameters are never changed."""
     handles = []
-    saved: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    saved: dict[int, tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
     # Copies go into reused buffers, one free list per (size, device): a fresh allocation per
     # module per call would page-fault ~10 GB of new memory per forward pass of the full model
     # (measured: 6.4 M faults, 40 s of system time for 3 passes); the pool holds one buffer of
@@ -48,10 +48,10 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator
             buf.copy_(p.reshape(-1))
             copies[n] = (p, buf)
             module._parameters[n] = buf.view(p.shape)   # a plain tensor: no autograd here
-        saved[id(module)] = copies
+        saved[id(module)] = (module, copies)
 
     def after(module: nn.Module, args: object, output: object) -> None:
-        for n, (p, buf) in saved.pop(id(module), {}).items():
+        for n, (p, buf) in saved.pop(id(module), (module, {}))[1].items():
             module._parameters[n] = p
             pool.setdefault((p.numel(), p.device), []).append(buf)
 
@@ -71,14 +71,8 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator
             h.remove()
         for module, n, b in buffers:
             module._buffers[n] = b
-        for mid in list(saved):   # a forward that raised: put the originals back
-            module = next(m for m in model.modules() if id(m) == mid)
-            for n, (p, _) in saved.pop(mid).items():
+        for module, copies in saved.values():   # a forward that raised: put the originals back
+            for n, (p, _) in copies.items():
                 module._parameters[n] = p
+        saved.clear()
         pool.clear()
-
-
-def storage_dtype(model: nn.Module) -> torch.dtype | None:
-    """The one floating dtype of ``model``'s parameters, or None when they are mixed or absent."""
-    kinds = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return kinds.pop() if len(kinds) == 1 else None

@@ -33,7 +33,6 @@ caller adds: model hashes, the calibration inputs' hashes, resolution, steps).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import weakref
@@ -340,12 +339,13 @@ def probe_input(model: Any, dtype: torch.dtype | None = None) -> tuple[torch.Ten
 def collect_stats(model: Any, images: Iterable[torch.Tensor], *, steps: int | None = None,
                   memory: int = DEFAULT_MEMORY, full_max_dim: int = FULL_MAX_DIM, seed: int = 0,
                   layers: Mapping[str, nn.Module] | None = None, info: Mapping[str, Any] | None = None,
-                  progress: Callable[[int], None] | None = None) -> CalibrationStats:
+                  progress: Callable[[int], None] | None = None, dtype: torch.dtype | None = None) -> CalibrationStats:
     """Translate each image (B, 3, h, w in [-1, 1], on the model's device, in the dtype the model
     computes in) as inference does — encode, then ``steps`` bridge steps from ``z_src`` at sigma 1
     (t = 1000), bridge noise seeded by ``seed`` and the image's position — and return every
-    layer's input statistics. The images' dtype is the compute dtype (a model kept in bf16 and
-    run under :func:`lbm_registry.lbm.upcast.compute_in` computes in fp32).
+    layer's input statistics. ``dtype``: the dtype the model computes in, when it is not that of
+    its parameters (a model kept in bf16 and run under
+    :func:`lbm_registry.lbm.upcast.compute_in` computes in fp32).
 
     ``progress(i)`` after image ``i`` (1-based).
     """
@@ -356,12 +356,10 @@ def collect_stats(model: Any, images: Iterable[torch.Tensor], *, steps: int | No
     steps = steps or cfg.inference.steps
     targets = dict(layers) if layers is not None else weight_layers(model.denoiser)
     collector = StatsCollector(model.denoiser, targets, memory=memory, full_max_dim=full_max_dim)
-    images = iter(images)
-    first = next(images, None)
     with collector, torch.no_grad():
-        x0, s0 = probe_input(model, first.dtype if first is not None else None)
+        x0, s0 = probe_input(model, dtype)
         collector.discover(lambda: model.velocity(x0, s0))
-        for i, img in enumerate(itertools.chain([first] if first is not None else [], images), 1):
+        for i, img in enumerate(images, 1):
             gen = torch.Generator(device=img.device).manual_seed(seed * 1_000_003 + i)
             z_src = model.vae.encode(img)
             sample(model.velocity, z_src, steps=steps, bridge_noise_sigma=cfg.bridge.bridge_noise_sigma,

@@ -216,8 +216,9 @@ def factorize(a: torch.Tensor, shape: tuple[int, ...], rank: int, *, sq_norm: fl
 
     ``svd`` reuses a decomposition already computed with at least ``rank`` components (the
     energy policy). ``scratch`` is an fp32 buffer of >= ``a.numel()`` for the residual.
-    ``measure=False`` leaves ``rel_error`` NaN (an m x n residual saved) for a caller that may
-    not keep these factors: the activation-aware check compares them on the output error only.
+    ``measure=False`` leaves ``rel_error`` NaN below full rank (an m x n residual saved) for a
+    caller that may not keep these factors: the activation-aware check compares them on the output
+    error only.
     """
     m, n = a.shape
     small = min(m, n)

@@ -52,7 +52,7 @@ def delta_sq_norm(mat: torch.Tensor, key: str, base: tuple[CheckpointReader, tor
     """``||dW||_F^2``, doubling as the NaN/Inf check: a non-finite input makes the norm non-finite,
     and only then are the two inputs scanned to name the culprit (a full ``isfinite`` pass on
     every tensor costs as much as the subtraction)."""
-    nrm = math.sqrt(sq_norm(mat)) if mat.numel() else 0.0   # accurate, see svd.sq_norm
+    nrm = math.sqrt(sq_norm(mat))   # accurate, see svd.sq_norm
     if not math.isfinite(nrm):
         for reader, tensor in (base, tuned):
             check_finite(key, tensor, reader.path)

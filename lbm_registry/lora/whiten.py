@@ -427,7 +427,7 @@ class Whitener:
             f.method = f"{f.method} (no stats)"
             return f
         full = rank >= min(d.matrix.shape)
-        pf = factorize(d.matrix, d.shape, rank, generator=settings.generator(d.module), measure=full, **plain_kw)
+        pf = factorize(d.matrix, d.shape, rank, generator=settings.generator(d.module), measure=False, **plain_kw)
         if full:
             self._tally("full rank (exact)")
             if wl.out_sq_norm is not None:   # dW itself, up to the storage dtype

@@ -123,7 +123,7 @@ class LoRALoader:
         if self._pool is None:
             fut: Future = Future()
             try:
-                fut.set_result(self._load_inline(src))
+                fut.set_result(self._load(src))
             except BaseException as exc:  # noqa: BLE001  (handed to the caller through the Future)
                 fut.set_exception(exc)
             return fut
@@ -133,16 +133,12 @@ class LoRALoader:
         """Load ``src`` and wait for it (the calling thread waits; the device's compute does not)."""
         return self.submit(src).result()
 
-    # -- the two ways ----------------------------------------------------------------------
-    def _load_inline(self, src: LoRASource) -> LoRAFactors:
-        lora = src.load()
-        self.check(lora, src)
-        return factors_from_lora(lora, src.sha256, device=self.device, dtype=self.dtype)
-
     def _load(self, src: LoRASource) -> LoRAFactors:
+        """Read (with a loader thread and a file: one pass, hashed as it lands; else the
+        resolver's own ``load()``), check, and copy to the device."""
         from lbm_registry.lora.format import lora_from_bytes
 
-        if src.path is not None:
+        if src.path is not None and self._pool is not None:
             buf = read_verified(Path(src.path), src.sha256, pin=self.pin, what=src.ref)
             lora = lora_from_bytes(buf, src.ref)
         else:

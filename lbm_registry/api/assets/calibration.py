@@ -222,7 +222,7 @@ def compute_stats(model_path: Path, model_sha256: str | Callable[[], str], confi
 
     with compute_in(model, dtype) if keep_stored else nullcontext():
         stats = collect_stats(model, (t.to(dev, dtype) for t in tensors), steps=steps, memory=memory, info=info,
-                              progress=tick)
+                              progress=tick, dtype=dtype)
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
